@@ -1,0 +1,1 @@
+"""APT LoRA trainer library."""

@@ -1,0 +1,230 @@
+"""Build the one read-only Config from a TOML file and command-line overrides.
+
+Everything is validated here, before any model is loaded: unknown keys (with the closest valid
+name), wrong types and ranges (with what is allowed), missing required options, missing input
+files and refused pickle checkpoints. Each problem is a UserError naming the file, the table and
+the key.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from library.config.dataset import DatasetBlueprint, parse_blueprint
+from library.config.options import (
+    DataOptions, FLAT_TABLES, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions, SavingOptions,
+    TrainingOptions,
+)
+from library.config.paths import looked_in, resolve_input
+from library.config.schema import CoercionError, OptionInfo, check_bounds, closest, coerce, options_of
+from library.errors import UserError
+
+DATASET_TABLES = ("general", "datasets")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelOptions
+    network: NetworkOptions
+    optimizer: OptimizerOptions
+    training: TrainingOptions
+    data: DataOptions
+    saving: SavingOptions
+    dataset: DatasetBlueprint | None
+    config_file: str | None = None
+
+
+def all_options() -> dict[str, OptionInfo]:
+    """Every option by its command-line name (`name` for flat tables, `table.name` for named ones)."""
+    out: dict[str, OptionInfo] = {}
+    for table, cls in FLAT_TABLES.items():
+        for name, info in options_of(cls, table).items():
+            assert name not in out, f"option {name} declared twice"
+            out[name] = info
+    for table, cls in NAMED_TABLES.items():
+        for name, info in options_of(cls, table).items():
+            out[f"{table}.{name}"] = info
+    return out
+
+
+@dataclass
+class _Setting:
+    value: Any
+    origin: str  # "file" or "cli"
+    where: str   # for messages: "cfg.toml: [network] network_dim" or "command line: --network_dim"
+
+
+def read_toml(path: Path, what: str = "config") -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder; expected a {what} .toml file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the {what} file as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _unknown(name: str, where: str, candidates: list[str], what: str = "option") -> UserError:
+    hint = closest(name, candidates)
+    return UserError(f"{where}: unknown {what}" + (f"; did you mean {hint}?" if hint else "; run with --help for the list"))
+
+
+def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dict[str, _Setting]:
+    settings: dict[str, _Setting] = {}
+    flat_names = [n for n in options if "." not in n]
+    tables = list(FLAT_TABLES) + list(NAMED_TABLES) + list(DATASET_TABLES)
+
+    def put(name: str, value: Any, where: str) -> None:
+        if name in settings:
+            raise UserError(f"{where}: set twice (also at {settings[name].where.split(': ', 1)[1]})")
+        settings[name] = _Setting(value, "file", where)
+
+    for key, value in doc.items():
+        if key in DATASET_TABLES:
+            continue
+        if key in FLAT_TABLES and isinstance(value, dict):
+            for name, val in value.items():
+                where = f"{source}: [{key}] {name}"
+                info = options.get(name)
+                if info is None or "." in name:
+                    raise _unknown(name, where, [n for n in flat_names if options[n].table == key] + flat_names)
+                if info.table != key:
+                    raise UserError(f"{where}: belongs in [{info.table}] (or at the top level), not in [{key}]")
+                put(name, val, where)
+        elif key in NAMED_TABLES and isinstance(value, dict):
+            for name, val in value.items():
+                where = f"{source}: [{key}] {name}"
+                if f"{key}.{name}" not in options:
+                    raise _unknown(name, where, [n.split(".", 1)[1] for n in options if n.startswith(key + ".")])
+                put(f"{key}.{name}", val, where)
+        elif key in flat_names and not isinstance(value, dict):
+            put(key, value, f"{source}: [{options[key].table}] {key}")
+        elif isinstance(value, dict):
+            raise _unknown(key, f"{source}: [{key}]", tables, "table")
+        else:
+            raise _unknown(key, f"{source}: {key}", flat_names + tables)
+    return settings
+
+
+def _build_table(cls: type, table: str, prefix: str, settings: dict[str, _Setting]):
+    values = {}
+    for name, info in options_of(cls, table).items():
+        setting = settings.get(prefix + name)
+        if setting is None:
+            if info.required:
+                raise UserError(
+                    f"{settings['__source__'].value}: [{table}] {name}: required option missing; "
+                    f"set it in [{table}] or pass --{prefix}{name}"
+                )
+            continue
+        try:
+            value = coerce(setting.value, info.type, from_cli=setting.origin == "cli")
+            check_bounds(value, info)
+        except CoercionError as exc:
+            raise UserError(f"{setting.where}: expected {info.describe_allowed()}, {exc}") from None
+        values[name] = value
+    return cls(**values)
+
+
+# Options that name input files: (table, option, what it is).
+INPUT_PATHS = (
+    ("model", "pretrained_model_name_or_path", "model file or folder"),
+    ("model", "vae", "VAE file or folder"),
+    ("model", "model_config", "config folder"),
+    ("network", "network_weights", "LoRA file"),
+    ("data", "dataset_config", "dataset config file"),
+)
+
+
+def _resolve_inputs(values: dict, settings: dict[str, _Setting], base_dir: Path | None) -> None:
+    """Make input paths concrete and check they exist, naming the option that pointed there."""
+    allow_pickle = values["model"].allow_pickle
+    for table, name, what in INPUT_PATHS:
+        value = getattr(values[table], name)
+        if value is None:
+            continue
+        setting = settings[name]
+        base = base_dir if setting.origin == "file" else None
+        path = Path(resolve_input(value, base))
+        if not path.exists():
+            raise UserError(f"{setting.where}: no such {what}: {value}{looked_in(value, base)}")
+        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(
+                f"{setting.where}: {path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+                "convert it to .safetensors, or set allow_pickle = true if you trust its source"
+            )
+        values[table] = replace(values[table], **{name: str(path)})
+
+
+def _cross_checks(values: dict, source: str) -> None:
+    net: NetworkOptions = values["network"]
+    if net.conv_alpha is not None and net.conv_dim is None:
+        raise UserError(f"{source}: [network] conv_alpha: set conv_dim too (conv_alpha alone trains nothing)")
+
+
+def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, need_dataset: bool = True) -> Config:
+    """`overrides` are (name, raw string) pairs from the command line, in order."""
+    options = all_options()
+    base_dir = None
+    doc: dict = {}
+    source = "command line"
+    if config_file is not None:
+        path = Path(config_file)
+        doc = read_toml(path)
+        source = str(path)
+        base_dir = path.resolve().parent
+    settings = _collect_file(doc, source, options)
+    for name, raw in overrides:
+        where = f"command line: --{name}"
+        key = name
+        if key not in options and "." in key and key.split(".", 1)[0] in FLAT_TABLES:
+            key = key.split(".", 1)[1]  # --network.network_dim works too
+        if key not in options:
+            raise _unknown(name, where, list(options))
+        settings[key] = _Setting(raw, "cli", where)
+    settings["__source__"] = _Setting(source, "file", source)
+
+    values: dict[str, Any] = {}
+    for table, cls in FLAT_TABLES.items():
+        values[table] = _build_table(cls, table, "", settings)
+    _cross_checks(values, source)
+    _resolve_inputs(values, settings, base_dir)
+
+    blueprint = None
+    inline = any(k in doc for k in DATASET_TABLES)
+    data: DataOptions = values["data"]
+    if data.dataset_config and inline:
+        raise UserError(f"{source}: both dataset_config and inline [[datasets]] tables are set; keep one of them")
+    if data.dataset_config:
+        ds_path = Path(data.dataset_config)
+        blueprint = parse_blueprint(read_toml(ds_path, "dataset config"), str(ds_path), ds_path.resolve().parent)
+    elif inline:
+        blueprint = parse_blueprint(doc, source, base_dir or Path.cwd())
+    elif need_dataset:
+        raise UserError(f"{source}: no dataset; set dataset_config = \"dataset.toml\" or add [[datasets]] tables "
+                        "with [[datasets.subsets]] image_dir = \"...\"")
+    if blueprint is not None:
+        for ds in blueprint.datasets:
+            for sub in ds.subsets:
+                for key in ("image_dir", "metadata_file"):
+                    value = getattr(sub, key)
+                    if value and not Path(value).exists():
+                        raise UserError(f"{blueprint.source}: [[datasets]] #{ds.index + 1} [[datasets.subsets]] "
+                                        f"#{sub.index + 1}: {key}: no such path: {value}")
+    return Config(dataset=blueprint, config_file=config_file, **{t: values[t] for t in FLAT_TABLES})
+
+
+def table_fields(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The resolved options by table, for --print_config and metadata."""
+    return {table: {f.name: getattr(getattr(cfg, table), f.name) for f in fields(cls)}
+            for table, cls in FLAT_TABLES.items()}

@@ -1,0 +1,118 @@
+"""The trainer's options, table by table.
+
+Names follow kohya sd-scripts wherever kohya has the option, so users can bring their habits and
+most of their config files. Every option of the flat tables below can be set in its table, at the
+top level of the TOML file, or on the command line as `--name value`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from library.config.schema import option
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    pretrained_model_name_or_path: str = option(
+        None, "base model: a diffusers folder or a single-file .safetensors (SD1.x, SD2.x or SDXL)", required=True)
+    model_arch: Literal["auto", "sd1", "sd2", "sdxl"] = option(
+        "auto", "architecture; auto detects it from the checkpoint", kohya=False)
+    model_config: Optional[str] = option(
+        None, "diffusers folder with the configs of a single-file model whose architecture is not a shipped one",
+        kohya=False)
+    vae: Optional[str] = option(None, "separate VAE: a .safetensors file (original or diffusers keys) or a diffusers folder")
+    v_parameterization: bool = option(False, "train with v-prediction targets (SD2.x 768-v style models)")
+    allow_pickle: bool = option(
+        False, "allow loading pickled .ckpt/.pt/.bin checkpoints (they can run arbitrary code)", kohya=False)
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    network_module: Literal["networks.lora"] = option("networks.lora", "network type; only LoRA is supported")
+    network_dim: int = option(16, "LoRA rank of the linear layers", ge=1)
+    network_alpha: Optional[float] = option(
+        None, "LoRA alpha (scale = alpha / dim); unset = network_dim, i.e. scale 1. Written to the file as trained",
+        gt=0)
+    network_dropout: float = option(0.0, "dropout probability on the LoRA branch input during training", ge=0, lt=1)
+    conv_dim: Optional[int] = option(
+        None, "also train LoRA on ResNet, down- and upsampler convolutions (LoCon) with this rank", ge=1)
+    conv_alpha: Optional[float] = option(None, "alpha of the convolution LoRA; unset = conv_dim", gt=0)
+    network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
+    network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.network_dim) if self.network_alpha is None else self.network_alpha
+
+    @property
+    def conv_alpha_value(self) -> float | None:
+        if self.conv_dim is None:
+            return None
+        return float(self.conv_dim) if self.conv_alpha is None else self.conv_alpha
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    optimizer_type: Literal["AdamW"] = option("AdamW", "optimizer")
+    optimizer_args: tuple[str, ...] = option(
+        (), 'extra optimizer arguments as "key=value" strings, e.g. ["weight_decay=0.01", "betas=(0.9,0.99)"]')
+    learning_rate: float = option(1e-4, "learning rate (default for every parameter group)", gt=0)
+    unet_lr: Optional[float] = option(None, "learning rate of the UNet LoRA; unset = learning_rate", gt=0)
+    text_encoder_lr: Optional[tuple[float, ...]] = option(
+        None, "learning rate of the text-encoder LoRA; one value, or [te1, te2] for SDXL; unset = learning_rate", gt=0)
+    lr_scheduler: Literal["constant"] = option("constant", "learning-rate schedule")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this value; 0 disables clipping", ge=0)
+
+    def text_encoder_lrs(self, count: int) -> list[float]:
+        """Learning rate of each of `count` text encoders."""
+        if not self.text_encoder_lr:
+            return [self.learning_rate] * count
+        values = list(self.text_encoder_lr)
+        return (values + [values[-1]] * count)[:count]
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    max_train_steps: int = option(1600, "number of optimizer steps", ge=1)
+    train_batch_size: int = option(1, "batch size where the dataset does not set batch_size", ge=1)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
+        "auto", "auto = bf16 on GPUs that support it, fp16 on older GPUs, no (fp32) on CPU")
+    seed: int = option(42, "random seed: the same seed and config give the same LoRA", ge=0)
+    clip_skip: int = option(1, "use the output of the n-th last text-encoder layer (SD1.x/2.x; 2 for anime models)",
+                            ge=1)
+    prior_loss_weight: float = option(1.0, "loss weight of regularisation images (is_reg subsets)", ge=0)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    attention: Literal["sdpa", "xformers"] = option(
+        "sdpa", "attention kernel; xformers needs the xformers package and a CUDA GPU", kohya=False)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    dataset_config: Optional[str] = option(
+        None, "kohya-style dataset TOML ([general], [[datasets]], [[datasets.subsets]]); "
+              "or put those tables in this config")
+    cache_latents: bool = option(False, "encode every image once before training and keep the latents in memory")
+    skip_bad_images: bool = option(
+        False, "skip unreadable images with a warning instead of stopping before training", kohya=False)
+
+
+@dataclass(frozen=True)
+class SavingOptions:
+    output_dir: str = option("output", "folder for the LoRA file (created if missing)")
+    output_name: str = option("lora", "file name of the LoRA, without .safetensors")
+    save_precision: Literal["float", "fp16", "bf16"] = option("fp16", "dtype of the saved LoRA tensors")
+
+
+# Flat tables: table name -> options class. Their option names are unique across all of them.
+FLAT_TABLES: dict[str, type] = {
+    "model": ModelOptions,
+    "network": NetworkOptions,
+    "optimizer": OptimizerOptions,
+    "training": TrainingOptions,
+    "data": DataOptions,
+    "saving": SavingOptions,
+}
+# Named tables: their options are addressed as `table.option` on the command line.
+NAMED_TABLES: dict[str, type] = {}

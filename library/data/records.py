@@ -1,0 +1,151 @@
+"""Finding the images of each subset with their captions (caption files or kohya metadata files)."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from library.config.dataset import SubsetSpec
+from library.data.captions import BadCaption, read_caption_file
+from library.data.images import BadImage, is_image, probe_image
+from library.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str
+    subset: SubsetSpec
+    dataset_index: int
+    size: tuple[int, int]  # (w, h) after EXIF rotation
+    repeats: int = 1
+
+
+@dataclass
+class ScanReport:
+    images: int = 0
+    missing_captions: list[str] = field(default_factory=list)
+    bad_images: list[str] = field(default_factory=list)
+
+
+def _metadata_entries(path: Path) -> list[tuple[str, dict]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: metadata file is not UTF-8 text") from None
+    try:
+        if path.suffix.lower() == ".jsonl":
+            entries = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                key = row.get("image_path") or row.get("image") or row.get("file_name")
+                if not key:
+                    raise UserError(f"{path}:{n}: a line needs image_path (or image / file_name)")
+                entries.append((key, row))
+            return entries
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object {{image: {{caption, tags}}}}")
+    return list(data.items())
+
+
+def _metadata_caption(entry: dict, subset: SubsetSpec) -> str | None:
+    caption, tags = entry.get("caption"), entry.get("tags")
+    if caption is None:
+        return tags
+    if tags:
+        return f"{caption}{subset.caption_separator} {tags}" if subset.caption_separator == "," else \
+            caption + subset.caption_separator + tags
+    return caption
+
+
+def _find_image(key: str, base: Path | None) -> Path | None:
+    candidates = [Path(key)]
+    if base is not None:
+        candidates.append(base / key)
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+        for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+            with_ext = cand.with_name(cand.name + ext)
+            if with_ext.is_file():
+                return with_ext
+    return None
+
+
+def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, report: ScanReport,
+                where: str) -> list[ImageRecord]:
+    """Every usable image of a subset with its raw caption; bad images stop the run unless skipped."""
+    pairs: list[tuple[Path, str | None]] = []
+    if subset.metadata_file:
+        base = Path(subset.image_dir) if subset.image_dir else None
+        for key, entry in _metadata_entries(Path(subset.metadata_file)):
+            found = _find_image(key, base)
+            if found is None:
+                raise UserError(f"{subset.metadata_file}: image {key!r} not found"
+                                + (f" (also looked in {base})" if base else ""))
+            pairs.append((found, _metadata_caption(entry, subset) if isinstance(entry, dict) else None))
+    else:
+        folder = Path(subset.image_dir)
+        if not folder.is_dir():
+            raise UserError(f"{where}: image_dir: not a folder: {folder}")
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image(p)):
+            cap_path = path.with_suffix(subset.caption_extension)
+            if cap_path.is_file():
+                try:
+                    pairs.append((path, read_caption_file(cap_path)))
+                except BadCaption as exc:
+                    raise UserError(str(exc)) from None
+            else:
+                pairs.append((path, None))
+    records = []
+    for path, caption in pairs:
+        try:
+            size = probe_image(path)
+        except BadImage as exc:
+            if not skip_bad_images:
+                raise UserError(f"{exc}; fix or remove it, or set skip_bad_images = true") from None
+            log.warning("skipping %s", exc)
+            report.bad_images.append(str(path))
+            continue
+        if caption is None:
+            report.missing_captions.append(str(path))
+            caption = subset.class_tokens or ""
+        records.append(ImageRecord(path, caption, subset, dataset_index, size, subset.num_repeats))
+    if not records and not report.bad_images:
+        source = subset.metadata_file or subset.image_dir
+        raise UserError(f"{where}: no images in {source} (looked for {', '.join(('.jpg', '.png', '.webp', '.bmp'))})")
+    report.images += len(records)
+    return records
+
+
+def balance_regularisation(train: list[ImageRecord], reg: list[ImageRecord]) -> list[ImageRecord]:
+    """Repeat regularisation images so that they are seen as often as the training images, as kohya does."""
+    if not reg:
+        return []
+    target = sum(r.repeats for r in train)
+    if target < len(reg):
+        log.warning("%d regularisation images but only %d training samples per epoch: some are not used",
+                    len(reg), target)
+    used: list[ImageRecord] = []
+    count = 0
+    first = True
+    while count < target:
+        for rec in reg:
+            if first:
+                used.append(rec)
+                count += rec.repeats
+            else:
+                rec.repeats += 1
+                count += 1
+            if count >= target:
+                break
+        first = False
+    return used

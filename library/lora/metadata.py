@@ -1,0 +1,101 @@
+"""The string metadata of a LoRA file: kohya's `ss_*` keys, Stability's `modelspec.*` 1.0.1, ours.
+
+WebUIs read `ss_base_model_version` (A1111 filters its LoRA list by it), `ss_output_name`,
+`ss_network_*`, `ss_tag_frequency` and `sshs_model_hash` (written by kohya_file); the rest is
+shown to users who inspect a file. All values are strings.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from library.config import Config
+
+ARCHITECTURES = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sd_v2": "stable-diffusion-v2-512/lora",
+    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+}
+IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"  # the layout our files follow
+
+
+@dataclass
+class TrainingFacts:
+    """What happened in a run, beyond the config."""
+    base_model_version: str
+    resolution: tuple[int, int]
+    steps: int
+    epochs: int
+    started_at: float
+    num_train_images: int = 0
+    num_reg_images: int = 0
+    batches_per_epoch: int = 0
+    mixed_precision: str = "no"
+    datasets: list[dict] = field(default_factory=list)
+    tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _num(value: float | None) -> str:
+    return "None" if value is None else repr(value)
+
+
+def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None = None) -> dict[str, str]:
+    net, opt = cfg.network, cfg.optimizer
+    finished_at = finished_at or time.time()
+    args = {}
+    if net.conv_dim is not None:
+        args = {"conv_dim": str(net.conv_dim), "conv_alpha": str(net.conv_alpha_value)}
+    if net.network_dropout:
+        args["dropout"] = str(net.network_dropout)
+    te_lrs = opt.text_encoder_lrs(2 if facts.base_model_version.startswith("sdxl") else 1)
+    w, h = facts.resolution
+    meta = {
+        "ss_base_model_version": facts.base_model_version,
+        "ss_v2": str(facts.base_model_version.startswith("sd_v2")),
+        "ss_v_parameterization": str(cfg.model.v_parameterization),
+        "ss_sd_model_name": cfg.model.pretrained_model_name_or_path.replace("\\", "/").rstrip("/").split("/")[-1],
+        "ss_output_name": cfg.saving.output_name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(net.network_dim),
+        "ss_network_alpha": _num(net.alpha),
+        "ss_network_args": json.dumps(args),
+        "ss_network_dropout": _num(net.network_dropout),
+        "ss_network_train_unet_only": str(net.network_train_unet_only),
+        "ss_learning_rate": _num(opt.learning_rate),
+        "ss_unet_lr": _num(opt.unet_lr or opt.learning_rate),
+        "ss_text_encoder_lr": _num(None if net.network_train_unet_only else te_lrs[0]),
+        "ss_optimizer": "torch.optim.adamw.AdamW" + (f"({','.join(opt.optimizer_args)})" if opt.optimizer_args else ""),
+        "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_max_grad_norm": _num(opt.max_grad_norm),
+        "ss_max_train_steps": str(cfg.training.max_train_steps),
+        "ss_steps": str(facts.steps),
+        "ss_epoch": str(facts.epochs),
+        "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
+        "ss_num_train_images": str(facts.num_train_images),
+        "ss_num_reg_images": str(facts.num_reg_images),
+        "ss_gradient_accumulation_steps": str(cfg.training.gradient_accumulation_steps),
+        "ss_mixed_precision": facts.mixed_precision,
+        "ss_resolution": f"({w}, {h})",
+        "ss_seed": str(cfg.training.seed),
+        "ss_clip_skip": str(cfg.training.clip_skip),
+        "ss_gradient_checkpointing": str(cfg.training.gradient_checkpointing),
+        "ss_training_started_at": repr(facts.started_at),
+        "ss_training_finished_at": repr(finished_at),
+        "ss_session_id": str(int(facts.started_at)),
+        "ss_datasets": json.dumps(facts.datasets),
+        "ss_tag_frequency": json.dumps(facts.tag_frequency),
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ARCHITECTURES[facts.base_model_version],
+        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.title": cfg.saving.output_name,
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
+        "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
+    }
+    for key, value in facts.extra.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    return meta

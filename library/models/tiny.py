@@ -1,0 +1,53 @@
+"""Tiny random-weight SD1.5 / SDXL pipelines built from the shipped `tiny_*` config trees.
+
+Same block structure as the real architectures (so LoRA name tables, single-file conversion and
+SDXL conditioning are exercised for real) at widths that make a training step take milliseconds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from library.models import shipped
+
+TINY_TREES = {"sd15": "tiny_sd15", "sdxl": "tiny_sdxl"}
+
+
+def build_tiny_pipeline(arch: str, seed: int = 0):
+    """A diffusers pipeline with random weights, deterministic for a given seed."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = shipped.tree(TINY_TREES[arch])
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(shipped.read_json(root / "unet" / "config.json"))
+    vae = AutoencoderKL.from_config(shipped.read_json(root / "vae" / "config.json"))
+    te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
+    tok1 = shipped.load_tokenizer(root / "tokenizer")
+    if arch == "sd15":
+        scheduler = PNDMScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
+        return StableDiffusionPipeline(
+            vae=vae, text_encoder=te1, tokenizer=tok1, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(root / "text_encoder_2")))
+    tok2 = shipped.load_tokenizer(root / "tokenizer_2")
+    scheduler = EulerDiscreteScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet, scheduler=scheduler,
+    )
+
+
+def save_diffusers(pipe, out: Path) -> None:
+    """Write a complete diffusers folder (safetensors weights, tokenizer vocabularies included)."""
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2"):
+        if (out / sub).is_dir():
+            shipped.copy_tokenizer_files(out / sub)

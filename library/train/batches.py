@@ -1,0 +1,76 @@
+"""Assembling a training batch: latents (encoded now or taken from the cache), captions, SDXL time
+ids, loss weights and loss masks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from library.data.dataset import BatchRef, TrainingData
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor             # B x 4 x h x w, scaled by the VAE scaling factor
+    captions: list[str]
+    time_ids: list[tuple[int, ...]]   # SDXL micro-conditioning per sample
+    weights: torch.Tensor             # B, prior_loss_weight for regularisation images
+    mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
+    records: list[int]
+
+
+class VaeEncoder:
+    """Pixels in [-1, 1] -> scaled latents (the posterior mean: deterministic, so cache == live)."""
+
+    def __init__(self, vae, device: torch.device):
+        self.vae = vae
+        self.device = device
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, next(self.vae.parameters()).dtype)
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        return ((latents - self.shift) * self.scaling).float()
+
+    def identity(self) -> str:
+        """Changes whenever the VAE weights change (cache keys use it)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+            h.update(str(tuple(p.shape)).encode())
+        return h.hexdigest()[:16]
+
+
+class BatchBuilder:
+    def __init__(self, data: TrainingData, encoder: VaeEncoder, prior_loss_weight: float, latent_cache=None):
+        self.data = data
+        self.encoder = encoder
+        self.prior_loss_weight = prior_loss_weight
+        self.cache = latent_cache
+
+    def build(self, ref: BatchRef, epoch: int, position: int) -> Batch:
+        samples = [self.data.sample(i, epoch, f"{position}:{j}", with_pixels=self.cache is None)
+                   for j, i in enumerate(ref.items)]
+        masks = None
+        if self.cache is None:
+            latents = self.encoder(torch.stack([s.pixels for s in samples]))
+            if any(s.mask is not None for s in samples):
+                masks = torch.stack([s.mask for s in samples])
+        else:
+            got = [self.cache.get(s.record, s.flipped) for s in samples]
+            latents = torch.stack([g[0] for g in got])
+            if any(g[1] is not None for g in got):
+                masks = torch.stack([g[1] for g in got])
+        if masks is not None:
+            masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area")
+        weights = torch.tensor([self.prior_loss_weight if self.data.records[s.record].subset.is_reg else 1.0
+                                for s in samples])
+        return Batch(latents=latents, captions=[s.caption for s in samples],
+                     time_ids=[self.data.time_ids(s) for s in samples], weights=weights, mask=masks,
+                     records=[s.record for s in samples])

@@ -1,0 +1,76 @@
+"""Turning options into runtime objects: precision, accelerator, attention kernel, optimizer."""
+from __future__ import annotations
+
+import ast
+import logging
+
+import torch
+
+from library.config import Config
+from library.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(requested: str, cpu: bool) -> str:
+    if requested == "auto":
+        if cpu or not torch.cuda.is_available():
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and (cpu or not torch.cuda.is_available()):
+        raise UserError('mixed_precision = "fp16" needs a CUDA GPU (CPUs have no fp16 autocast); '
+                        'use "bf16" or "no"')
+    if requested == "bf16" and not cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError('mixed_precision = "bf16" is not supported by this GPU; use "fp16"')
+    return requested
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    cpu = not torch.cuda.is_available()
+    precision = resolve_precision(cfg.training.mixed_precision, cpu)
+    # Frozen modules never get gradients; DDP must not wait for them.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp]), precision
+
+
+def set_attention(unet, backend: str, device: torch.device) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if backend == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise UserError('attention = "xformers" needs the xformers package (pip install xformers, CUDA only); '
+                            'or use attention = "sdpa"') from None
+        if device.type != "cuda":
+            raise UserError('attention = "xformers" runs only on a CUDA GPU; use attention = "sdpa" here')
+        unet.enable_xformers_memory_efficient_attention()
+        return
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def parse_optimizer_args(items: tuple[str, ...]) -> dict:
+    out = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"optimizer_args: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
+def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
+    kwargs = parse_optimizer_args(cfg.optimizer.optimizer_args)
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.optimizer.learning_rate, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"optimizer_args: not accepted by AdamW ({exc})") from None

@@ -1,0 +1,45 @@
+"""Process-wide settings every entry point applies first: offline mode and quiet libraries."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def offline_and_quiet() -> None:
+    """No code path may reach a model hub; third-party chatter stays out of the user's console."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["DIFFUSERS_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes (imported by peft) logs a warning about optional CPU kernels on import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def setup_logging(main_process: bool = True) -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_apt_handler", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._apt_handler = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    logging.getLogger("library").setLevel(logging.INFO if main_process else logging.WARNING)
+    for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass

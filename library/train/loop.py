@@ -152,6 +152,7 @@ class Trainer:
         bar = tqdm(total=steps, desc="training", unit="step", disable=not acc.is_main_process)
         ema_loss = None
         epoch = 1
+        self.losses: list[float] = []
         for step in range(steps):
             step_loss = 0.0
             for micro in range(gas):
@@ -170,6 +171,7 @@ class Trainer:
                 acc.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(step_loss)
             ema_loss = step_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * step_loss
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{ema_loss:.4f}", epoch=epoch)

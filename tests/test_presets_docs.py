@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_option_and_dataset_key_is_documented():
     text = (REPO / "docs" / "configuration.md").read_text()
+    sys.path.insert(0, str(REPO / "tools"))
+    import update_config_docs
+
+    assert update_config_docs.render(text) == text, "run python tools/update_config_docs.py"
     documented = set(re.findall(r"^\| `([a-z_.0-9]+)` \|", text, flags=re.M))
     expected = set(all_options()) | set(COMMON) | set(DATASET_LEVEL) | set(SUBSET_ONLY)
     assert expected - documented == set(), "undocumented"

@@ -6,6 +6,7 @@ that names the file, the dataset/subset, the key and where it belongs.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -200,3 +201,27 @@ def dataset_key_names() -> dict[str, list[str]]:
     """Every dataset key by the levels where it is allowed (for docs and --help)."""
     return {"any level": list(COMMON), "[general] / [[datasets]]": list(DATASET_LEVEL),
             "[[datasets.subsets]]": list(SUBSET_ONLY)}
+
+
+FOLDER_PATTERN = re.compile(r"(\d+)_(.+)")
+
+
+def folder_blueprint(train_dir: str, reg_dir: str | None, general: dict, source: str) -> DatasetBlueprint:
+    """kohya's folder convention: each subfolder `N_tokens` is a subset with num_repeats = N and
+    class_tokens = tokens. Only used when the user sets train_data_dir (it surprises people)."""
+    subsets = []
+    for option, root, is_reg in (("train_data_dir", train_dir, False), ("reg_data_dir", reg_dir, True)):
+        if root is None:
+            continue
+        folders = sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise UserError(f"{source}: {option}: {root} has no subfolders; the folder convention expects "
+                            f"{root}/<repeats>_<caption tokens>/ (e.g. {root}/10_sks dog/) holding the images")
+        for folder in folders:
+            match = FOLDER_PATTERN.fullmatch(folder.name)
+            if not match:
+                raise UserError(f"{source}: {option}: subfolder {folder.name!r} of {root} is not named "
+                                "<repeats>_<caption tokens> (e.g. 10_sks dog)")
+            subsets.append({"image_dir": str(folder), "num_repeats": int(match[1]), "class_tokens": match[2].strip(),
+                            "is_reg": is_reg})
+    return parse_blueprint({"general": general, "datasets": [{"subsets": subsets}]}, source, Path.cwd())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from library.config.dataset import DatasetBlueprint, parse_blueprint
+from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
 from library.config.options import (
     DataOptions, FLAT_TABLES, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions, SavingOptions,
     TrainingOptions,
@@ -143,6 +143,8 @@ INPUT_PATHS = (
     ("model", "model_config", "config folder"),
     ("network", "network_weights", "LoRA file"),
     ("data", "dataset_config", "dataset config file"),
+    ("data", "train_data_dir", "image folder"),
+    ("data", "reg_data_dir", "regularisation image folder"),
 )
 
 
@@ -205,14 +207,21 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
     data: DataOptions = values["data"]
     if data.dataset_config and inline:
         raise UserError(f"{source}: both dataset_config and inline [[datasets]] tables are set; keep one of them")
-    if data.dataset_config:
+    if data.reg_data_dir and not data.train_data_dir:
+        raise UserError(f"{source}: [data] reg_data_dir: needs train_data_dir (the folder convention)")
+    if data.train_data_dir and (data.dataset_config or "datasets" in doc):
+        raise UserError(f"{source}: [data] train_data_dir: set either train_data_dir or a dataset "
+                        "([[datasets]] / dataset_config), not both")
+    if data.train_data_dir:
+        blueprint = folder_blueprint(data.train_data_dir, data.reg_data_dir, doc.get("general", {}), source)
+    elif data.dataset_config:
         ds_path = Path(data.dataset_config)
         blueprint = parse_blueprint(read_toml(ds_path, "dataset config"), str(ds_path), ds_path.resolve().parent)
     elif inline:
         blueprint = parse_blueprint(doc, source, base_dir or Path.cwd())
     elif need_dataset:
-        raise UserError(f"{source}: no dataset; set dataset_config = \"dataset.toml\" or add [[datasets]] tables "
-                        "with [[datasets.subsets]] image_dir = \"...\"")
+        raise UserError(f"{source}: no dataset; set dataset_config = \"dataset.toml\", add [[datasets]] tables "
+                        "with [[datasets.subsets]] image_dir = \"...\", or use train_data_dir")
     if blueprint is not None:
         for ds in blueprint.datasets:
             for sub in ds.subsets:
@@ -221,7 +230,33 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
                     if value and not Path(value).exists():
                         raise UserError(f"{blueprint.source}: [[datasets]] #{ds.index + 1} [[datasets.subsets]] "
                                         f"#{sub.index + 1}: {key}: no such path: {value}")
+    if blueprint is not None:
+        _dataset_checks(blueprint, values)
     return Config(dataset=blueprint, config_file=config_file, **{t: values[t] for t in FLAT_TABLES})
+
+
+CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
+                       "caption_dropout_every_n_epochs")
+
+
+def _dataset_checks(blueprint: DatasetBlueprint, values: dict) -> None:
+    """Dataset settings that contradict the caching options."""
+    data: DataOptions = values["data"]
+    for ds in blueprint.datasets:
+        for sub in ds.subsets:
+            where = f"{blueprint.source}: [[datasets]] #{ds.index + 1} [[datasets.subsets]] #{sub.index + 1}"
+            if sub.random_crop and (data.cache_latents or data.cache_latents_to_disk):
+                raise UserError(f"{where}: random_crop cannot be combined with cache_latents (a cached latent has "
+                                "one fixed crop); turn one of them off")
+            if not data.cache_text_encoder_outputs:
+                continue
+            for key in CAPTION_RANDOMISERS:
+                if getattr(sub, key):
+                    raise UserError(f"{where}: {key} changes captions during training, so cache_text_encoder_outputs "
+                                    "cannot be used; turn one of them off")
+    if data.cache_text_encoder_outputs and not values["network"].network_train_unet_only:
+        raise UserError(f"{blueprint.source}: cache_text_encoder_outputs cannot be used while training the text "
+                        "encoders (network_train_unet_only = false)")
 
 
 def table_fields(cfg: Config) -> dict[str, dict[str, Any]]:

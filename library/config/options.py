@@ -93,7 +93,19 @@ class DataOptions:
     dataset_config: Optional[str] = option(
         None, "kohya-style dataset TOML ([general], [[datasets]], [[datasets.subsets]]); "
               "or put those tables in this config")
+    train_data_dir: Optional[str] = option(
+        None, "kohya folder convention instead of a dataset config: subfolders named N_tokens "
+              "(e.g. 10_sks dog = 10 repeats, caption fallback \"sks dog\")")
+    reg_data_dir: Optional[str] = option(None, "regularisation images in N_tokens subfolders (with train_data_dir)")
     cache_latents: bool = option(False, "encode every image once before training and keep the latents in memory")
+    cache_latents_to_disk: bool = option(
+        False, "keep the latent cache on disk between runs (implies cache_latents); entries are keyed on the image, "
+               "its bucket and crop, and the VAE, so stale entries are never used")
+    latent_cache_dir: Optional[str] = option(
+        None, "folder for the disk latent cache; unset = a .latent_cache folder inside each image folder", kohya=False)
+    cache_text_encoder_outputs: bool = option(
+        False, "encode every caption once before training (frozen text encoders and fixed captions only); "
+               "the text encoders then leave the GPU")
     skip_bad_images: bool = option(
         False, "skip unreadable images with a warning instead of stopping before training", kohya=False)
 

@@ -27,7 +27,8 @@ class ImageRecord:
 @dataclass
 class ScanReport:
     images: int = 0
-    missing_captions: list[str] = field(default_factory=list)
+    missing_captions: list[str] = field(default_factory=list)   # no caption file and no class_tokens
+    class_token_captions: int = 0                                  # no caption file, class_tokens used
     bad_images: list[str] = field(default_factory=list)
 
 
@@ -115,9 +116,12 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
             log.warning("skipping %s", exc)
             report.bad_images.append(str(path))
             continue
-        if caption is None:
+        if caption is None and subset.class_tokens:
+            report.class_token_captions += 1
+            caption = subset.class_tokens
+        elif caption is None:
             report.missing_captions.append(str(path))
-            caption = subset.class_tokens or ""
+            caption = ""
         records.append(ImageRecord(path, caption, subset, dataset_index, size, subset.num_repeats))
     if not records and not report.bad_images:
         source = subset.metadata_file or subset.image_dir

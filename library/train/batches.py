@@ -2,6 +2,7 @@
 ids, loss weights and loss masks."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,12 @@ class VaeEncoder:
         return ((latents - self.shift) * self.scaling).float()
 
     def identity(self) -> str:
-        """Changes whenever the VAE weights change (cache keys use it)."""
-        import hashlib
-
+        """SHA-256 of the VAE's weights: cache keys change whenever the VAE does."""
         h = hashlib.sha256()
         for name, p in sorted(self.vae.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-            h.update(str(tuple(p.shape)).encode())
-        return h.hexdigest()[:16]
+            h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
 
 class BatchBuilder:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from library.config import Config
 from library.data.dataset import BatchRef, TrainingData
 from library.data.latent_cache import LatentCache
+from library.data.text_cache import TextCache
 from library.errors import UserError
 from library.lora.kohya_file import SAVE_DTYPES, read_lora, write_lora
 from library.lora.metadata import TrainingFacts, build_metadata
@@ -96,14 +97,8 @@ class Trainer:
         self.train_te = train_te
         self.conditioner = TextConditioner(b.arch, b.tokenizers, b.text_encoders, cfg.training.clip_skip)
         self.encoder = VaeEncoder(b.vae, self.device)
-        cache = None
-        if cfg.data.cache_latents:
-            cache = LatentCache(self.data, self.encoder)
-            total = len(cache.wanted())
-            with tqdm(total=total, desc="caching latents", disable=not self.accelerator.is_main_process) as bar:
-                cache.fill(bar.update)
-            b.vae.to("cpu")
-        self.batches = BatchBuilder(self.data, self.encoder, cfg.training.prior_loss_weight, cache)
+        self.batches = BatchBuilder(self.data, self.encoder, cfg.training.prior_loss_weight, self._latent_cache())
+        self.text_cache = self._text_cache()
         groups = [{"params": list(self.network.parameters("unet")), "lr": cfg.optimizer.unet_lr or
                    cfg.optimizer.learning_rate, "name": "unet"}]
         if train_te:
@@ -118,6 +113,35 @@ class Trainer:
         self.unet = self.models[0]
         self.diffusion = Diffusion(b.scheduler_config, cfg.model.v_parameterization)
 
+    def _latent_cache(self) -> LatentCache | None:
+        opts = self.cfg.data
+        if not (opts.cache_latents or opts.cache_latents_to_disk):
+            return None
+        cache = LatentCache(self.data, self.encoder, self.encoder.identity(), to_disk=opts.cache_latents_to_disk,
+                            cache_dir=opts.latent_cache_dir)
+        acc = self.accelerator
+        shared = opts.cache_latents_to_disk and acc.num_processes > 1
+        if shared and not acc.is_main_process:
+            acc.wait_for_everyone()  # the main process writes the disk entries first, the others read them
+        with tqdm(total=len(cache.wanted()), desc="caching latents", disable=not acc.is_main_process) as bar:
+            cache.fill(bar.update)
+        if shared and acc.is_main_process:
+            acc.wait_for_everyone()
+        if acc.is_main_process:
+            log.info("latent cache: %d encoded, %d reused from disk", cache.encoded, cache.hits)
+        self.bundle.vae.to("cpu")  # no longer needed on the device
+        return cache
+
+    def _text_cache(self) -> TextCache | None:
+        if not self.cfg.data.cache_text_encoder_outputs:
+            return None
+        cache = TextCache(self.data, self.conditioner.encode)
+        with self.accelerator.autocast():
+            cache.fill()
+        for te in self.bundle.text_encoders:
+            te.to("cpu")
+        return cache
+
     # --- one micro-batch ----------------------------------------------------------------------
     def forward(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latents = batch.latents.to(self.device)
@@ -125,8 +149,11 @@ class Trainer:
         timesteps = self.diffusion.sample_timesteps(bsz, gen)
         noise = self.diffusion.noise_like(latents, gen)
         noisy = self.diffusion.add_noise(latents, noise, timesteps)
-        with torch.set_grad_enabled(self.train_te):
-            cond = self.conditioner.encode(batch.captions)
+        if self.text_cache is not None:
+            cond = self.text_cache.get(batch.captions).to(self.device)
+        else:
+            with torch.set_grad_enabled(self.train_te):
+                cond = self.conditioner.encode(batch.captions)
         kwargs = {}
         if self.bundle.is_sdxl:
             kwargs["added_cond_kwargs"] = {

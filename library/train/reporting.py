@@ -17,10 +17,11 @@ def log_dataset(data: TrainingData) -> None:
              len(train) - len(reg), len(reg), len(data.validation), data.batches_per_epoch())
     if rep.bad_images:
         log.warning("skipped %d unreadable images (skip_bad_images = true)", len(rep.bad_images))
-    no_caption = [p for p in rep.missing_captions]
-    if no_caption:
-        log.warning("%d images have no caption file and use class_tokens or an empty caption (first: %s)",
-                    len(no_caption), no_caption[0])
+    if rep.class_token_captions:
+        log.info("%d images have no caption file and use their subset's class_tokens", rep.class_token_captions)
+    if rep.missing_captions:
+        log.warning("%d images have no caption file and no class_tokens: they train with an empty caption "
+                    "(first: %s)", len(rep.missing_captions), rep.missing_captions[0])
     table = data.bucket_table()
     log.info("buckets (width x height: images): %s", ", ".join(f"{w}x{h}: {n}" for w, h, n in table))
 

@@ -55,6 +55,7 @@ class TrainingData:
     def __init__(self, blueprint: DatasetBlueprint, *, native_resolution: int, default_batch_size: int, seed: int,
                  skip_bad_images: bool = False):
         self.seed = seed
+        self.source = blueprint.source
         self.report = ScanReport()
         self.records: list[ImageRecord] = []
         self.validation: list[int] = []

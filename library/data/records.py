@@ -113,8 +113,7 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
         except BadImage as exc:
             if not skip_bad_images:
                 raise UserError(f"{exc}; fix or remove it, or set skip_bad_images = true") from None
-            log.warning("skipping %s", exc)
-            report.bad_images.append(str(path))
+            report.bad_images.append(str(exc))
             continue
         if caption is None and subset.class_tokens:
             report.class_token_captions += 1
@@ -123,9 +122,11 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
             report.missing_captions.append(str(path))
             caption = ""
         records.append(ImageRecord(path, caption, subset, dataset_index, size, subset.num_repeats))
-    if not records and not report.bad_images:
-        source = subset.metadata_file or subset.image_dir
-        raise UserError(f"{where}: no images in {source} (looked for {', '.join(('.jpg', '.png', '.webp', '.bmp'))})")
+    source = subset.metadata_file or subset.image_dir
+    if not pairs:
+        raise UserError(f"{where}: no images in {source} (looked for .jpg, .jpeg, .png, .webp, .bmp)")
+    if not records:
+        raise UserError(f"{where}: none of the {len(pairs)} images in {source} could be read")
     report.images += len(records)
     return records
 

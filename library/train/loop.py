@@ -23,7 +23,7 @@ from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
 from library.train.batches import Batch, BatchBuilder, VaeEncoder
 from library.train.diffusion import Diffusion, per_sample_mse, step_generator
-from library.train.reporting import dataset_summary, log_dataset, tag_frequency
+from library.data.summary import dataset_summary, log_dataset, tag_frequency
 from library.train.setup import DTYPES, build_optimizer, make_accelerator, set_attention
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""What the user sees about the dataset at start, and what the LoRA metadata records of it."""
+"""What the user sees about a dataset (trainer start, tools/check_dataset.py) and what the LoRA
+metadata records of it (ss_datasets, ss_tag_frequency)."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,8 @@ def log_dataset(data: TrainingData) -> None:
     rep = data.report
     log.info("%d training images, %d regularisation images, %d held out for validation, %d batches per epoch",
              len(train) - len(reg), len(reg), len(data.validation), data.batches_per_epoch())
+    for bad in rep.bad_images:
+        log.warning("skipped unreadable image %s", bad)
     if rep.bad_images:
         log.warning("skipped %d unreadable images (skip_bad_images = true)", len(rep.bad_images))
     if rep.class_token_captions:

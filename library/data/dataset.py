@@ -10,7 +10,6 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from library.data.buckets import BucketTable, Placement, crop_offset
 from library.data.captions import process_caption
 from library.data.images import load_image
 from library.data.records import ImageRecord, ScanReport, balance_regularisation, scan_subset
+from library.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TrainingData:
         for spec in blueprint.datasets:
             self._add_dataset(spec, blueprint.source, native_resolution, default_batch_size, skip_bad_images)
         if not self.train_indices():
-            raise_empty(blueprint.source)
+            raise UserError(f"{blueprint.source}: no training images left (all held out for validation)")
 
     # --- building -----------------------------------------------------------------------------
     def _add_dataset(self, spec: DatasetSpec, source: str, native: int, default_bs: int, skip_bad: bool) -> None:
@@ -165,12 +165,3 @@ class TrainingData:
         for i in self.train_indices():
             counts[self.placements[i].bucket] += 1
         return [(w, h, n) for (w, h), n in sorted(counts.items())]
-
-    def image_dirs(self) -> list[Path]:
-        return sorted({r.path.parent for r in self.records})
-
-
-def raise_empty(source: str) -> None:
-    from library.errors import UserError
-
-    raise UserError(f"{source}: no training images left (all held out for validation or skipped as bad)")

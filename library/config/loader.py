@@ -14,8 +14,8 @@ from typing import Any
 
 from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
 from library.config.options import (
-    DataOptions, FLAT_TABLES, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions, SavingOptions,
-    TrainingOptions,
+    DataOptions, FLAT_TABLES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions,
+    SamplingOptions, SavingOptions, TrainingOptions,
 )
 from library.config.paths import looked_in, resolve_input
 from library.config.schema import CoercionError, OptionInfo, check_bounds, closest, coerce, options_of
@@ -33,6 +33,8 @@ class Config:
     training: TrainingOptions
     data: DataOptions
     saving: SavingOptions
+    sampling: SamplingOptions
+    logging: LoggingOptions
     dataset: DatasetBlueprint | None
     config_file: str | None = None
 
@@ -145,6 +147,7 @@ INPUT_PATHS = (
     ("data", "dataset_config", "dataset config file"),
     ("data", "train_data_dir", "image folder"),
     ("data", "reg_data_dir", "regularisation image folder"),
+    ("sampling", "sample_prompts", "sample prompts file"),
 )
 
 
@@ -170,8 +173,22 @@ def _resolve_inputs(values: dict, settings: dict[str, _Setting], base_dir: Path 
 
 def _cross_checks(values: dict, source: str) -> None:
     net: NetworkOptions = values["network"]
+    train: TrainingOptions = values["training"]
     if net.conv_alpha is not None and net.conv_dim is None:
         raise UserError(f"{source}: [network] conv_alpha: set conv_dim too (conv_alpha alone trains nothing)")
+    if train.min_timestep >= train.max_timestep:
+        raise UserError(f"{source}: [training] min_timestep ({train.min_timestep}) must be below max_timestep "
+                        f"({train.max_timestep})")
+    if train.full_bf16 and train.mixed_precision not in ("bf16", "auto"):
+        raise UserError(f"{source}: [training] full_bf16 needs mixed_precision = \"bf16\"")
+    warmup = values["optimizer"].lr_warmup_steps
+    if isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer():
+        raise UserError(f"{source}: [optimizer] lr_warmup_steps: expected a whole number of steps or a fraction "
+                        f"below 1, got {warmup}")
+    sampling: SamplingOptions = values["sampling"]
+    if (sampling.sample_every_n_steps or sampling.sample_every_n_epochs or sampling.sample_at_first) \
+            and not sampling.sample_prompts:
+        raise UserError(f"{source}: [sampling] sample_prompts: needed to make sample images (a prompts file)")
 
 
 def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, need_dataset: bool = True) -> Config:

@@ -7,7 +7,7 @@ top level of the TOML file, or on the command line as `--name value`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from library.config.schema import option
 
@@ -54,14 +54,21 @@ class NetworkOptions:
 
 @dataclass(frozen=True)
 class OptimizerOptions:
-    optimizer_type: Literal["AdamW"] = option("AdamW", "optimizer")
-    optimizer_args: tuple[str, ...] = option(
-        (), 'extra optimizer arguments as "key=value" strings, e.g. ["weight_decay=0.01", "betas=(0.9,0.99)"]')
+    optimizer_type: Literal["AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGD"] = option(
+        "AdamW", "optimizer; AdamW8bit/Lion8bit need bitsandbytes, Lion lion-pytorch, Prodigy prodigyopt")
+    optimizer_args: Union[tuple[str, ...], dict] = option(
+        (), 'extra optimizer arguments: "key=value" strings as in kohya (["weight_decay=0.01", "betas=(0.9,0.99)"]) '
+            "or a table ({ weight_decay = 0.01 })")
     learning_rate: float = option(1e-4, "learning rate (default for every parameter group)", gt=0)
     unet_lr: Optional[float] = option(None, "learning rate of the UNet LoRA; unset = learning_rate", gt=0)
     text_encoder_lr: Optional[tuple[float, ...]] = option(
         None, "learning rate of the text-encoder LoRA; one value, or [te1, te2] for SDXL; unset = learning_rate", gt=0)
-    lr_scheduler: Literal["constant"] = option("constant", "learning-rate schedule")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = option("constant", "learning-rate schedule over the training steps")
+    lr_warmup_steps: Union[int, float] = option(
+        0, "warm-up steps from 0 to the learning rate; a value below 1 is a fraction of the training steps", ge=0)
+    lr_scheduler_num_cycles: int = option(1, "restarts of cosine_with_restarts", ge=1)
+    lr_scheduler_power: float = option(1.0, "power of the polynomial schedule", gt=0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this value; 0 disables clipping", ge=0)
 
     def text_encoder_lrs(self, count: int) -> list[float]:
@@ -75,6 +82,7 @@ class OptimizerOptions:
 @dataclass(frozen=True)
 class TrainingOptions:
     max_train_steps: int = option(1600, "number of optimizer steps", ge=1)
+    max_train_epochs: Optional[int] = option(None, "train this many epochs instead (overrides max_train_steps)", ge=1)
     train_batch_size: int = option(1, "batch size where the dataset does not set batch_size", ge=1)
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", ge=1)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = option(
@@ -83,9 +91,33 @@ class TrainingOptions:
     clip_skip: int = option(1, "use the output of the n-th last text-encoder layer (SD1.x/2.x; 2 for anime models)",
                             ge=1)
     prior_loss_weight: float = option(1.0, "loss weight of regularisation images (is_reg subsets)", ge=0)
+    noise_offset: float = option(0.0, "add this much per-channel constant noise (brighter darks and lighter lights)",
+                                 ge=0)
+    multires_noise_iterations: int = option(0, "pyramid (multi-resolution) noise levels; 0 = off", ge=0)
+    multires_noise_discount: float = option(0.3, "weight decay per pyramid noise level", gt=0, le=1)
+    min_snr_gamma: Optional[float] = option(None, "Min-SNR loss weighting with this gamma (5 is common)", gt=0)
+    zero_terminal_snr: bool = option(False, "rescale the noise schedule to zero terminal SNR (use with v-prediction)")
+    ip_noise_gamma: Optional[float] = option(
+        None, "input perturbation: noise the latents with extra noise of this strength (0.1 is common)", gt=0)
+    min_timestep: int = option(0, "lowest training timestep", ge=0, le=999)
+    max_timestep: int = option(1000, "highest training timestep (exclusive)", ge=1, le=1000)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     attention: Literal["sdpa", "xformers"] = option(
         "sdpa", "attention kernel; xformers needs the xformers package and a CUDA GPU", kohya=False)
+    full_bf16: bool = option(False, "keep the LoRA weights and optimizer state in bf16 too (needs mixed_precision "
+                                    "bf16; saves memory, slightly less precise)")
+    no_half_vae: Optional[bool] = option(
+        None, "keep the VAE in fp32; unset = fp32 for the SDXL VAE under fp16 (it overflows), else the training "
+              "precision")
+    skip_nan_steps: bool = option(False, "skip an optimizer step whose loss is NaN/inf instead of stopping", kohya=False)
+    max_data_loader_n_workers: int = option(0, "background processes loading images (0 = load in the main process)",
+                                            ge=0)
+    validate_every_n_steps: Optional[int] = option(
+        None, "validation loss on the validation_split images every N steps (and at start and end)", ge=1,
+        kohya=False)
+    validation_timesteps: tuple[int, ...] = option(
+        (100, 300, 500, 700, 900), "timesteps at which the validation loss is measured (fixed noise per image)",
+        ge=0, le=999, kohya=False)
 
 
 @dataclass(frozen=True)
@@ -115,6 +147,35 @@ class SavingOptions:
     output_dir: str = option("output", "folder for the LoRA file (created if missing)")
     output_name: str = option("lora", "file name of the LoRA, without .safetensors")
     save_precision: Literal["float", "fp16", "bf16"] = option("fp16", "dtype of the saved LoRA tensors")
+    save_every_n_steps: Optional[int] = option(None, "also save the LoRA every N steps (name-00000N.safetensors)",
+                                               ge=1)
+    save_every_n_epochs: Optional[int] = option(None, "also save the LoRA every N epochs (name-00000N.safetensors)",
+                                                ge=1)
+    save_last_n_steps: Optional[int] = option(
+        None, "keep only the step saves of the last N steps (older ones are deleted)", ge=1)
+    save_last_n_epochs: Optional[int] = option(None, "keep only the last N epoch saves (older ones are deleted)", ge=1)
+    save_state: bool = option(False, "with every save, write the training state (optimizer, schedule, data position, "
+                                     "step) to a -state folder for resume")
+    resume: Optional[str] = option(None, 'continue from a state folder, or "latest" for the newest one in output_dir')
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    sample_prompts: Optional[str] = option(
+        None, "prompts for sample images: kohya's text format (one per line, --n --w --h --s --l --d --ss), "
+              ".toml or .json")
+    sample_every_n_steps: Optional[int] = option(None, "make sample images every N steps", ge=1)
+    sample_every_n_epochs: Optional[int] = option(None, "make sample images every N epochs", ge=1)
+    sample_at_first: bool = option(False, "make sample images before training starts (the base model's output)")
+    sample_sampler: Literal["euler_a", "euler", "ddim", "dpm++_2m", "dpm++_2m_karras"] = option(
+        "euler_a", "sampler of the sample images (a prompt's --ss overrides it)")
+
+
+@dataclass(frozen=True)
+class LoggingOptions:
+    log_with: Literal["none", "tensorboard", "wandb", "all"] = option(
+        "tensorboard", "where to log losses, learning rates and samples; wandb needs the wandb package")
+    logging_dir: Optional[str] = option(None, "folder of the logs; unset = output_dir/logs")
 
 
 # Flat tables: table name -> options class. Their option names are unique across all of them.
@@ -125,6 +186,8 @@ FLAT_TABLES: dict[str, type] = {
     "training": TrainingOptions,
     "data": DataOptions,
     "saving": SavingOptions,
+    "sampling": SamplingOptions,
+    "logging": LoggingOptions,
 }
 # Named tables: their options are addressed as `table.option` on the command line.
 NAMED_TABLES: dict[str, type] = {}

@@ -9,6 +9,7 @@ resumed run sees the same captions.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from library.config.dataset import SubsetSpec
@@ -36,6 +37,13 @@ def is_static(subset: SubsetSpec) -> bool:
     """True when the caption of every image is the same at every step (text outputs can be cached)."""
     return not (subset.shuffle_caption or subset.caption_dropout_rate > 0 or subset.caption_tag_dropout_rate > 0
                 or subset.caption_dropout_every_n_epochs > 0)
+
+
+def fixed_caption(caption: str, subset: SubsetSpec) -> str:
+    """The caption without any random processing (prefix/suffix kept): for validation and caching."""
+    calm = replace(subset, shuffle_caption=False, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0,
+                   caption_dropout_every_n_epochs=0)
+    return process_caption(caption, calm, 1, None)
 
 
 def _split(text: str, sep: str) -> list[str]:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from library.config.dataset import DatasetBlueprint, DatasetSpec
 from library.data.buckets import BucketTable, Placement, crop_offset
-from library.data.captions import process_caption
+from library.data.captions import fixed_caption, process_caption
 from library.data.images import load_image
 from library.data.records import ImageRecord, ScanReport, balance_regularisation, scan_subset
 from library.errors import UserError
@@ -132,6 +132,16 @@ class TrainingData:
         out = Sample(index, caption, flipped, (left, top), placement)
         if with_pixels:
             out.pixels, out.mask = self.pixels(index, left, top, flipped)
+        return out
+
+    def fixed_sample(self, index: int, with_pixels: bool = True) -> Sample:
+        """Record `index` without randomness: centre crop, not flipped, caption not shuffled or dropped."""
+        rec = self.records[index]
+        placement = self.placements[index]
+        left, top = crop_offset(placement, False, None)
+        out = Sample(index, fixed_caption(rec.caption, rec.subset), False, (left, top), placement)
+        if with_pixels:
+            out.pixels, out.mask = self.pixels(index, left, top, False)
         return out
 
     def pixels(self, index: int, left: int, top: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from library.data.captions import process_caption
+from library.data.captions import fixed_caption
 from library.data.dataset import TrainingData
 from library.models.conditioning import Conditioning
 
@@ -22,8 +22,7 @@ class TextCache:
         self.entries: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def captions(self) -> list[str]:
-        # Static captions do not depend on the epoch or the random draw.
-        seen = dict.fromkeys(process_caption(r.caption, r.subset, 1, None) for r in self.data.records)
+        seen = dict.fromkeys(fixed_caption(r.caption, r.subset) for r in self.data.records)
         return list(seen)
 
     @torch.no_grad()

@@ -34,6 +34,7 @@ class TrainingFacts:
     num_reg_images: int = 0
     batches_per_epoch: int = 0
     mixed_precision: str = "no"
+    optimizer: str = "torch.optim.adamw.AdamW"
     datasets: list[dict] = field(default_factory=list)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -68,10 +69,23 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "ss_learning_rate": _num(opt.learning_rate),
         "ss_unet_lr": _num(opt.unet_lr or opt.learning_rate),
         "ss_text_encoder_lr": _num(None if net.network_train_unet_only else te_lrs[0]),
-        "ss_optimizer": "torch.optim.adamw.AdamW" + (f"({','.join(opt.optimizer_args)})" if opt.optimizer_args else ""),
+        "ss_optimizer": facts.optimizer,
         "ss_lr_scheduler": opt.lr_scheduler,
+        "ss_lr_warmup_steps": str(opt.lr_warmup_steps),
         "ss_max_grad_norm": _num(opt.max_grad_norm),
         "ss_max_train_steps": str(cfg.training.max_train_steps),
+        "ss_max_train_epochs": str(cfg.training.max_train_epochs),
+        "ss_noise_offset": _num(cfg.training.noise_offset),
+        "ss_multires_noise_iterations": str(cfg.training.multires_noise_iterations),
+        "ss_multires_noise_discount": _num(cfg.training.multires_noise_discount),
+        "ss_min_snr_gamma": _num(cfg.training.min_snr_gamma),
+        "ss_zero_terminal_snr": str(cfg.training.zero_terminal_snr),
+        "ss_ip_noise_gamma": _num(cfg.training.ip_noise_gamma),
+        "ss_min_timestep": str(cfg.training.min_timestep),
+        "ss_max_timestep": str(cfg.training.max_timestep),
+        "ss_prior_loss_weight": _num(cfg.training.prior_loss_weight),
+        "ss_full_bf16": str(cfg.training.full_bf16),
+        "ss_cache_latents": str(cfg.data.cache_latents or cfg.data.cache_latents_to_disk),
         "ss_steps": str(facts.steps),
         "ss_epoch": str(facts.epochs),
         "ss_num_batches_per_epoch": str(facts.batches_per_epoch),

@@ -3,12 +3,13 @@ ids, loss weights and loss masks."""
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from library.data.dataset import BatchRef, TrainingData
+from library.data.dataset import BatchRef, Sample, TrainingData
 
 
 @dataclass
@@ -53,8 +54,13 @@ class BatchBuilder:
         self.cache = latent_cache
 
     def build(self, ref: BatchRef, epoch: int, position: int) -> Batch:
-        samples = [self.data.sample(i, epoch, f"{position}:{j}", with_pixels=self.cache is None)
-                   for j, i in enumerate(ref.items)]
+        return self.assemble([self.data.sample(i, epoch, f"{position}:{j}", with_pixels=self.cache is None)
+                              for j, i in enumerate(ref.items)])
+
+    def build_fixed(self, indices: list[int]) -> Batch:
+        return self.assemble([self.data.fixed_sample(i, with_pixels=self.cache is None) for i in indices])
+
+    def assemble(self, samples: list[Sample]) -> Batch:
         masks = None
         if self.cache is None:
             latents = self.encoder(torch.stack([s.pixels for s in samples]))
@@ -72,3 +78,43 @@ class BatchBuilder:
         return Batch(latents=latents, captions=[s.caption for s in samples],
                      time_ids=[self.data.time_ids(s) for s in samples], weights=weights, mask=masks,
                      records=[s.record for s in samples])
+
+
+class StepPlan:
+    """Which micro-batches each process trains at each optimizer step.
+
+    An epoch is one pass over the epoch's batch order. With N processes the order is padded to a
+    multiple of N by repeating its first batches (as accelerate's data loaders do) and process r
+    takes batches r, r+N, ...; its batches are grouped gradient_accumulation_steps at a time, the
+    last group of an epoch possibly smaller. Everything follows from the step number, so a resumed
+    run continues exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, data: TrainingData, accumulation: int, world: int, rank: int):
+        self.data = data
+        self.accumulation = accumulation
+        self.world = world
+        self.rank = rank
+        self.batches = data.batches_per_epoch()
+        self.per_rank = math.ceil(self.batches / world)
+        self.steps_per_epoch = math.ceil(self.per_rank / accumulation)
+        self._order: tuple[int, list[BatchRef]] | None = None
+
+    def epoch_of(self, step: int) -> int:
+        """Epoch (from 1) that optimizer step `step` (from 0) belongs to."""
+        return step // self.steps_per_epoch + 1
+
+    def ends_epoch(self, step: int) -> bool:
+        return (step + 1) % self.steps_per_epoch == 0
+
+    def micro_batches(self, step: int) -> tuple[int, list[tuple[int, BatchRef]]]:
+        """(epoch, [(global position, batch), ...]) for this process at `step`."""
+        epoch = self.epoch_of(step)
+        if self._order is None or self._order[0] != epoch:
+            order = self.data.epoch_batches(epoch)
+            padded = [order[i % len(order)] for i in range(self.per_rank * self.world)]
+            self._order = (epoch, padded)
+        padded = self._order[1]
+        k = step % self.steps_per_epoch
+        slots = range(k * self.accumulation, min((k + 1) * self.accumulation, self.per_rank))
+        return epoch, [(i * self.world + self.rank, padded[i * self.world + self.rank]) for i in slots]

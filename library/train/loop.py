@@ -1,61 +1,79 @@
-"""The training job: load, prepare, run the optimizer steps, save the LoRA."""
+"""The training job: load, prepare, run the optimizer steps with saves, samples and validation."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from library.config import Config
-from library.data.dataset import BatchRef, TrainingData
+from library.config.loader import table_fields
+from library.data.dataset import TrainingData
 from library.data.latent_cache import LatentCache
+from library.data.summary import log_dataset
 from library.data.text_cache import TextCache
 from library.errors import UserError
-from library.lora.kohya_file import SAVE_DTYPES, read_lora, write_lora
-from library.lora.metadata import TrainingFacts, build_metadata
+from library.lora.kohya_file import SAVE_DTYPES, read_lora
 from library.lora.network import LoraNetwork, NetworkSpec
 from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
-from library.train.batches import Batch, BatchBuilder, VaeEncoder
+from library.train import checkpoint
+from library.train.batches import Batch, BatchBuilder, StepPlan, VaeEncoder
 from library.train.diffusion import Diffusion, per_sample_mse, step_generator
-from library.data.summary import dataset_summary, log_dataset, tag_frequency
-from library.train.setup import DTYPES, build_optimizer, make_accelerator, set_attention
+from library.train.optimizers import build_optimizer
+from library.train.output import Outputs
+from library.train.schedules import build_scheduler
+from library.train.setup import DTYPES, make_accelerator, set_attention
+from library.train.tracking import TimestepLossTable, Tracker, peak_memory_gib, trackers_for
+from library.train.validation import Validator
 
 log = logging.getLogger(__name__)
-
-
-def batch_stream(data: TrainingData, epoch: int = 1, position: int = 0) -> Iterator[tuple[int, int, BatchRef]]:
-    """(epoch, position, batch) forever, starting at `position` of `epoch`."""
-    while True:
-        order = data.epoch_batches(epoch)
-        for pos in range(position, len(order)):
-            yield epoch, pos, order[pos]
-        epoch, position = epoch + 1, 0
 
 
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.accelerator, self.precision = make_accelerator(cfg)
-        self.device = self.accelerator.device
-        self.weight_dtype = DTYPES[self.precision]
         t = cfg.training
+        logging_dir = cfg.logging.logging_dir or str(Path(cfg.saving.output_dir) / "logs")
+        self.accelerator, self.precision = make_accelerator(cfg, trackers_for(cfg.logging.log_with), logging_dir)
+        acc = self.accelerator
+        self.device = acc.device
+        self.weight_dtype = DTYPES[self.precision]
+        if t.full_bf16 and self.precision != "bf16":
+            raise UserError('full_bf16 needs mixed_precision = "bf16" (this run uses "%s")' % self.precision)
         plan = plan_model(cfg.model)
         # The dataset is scanned (and every image decoded once) before any weights load.
         self.data = TrainingData(cfg.dataset, native_resolution=plan.native_resolution,
                                  default_batch_size=t.train_batch_size, seed=t.seed,
                                  skip_bad_images=cfg.data.skip_bad_images)
-        if self.accelerator.is_main_process:
+        if acc.is_main_process:
             log_dataset(self.data)
+        self.plan = StepPlan(self.data, t.gradient_accumulation_steps, acc.num_processes, acc.process_index)
+        self.total_steps = (t.max_train_epochs * self.plan.steps_per_epoch if t.max_train_epochs
+                            else t.max_train_steps)
         self.bundle: ModelBundle = load_models(cfg.model, plan)
         self._check_buckets()
         self._prepare_models()
+        self.diffusion = Diffusion(
+            self.bundle.scheduler_config, cfg.model.v_parameterization, zero_terminal_snr=t.zero_terminal_snr,
+            noise_offset=t.noise_offset, multires_iterations=t.multires_noise_iterations,
+            multires_discount=t.multires_noise_discount, ip_noise_gamma=t.ip_noise_gamma,
+            min_snr_gamma=t.min_snr_gamma, min_timestep=t.min_timestep, max_timestep=t.max_timestep)
+        if t.zero_terminal_snr and not cfg.model.v_parameterization:
+            log.warning("zero_terminal_snr without v_parameterization: an epsilon model cannot learn the last step")
+        self.validator = Validator(self.data.validation, t.validation_timesteps, t.seed)
+        self.outputs = Outputs(self, logging_dir)
+        self.timestep_table = TimestepLossTable(self.diffusion.num_timesteps)
+        self.step = 0
+        self.losses: list[float] = []
+        self.validation_history: list[tuple[int, float]] = []
+        if cfg.saving.resume:
+            self._resume(cfg.saving.resume)
 
+    # --- setup --------------------------------------------------------------------------------
     def _check_buckets(self) -> None:
         if self.bundle.is_sdxl:
             for spec in self.data.specs:
@@ -65,53 +83,63 @@ class Trainer:
         factor = self.bundle.vae_scale_factor * 2 ** (len(self.bundle.unet.config.block_out_channels) - 1)
         for w, h, _ in self.data.bucket_table():
             if w % factor or h % factor:
-                raise UserError(f"bucket {w}x{h} is not divisible by {factor}, "
-                                f"which this model needs; use resolution and bucket_reso_steps multiples of {factor}")
+                raise UserError(f"bucket {w}x{h} is not divisible by {factor}, which this model needs; use "
+                                f"resolution and bucket_reso_steps multiples of {factor}")
+
+    def _vae_dtype(self) -> torch.dtype:
+        choice = self.cfg.training.no_half_vae
+        if choice is None:  # the SDXL VAE overflows to NaN in fp16
+            choice = self.bundle.is_sdxl and self.precision == "fp16"
+        return torch.float32 if choice else self.weight_dtype
 
     def _prepare_models(self) -> None:
         cfg, b = self.cfg, self.bundle
-        net = cfg.network
-        train_te = not net.network_train_unet_only
+        net, t = cfg.network, cfg.training
+        self.train_te = not net.network_train_unet_only
         b.unet.to(self.device, self.weight_dtype)
-        b.vae.to(self.device, torch.float32)  # fp16 VAEs (SDXL's especially) overflow to NaN
+        b.vae.to(self.device, self._vae_dtype())
         for te in b.text_encoders:
             te.to(self.device, self.weight_dtype)
-        set_attention(b.unet, cfg.training.attention, self.device)
-        torch.manual_seed(cfg.training.seed)  # LoRA initialisation
+        set_attention(b.unet, t.attention, self.device)
+        torch.manual_seed(t.seed)  # LoRA initialisation
         spec = NetworkSpec(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim,
                            conv_alpha=net.conv_alpha_value, dropout=net.network_dropout,
-                           train_unet=True, train_text_encoders=train_te)
+                           train_unet=True, train_text_encoders=self.train_te)
         self.network = LoraNetwork(b.unet, b.text_encoders, b.arch, spec)
+        if t.full_bf16:
+            for p in self.network.parameters():
+                p.data = p.data.to(torch.bfloat16)
         if net.network_weights:
             tensors, _ = read_lora(net.network_weights)
             self.network.load_kohya_state_dict(tensors, net.network_weights)
             log.info("continuing from %s", net.network_weights)
-        if cfg.training.gradient_checkpointing:
+        if t.gradient_checkpointing:
             b.unet.enable_gradient_checkpointing()
-            if train_te:
+            if self.train_te:
                 for te in b.text_encoders:
                     te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         b.unet.train()
         for te in b.text_encoders:
-            te.train(train_te)
-        self.train_te = train_te
-        self.conditioner = TextConditioner(b.arch, b.tokenizers, b.text_encoders, cfg.training.clip_skip)
+            te.train(self.train_te)
         self.encoder = VaeEncoder(b.vae, self.device)
-        self.batches = BatchBuilder(self.data, self.encoder, cfg.training.prior_loss_weight, self._latent_cache())
-        self.text_cache = self._text_cache()
+        self.batches = BatchBuilder(self.data, self.encoder, t.prior_loss_weight, self._latent_cache())
         groups = [{"params": list(self.network.parameters("unet")), "lr": cfg.optimizer.unet_lr or
                    cfg.optimizer.learning_rate, "name": "unet"}]
-        if train_te:
-            lrs = cfg.optimizer.text_encoder_lrs(len(b.text_encoders))
-            for i, lr in enumerate(lrs):
+        if self.train_te:
+            for i, lr in enumerate(cfg.optimizer.text_encoder_lrs(len(b.text_encoders))):
                 groups.append({"params": list(self.network.parameters(f"te{i + 1}")), "lr": lr, "name": f"te{i + 1}"})
-        self.optimizer = build_optimizer(cfg, groups)
-        models = [b.unet] + (b.text_encoders if train_te else [])
+        opt = cfg.optimizer
+        self.optimizer = build_optimizer(opt.optimizer_type, opt.optimizer_args, groups, opt.learning_rate)
+        models = [b.unet] + (b.text_encoders if self.train_te else [])
         prepared = self.accelerator.prepare(*models, self.optimizer)
-        self.models = list(prepared[:-1])
-        self.optimizer = prepared[-1]
-        self.unet = self.models[0]
-        self.diffusion = Diffusion(b.scheduler_config, cfg.model.v_parameterization)
+        self.unet, self.optimizer = prepared[0], prepared[-1]
+        self.base_unet = b.unet  # unwrapped: for no-grad passes on one process (validation, sampling)
+        # Forward passes must go through the DDP wrappers so that gradients are synchronised.
+        encoders = list(prepared[1:-1]) if self.train_te else b.text_encoders
+        self.conditioner = TextConditioner(b.arch, b.tokenizers, encoders, t.clip_skip)
+        self.text_cache = self._text_cache()
+        self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.total_steps, opt.lr_warmup_steps,
+                                         opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
 
     def _latent_cache(self) -> LatentCache | None:
         opts = self.cfg.data
@@ -142,17 +170,45 @@ class Trainer:
             te.to("cpu")
         return cache
 
+    def _resume(self, where: str) -> None:
+        out = Path(self.cfg.saving.output_dir)
+        folder = checkpoint.find_latest_state(out, self.cfg.saving.output_name) if where == "latest" else Path(where)
+        if folder is None:
+            raise UserError(f'resume = "latest": no state folder of {self.cfg.saving.output_name} in {out} '
+                            "(states are written when save_state = true)")
+        loaded = checkpoint.read_state(folder)
+        mine = checkpoint.describe_network(self.network)
+        if loaded.state.network != mine:
+            raise UserError(f"{folder}: the state was saved for another network ({loaded.state.network}); "
+                            f"this config trains {mine}")
+        if loaded.state.step >= self.total_steps:
+            raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
+                            f"(now {self.total_steps}) to continue")
+        self.network.load_kohya_state_dict(loaded.lora, str(folder))
+        self.optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
+        checkpoint.set_rng_state(loaded.rng)
+        self.step = loaded.state.step
+        epoch, _ = self.plan.micro_batches(self.step)
+        if (epoch, self.plan.steps_per_epoch) != (loaded.state.epoch, loaded.state.extra.get("steps_per_epoch")):
+            log.warning("%s: the dataset or batch settings changed since this state was saved; the data order "
+                        "continues from step %d of the current settings", folder, self.step)
+        self.outputs.restore(loaded.state.extra)
+        log.info("resumed from %s at step %d (epoch %d)", folder, self.step, epoch)
+
     # --- one micro-batch ----------------------------------------------------------------------
-    def forward(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, gen: torch.Generator, timesteps: torch.Tensor | None = None,
+                unet=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean loss, per-sample losses, timesteps) of one batch."""
         latents = batch.latents.to(self.device)
-        bsz = latents.shape[0]
-        timesteps = self.diffusion.sample_timesteps(bsz, gen)
-        noise = self.diffusion.noise_like(latents, gen)
-        noisy = self.diffusion.add_noise(latents, noise, timesteps)
+        if timesteps is None:
+            timesteps = self.diffusion.sample_timesteps(latents.shape[0], gen)
+        noise = self.diffusion.sample_noise(latents, gen)
+        noisy = self.diffusion.add_noise(latents, self.diffusion.input_noise(noise, gen), timesteps)
         if self.text_cache is not None:
             cond = self.text_cache.get(batch.captions).to(self.device)
         else:
-            with torch.set_grad_enabled(self.train_te):
+            with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()):
                 cond = self.conditioner.encode(batch.captions)
         kwargs = {}
         if self.bundle.is_sdxl:
@@ -160,69 +216,96 @@ class Trainer:
                 "text_embeds": cond.pooled,
                 "time_ids": sdxl_time_ids(batch.time_ids, self.device, cond.hidden_states.dtype),
             }
-        pred = self.unet(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
+        pred = (unet or self.unet)(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
         target = self.diffusion.target(latents, noise, timesteps)
         mask = batch.mask.to(self.device) if batch.mask is not None else None
-        per_sample = per_sample_mse(pred, target, mask) * batch.weights.to(self.device)
+        per_sample = per_sample_mse(pred, target, mask)
+        if weighted:
+            per_sample = per_sample * batch.weights.to(self.device)
+            snr = self.diffusion.loss_weights(timesteps)
+            if snr is not None:
+                per_sample = per_sample * snr.to(self.device)
         return per_sample.mean(), per_sample.detach(), timesteps
 
     # --- the run ------------------------------------------------------------------------------
-    def run(self) -> Path:
-        cfg = self.cfg
-        acc = self.accelerator
-        steps = cfg.training.max_train_steps
-        gas = cfg.training.gradient_accumulation_steps
-        per_epoch = self.data.batches_per_epoch()
-        started = time.time()
-        stream = batch_stream(self.data)
+    def train_step(self, step: int) -> tuple[float, float] | None:
+        """One optimizer step; returns (loss, grad norm), or None when a NaN step was skipped."""
+        acc, cfg = self.accelerator, self.cfg
+        epoch, micro = self.plan.micro_batches(step)
+        total = 0.0
+        for m, (position, ref) in enumerate(micro):
+            batch = self.batches.build(ref, epoch, position)
+            gen = step_generator(cfg.training.seed, step, m, acc.process_index)
+            sync = m == len(micro) - 1
+            with (nullcontext() if sync else acc.no_sync(self.unet)), acc.autocast():
+                loss, per_sample, timesteps = self.forward(batch, gen)
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+            if acc.num_processes > 1:
+                bad = acc.reduce(bad, "sum")
+            if bad.item() > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                if cfg.training.skip_nan_steps:
+                    log.warning("loss is %s at step %d (epoch %d): step skipped", loss.item(), step + 1, epoch)
+                    return None
+                raise UserError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped without "
+                                "saving anything new. Lower the learning rate, use mixed_precision = \"bf16\" or "
+                                "\"no\", or set skip_nan_steps = true")
+            acc.backward(loss / len(micro))
+            self.timestep_table.update(per_sample.float().cpu(), timesteps)
+            total += loss.item() / len(micro)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        bar = tqdm(total=steps, desc="training", unit="step", disable=not acc.is_main_process)
-        ema_loss = None
-        epoch = 1
-        self.losses: list[float] = []
-        for step in range(steps):
-            step_loss = 0.0
-            for micro in range(gas):
-                epoch, position, ref = next(stream)
-                batch = self.batches.build(ref, epoch, position)
-                gen = step_generator(cfg.training.seed, step, micro, acc.process_index)
-                sync = micro == gas - 1
-                with (nullcontext() if sync else acc.no_sync(self.unet)), acc.autocast():
-                    loss, _per_sample, _t = self.forward(batch, gen)
-                if not torch.isfinite(loss):
-                    raise UserError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); nothing was saved. "
-                                    "Lower the learning rate, or use mixed_precision = \"bf16\" or \"no\"")
-                acc.backward(loss / gas)
-                step_loss += loss.item() / gas
-            if cfg.optimizer.max_grad_norm > 0:
-                acc.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.losses.append(step_loss)
-            ema_loss = step_loss if ema_loss is None else 0.9 * ema_loss + 0.1 * step_loss
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", avg=f"{ema_loss:.4f}", epoch=epoch)
-        bar.close()
-        epochs_done = math.ceil(steps * gas / max(per_epoch, 1))
-        return self.save(started, steps, epochs_done)
+        max_norm = cfg.optimizer.max_grad_norm or float("inf")  # inf: measure without clipping
+        grad_norm = float(acc.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
 
-    def save(self, started: float, steps: int, epochs: int) -> Path:
-        cfg = self.cfg
-        out = Path(cfg.saving.output_dir) / f"{cfg.saving.output_name}.safetensors"
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            tensors = self.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision])
-            spec = self.data.specs[0]
-            resolution = spec.resolution or (self.bundle.native_resolution,) * 2
-            facts = TrainingFacts(
-                base_model_version=self.bundle.base_model_version, resolution=tuple(resolution), steps=steps,
-                epochs=epochs, started_at=started, mixed_precision=self.precision,
-                batches_per_epoch=self.data.batches_per_epoch(), **dataset_summary(self.data),
-                tag_frequency=tag_frequency(self.data))
-            digest = write_lora(out, tensors, build_metadata(cfg, facts))
-            log.info("saved %s (%d modules, sshs_model_hash %s)", out, len(self.network.layers), digest[:12])
-        return out
+    def run(self) -> Path:
+        acc, cfg = self.accelerator, self.cfg
+        started = time.time()
+        self.outputs.begin(started)
+        if self.step == 0:
+            self.outputs.at_start()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not acc.is_main_process)
+        ema = None
+        samples_per_step = sum(len(ref.items) for _, ref in self.plan.micro_batches(self.step)[1]) * acc.num_processes
+        while self.step < self.total_steps:
+            step = self.step
+            tick = time.time()
+            result = self.train_step(step)
+            self.step = step + 1
+            if result is not None:
+                loss, grad_norm = result
+                self.losses.append(loss)
+                ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+                seconds = time.time() - tick
+                metrics = {"loss": loss, "loss_avg": ema, "grad_norm": grad_norm, "s_per_it": seconds,
+                           "samples_per_s": samples_per_step / max(seconds, 1e-9),
+                           "peak_memory_gib": peak_memory_gib(self.device), "epoch": self.plan.epoch_of(step)}
+                for group in self.optimizer.param_groups:
+                    metrics[f"lr/{group.get('name', 'group')}"] = group["lr"] or 0.0
+                self.outputs.tracker.log({**metrics, **self.timestep_table.scalars()}, step=self.step)
+                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{ema:.4f}", epoch=self.plan.epoch_of(step))
+            bar.update(1)
+            self.outputs.after_step(step)
+        bar.close()
+        return self.outputs.finish()
+
+    # --- state --------------------------------------------------------------------------------
+    def train_state(self) -> checkpoint.TrainState:
+        epoch, micro = self.plan.micro_batches(self.step)  # where the next step will read
+        return checkpoint.TrainState(
+            step=self.step, consumed=self.step * self.plan.accumulation * self.plan.world, epoch=epoch,
+            position=micro[0][0], network=checkpoint.describe_network(self.network),
+            extra={"steps_per_epoch": self.plan.steps_per_epoch, **self.outputs.state()})
+
+    def lora_tensors(self) -> dict[str, torch.Tensor]:
+        return self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.saving.save_precision])
+
+    def config_summary(self) -> dict:
+        return {f"{table}.{k}": v for table, values in table_fields(self.cfg).items() for k, v in values.items()}
 
 
 def train(cfg: Config) -> Path:

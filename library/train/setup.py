@@ -1,7 +1,6 @@
 """Turning options into runtime objects: precision, accelerator, attention kernel, optimizer."""
 from __future__ import annotations
 
-import ast
 import logging
 
 import torch
@@ -27,15 +26,17 @@ def resolve_precision(requested: str, cpu: bool) -> str:
     return requested
 
 
-def make_accelerator(cfg: Config):
+def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(cfg.training.mixed_precision, cpu)
-    # Frozen modules never get gradients; DDP must not wait for them.
+    # Only LoRA weights get gradients and every one is used each step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
-    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp]), precision
+    project = ProjectConfiguration(project_dir=cfg.saving.output_dir, logging_dir=logging_dir)
+    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp], log_with=trackers or None,
+                       project_config=project), precision
 
 
 def set_attention(unet, backend: str, device: torch.device) -> None:
@@ -52,25 +53,3 @@ def set_attention(unet, backend: str, device: torch.device) -> None:
         unet.enable_xformers_memory_efficient_attention()
         return
     unet.set_attn_processor(AttnProcessor2_0())
-
-
-def parse_optimizer_args(items: tuple[str, ...]) -> dict:
-    out = {}
-    for item in items:
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"optimizer_args: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
-
-
-def build_optimizer(cfg: Config, groups: list[dict]) -> torch.optim.Optimizer:
-    kwargs = parse_optimizer_args(cfg.optimizer.optimizer_args)
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.optimizer.learning_rate, **kwargs)
-    except TypeError as exc:
-        raise UserError(f"optimizer_args: not accepted by AdamW ({exc})") from None

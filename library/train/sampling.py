@@ -1,0 +1,134 @@
+"""Sample images during training with diffusers' own pipelines and the LoRA active.
+
+Defaults users expect: the training resolution (SDXL previews at 1024, not 512), an Euler-type
+sampler, and the same seed for a prompt in every round so rounds can be compared. The global RNG
+state is saved before and restored after sampling, so sampling never changes the training.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.train.checkpoint import rng_state, set_rng_state
+from library.train.prompts import SamplePrompt
+from library.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def make_scheduler(sampler: str, base_config: dict, v_prediction: bool, zero_terminal_snr: bool):
+    import diffusers
+
+    classes = {"euler_a": "EulerAncestralDiscreteScheduler", "euler": "EulerDiscreteScheduler",
+               "ddim": "DDIMScheduler", "dpm++_2m": "DPMSolverMultistepScheduler",
+               "dpm++_2m_karras": "DPMSolverMultistepScheduler"}
+    cls = getattr(diffusers, classes[sampler])
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    config["prediction_type"] = "v_prediction" if v_prediction else "epsilon"
+    accepted = inspect.signature(cls.__init__).parameters
+    if zero_terminal_snr and "rescale_betas_zero_snr" in accepted:
+        config["rescale_betas_zero_snr"] = True
+        if "timestep_spacing" in accepted:
+            config["timestep_spacing"] = "trailing"  # needed to reach the zero-SNR step
+    if sampler.startswith("dpm++"):
+        config.update(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=sampler.endswith("karras"))
+    return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+def build_pipeline(bundle, unet, scheduler):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if bundle.is_sdxl:
+        pipe = StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                                         text_encoder_2=bundle.text_encoders[1], tokenizer=bundle.tokenizers[0],
+                                         tokenizer_2=bundle.tokenizers[1], unet=unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
+                                       tokenizer=bundle.tokenizers[0], unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextmanager
+def on_device(modules: list[torch.nn.Module], device):
+    """Temporarily move modules (the VAE or text encoders parked on the CPU by caching) to `device`."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    cw, ch = max(i.width for i in images), max(i.height for i in images)
+    out = Image.new("RGB", (cols * cw, rows * ch), (0, 0, 0))
+    for n, img in enumerate(images):
+        out.paste(img, ((n % cols) * cw + (cw - img.width) // 2, (n // cols) * ch + (ch - img.height) // 2))
+    return out
+
+
+class Sampler:
+    def __init__(self, prompts: list[SamplePrompt], folder: Path, output_name: str, default_size: tuple[int, int],
+                 default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool):
+        self.prompts = prompts
+        self.folder = folder
+        self.output_name = output_name
+        self.default_size = default_size
+        self.default_sampler = default_sampler
+        self.seed = seed
+        self.v_prediction = v_prediction
+        self.zero_terminal_snr = zero_terminal_snr
+
+    def file_name(self, step: int, index: int, seed: int) -> str:
+        return f"{self.output_name}_{step:06d}_{index:02d}_{seed}.png"
+
+    @torch.no_grad()
+    def run(self, bundle, unet, device, step: int, autocast) -> list[tuple[str, Image.Image]]:
+        """Make every prompt's image; returns (file name, image) pairs, grid last."""
+        saved = rng_state()
+        was_training = unet.training
+        unet.eval()
+        results = []
+        try:
+            with on_device([bundle.vae, *bundle.text_encoders], device), autocast():
+                for index, p in enumerate(self.prompts):
+                    sampler = p.sampler or self.default_sampler
+                    scheduler = make_scheduler(sampler, bundle.scheduler_config, self.v_prediction,
+                                               self.zero_terminal_snr)
+                    pipe = build_pipeline(bundle, unet, scheduler)
+                    seed = p.seed if p.seed is not None else self.seed + index
+                    width = p.width or self.default_size[0]
+                    height = p.height or self.default_size[1]
+                    gen = torch.Generator(device="cpu").manual_seed(seed)
+                    image = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
+                                 height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
+                                 generator=gen).images[0]
+                    results.append((self.file_name(step, index, seed), image))
+        finally:
+            unet.train(was_training)
+            set_rng_state(saved)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for name, image in results:
+            with atomic_path(self.folder / name) as tmp:
+                image.save(tmp, format="PNG")
+        sheet = grid([img for _, img in results])
+        with atomic_path(self.folder / f"{self.output_name}_{step:06d}_grid.png") as tmp:
+            sheet.save(tmp, format="PNG")
+        return results + [(f"{self.output_name}_{step:06d}_grid.png", sheet)]
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))

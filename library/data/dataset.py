@@ -155,7 +155,7 @@ class TrainingData:
         mask = None
         if loaded.mask is not None:
             m = Image.fromarray(loaded.mask).resize(placement.resized, Image.Resampling.BILINEAR)
-            mask = np.asarray(m.crop((left, top, left + w, top + h)), dtype=np.float32)
+            mask = np.array(m.crop((left, top, left + w, top + h)), dtype=np.float32)  # a writable copy
         if flipped:
             arr = arr[:, ::-1]
             mask = mask[:, ::-1] if mask is not None else None

@@ -37,6 +37,8 @@ def make_scheduler(sampler: str, base_config: dict, v_prediction: bool, zero_ter
         config["rescale_betas_zero_snr"] = True
         if "timestep_spacing" in accepted:
             config["timestep_spacing"] = "trailing"  # needed to reach the zero-SNR step
+    if "clip_sample" in accepted:
+        config["clip_sample"] = False  # latents are not clipped in Stable Diffusion
     if sampler.startswith("dpm++"):
         config.update(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=sampler.endswith("karras"))
     return cls.from_config({k: v for k, v in config.items() if k in accepted})

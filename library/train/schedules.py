@@ -21,6 +21,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: in
                     num_cycles: int = 1, power: float = 1.0):
     from diffusers.optimization import get_scheduler
 
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
     if any(group.get("lr") is None for group in optimizer.param_groups):
         # Adafactor with relative_step computes its own step size; its schedule reports it.
         from transformers.optimization import AdafactorSchedule

@@ -1,0 +1,41 @@
+"""Run by tests/test_ddp.py under `accelerate launch`: trains, then every rank writes its own LoRA
+weights, world size and the batches it trained, so the test can compare the ranks."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from library.utils.runtime import offline_and_quiet, setup_logging
+
+    offline_and_quiet()
+    setup_logging()
+    from safetensors.torch import save_file
+
+    from library.config import build_config
+    from library.train.loop import Trainer
+
+    config, out = sys.argv[1], Path(sys.argv[2])
+    trainer = Trainer(build_config(config, []))
+    seen = []
+    build = trainer.batches.build
+
+    def spy(ref, epoch, position):
+        seen.append([epoch, position, list(ref.items)])
+        return build(ref, epoch, position)
+
+    trainer.batches.build = spy
+    trainer.run()
+    rank = trainer.accelerator.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(trainer.network.kohya_state_dict(), str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.accelerator.num_processes, "seen": seen,
+                                                      "steps": trainer.step}))
+
+
+if __name__ == "__main__":
+    main()

@@ -22,13 +22,14 @@ def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
     trainer = Trainer(build_config(config, []))
     seen = []
-    build = trainer.batches.build
+    plan = trainer.plan.micro_batches
 
-    def spy(ref, epoch, position):
-        seen.append([epoch, position, list(ref.items)])
-        return build(ref, epoch, position)
+    def spy(step):
+        epoch, micro = plan(step)
+        seen.extend([epoch, position, list(ref.items)] for position, ref in micro)
+        return epoch, micro
 
-    trainer.batches.build = spy
+    trainer.plan.micro_batches = spy
     trainer.run()
     rank = trainer.accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)

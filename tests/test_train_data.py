@@ -24,15 +24,15 @@ def test_two_resolutions_and_a_regularisation_subset(tmp_path, tiny_models):
     cfg = build_config(str(write_config(tmp_path / "c.toml", tables, datasets)), [])
     trainer = Trainer(cfg)
     seen_shapes, weights = set(), []
-    build = trainer.batches.build
+    assemble = trainer.batches.assemble
 
-    def spy(ref, epoch, position):
-        batch = build(ref, epoch, position)
+    def spy(samples):
+        batch = assemble(samples)
         seen_shapes.add(tuple(batch.latents.shape[-2:]))
         weights.extend(batch.weights.tolist())
         return batch
 
-    trainer.batches.build = spy
+    trainer.batches.assemble = spy
     trainer.run()
     assert seen_shapes == {(8, 8), (8, 12)}  # 64x64 and 96x64 images, 8x smaller latents
     assert 0.5 in weights and 1.0 in weights

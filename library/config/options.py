@@ -110,8 +110,9 @@ class TrainingOptions:
         None, "keep the VAE in fp32; unset = fp32 for the SDXL VAE under fp16 (it overflows), else the training "
               "precision")
     skip_nan_steps: bool = option(False, "skip an optimizer step whose loss is NaN/inf instead of stopping", kohya=False)
-    max_data_loader_n_workers: int = option(0, "background processes loading images (0 = load in the main process)",
-                                            ge=0)
+    max_data_loader_n_workers: int = option(
+        2, "background processes decoding images ahead of the GPU (0 = in the main process; unused with cached "
+           "latents)", ge=0)
     validate_every_n_steps: Optional[int] = option(
         None, "validation loss on the validation_split images every N steps (and at start and end)", ge=1,
         kohya=False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from library.data.dataset import BatchRef, Sample, TrainingData
 
@@ -54,8 +56,7 @@ class BatchBuilder:
         self.cache = latent_cache
 
     def build(self, ref: BatchRef, epoch: int, position: int) -> Batch:
-        return self.assemble([self.data.sample(i, epoch, f"{position}:{j}", with_pixels=self.cache is None)
-                              for j, i in enumerate(ref.items)])
+        return self.assemble(load_samples(self.data, ref, epoch, position, self.cache is None))
 
     def build_fixed(self, indices: list[int]) -> Batch:
         return self.assemble([self.data.fixed_sample(i, with_pixels=self.cache is None) for i in indices])
@@ -78,6 +79,44 @@ class BatchBuilder:
         return Batch(latents=latents, captions=[s.caption for s in samples],
                      time_ids=[self.data.time_ids(s) for s in samples], weights=weights, mask=masks,
                      records=[s.record for s in samples])
+
+
+def load_samples(data: TrainingData, ref: BatchRef, epoch: int, position: int, with_pixels: bool) -> list[Sample]:
+    """The CPU part of a batch (image decoding, crops, captions): what loader workers do."""
+    return [data.sample(i, epoch, f"{position}:{j}", with_pixels=with_pixels) for j, i in enumerate(ref.items)]
+
+
+class MicroBatches(Dataset):
+    """Item k = the k-th micro-batch this process trains from `start` on: (step, index in the step,
+    micro-batches in the step, samples). A DataLoader over it decodes images in worker processes."""
+
+    def __init__(self, data: TrainingData, plan: "StepPlan", start: int, total: int, with_pixels: bool):
+        self.data = data
+        self.with_pixels = with_pixels
+        self.items = []
+        for step in range(start, total):
+            epoch, micro = plan.micro_batches(step)
+            for m, (position, ref) in enumerate(micro):
+                self.items.append((step, m, len(micro), epoch, position, ref))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        step, m, count, epoch, position, ref = self.items[k]
+        return step, m, count, load_samples(self.data, ref, epoch, position, self.with_pixels)
+
+
+def _as_is(item):
+    return item
+
+
+def micro_batch_stream(dataset: MicroBatches, workers: int) -> Iterator:
+    if workers == 0 or len(dataset) == 0:
+        return (dataset[k] for k in range(len(dataset)))
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+                        prefetch_factor=4)
+    return iter(loader)
 
 
 class StepPlan:

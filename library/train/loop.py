@@ -21,7 +21,7 @@ from library.lora.network import LoraNetwork, NetworkSpec
 from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
 from library.train import checkpoint
-from library.train.batches import Batch, BatchBuilder, StepPlan, VaeEncoder
+from library.train.batches import Batch, BatchBuilder, MicroBatches, StepPlan, VaeEncoder, micro_batch_stream
 from library.train.diffusion import Diffusion, per_sample_mse, step_generator
 from library.train.optimizers import build_optimizer
 from library.train.output import Outputs
@@ -68,6 +68,8 @@ class Trainer:
         self.outputs = Outputs(self, logging_dir)
         self.timestep_table = TimestepLossTable(self.diffusion.num_timesteps)
         self.step = 0
+        self._stream = None
+        self._stream_next = -1
         self.losses: list[float] = []
         self.validation_history: list[tuple[int, float]] = []
         if cfg.saving.resume:
@@ -228,13 +230,30 @@ class Trainer:
         return per_sample.mean(), per_sample.detach(), timesteps
 
     # --- the run ------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[list]:
+        """The samples of each micro-batch of `step`, from the (possibly multi-process) loader."""
+        if self._stream is None or self._stream_next != step:
+            dataset = MicroBatches(self.data, self.plan, step, self.total_steps, self.batches.cache is None)
+            workers = 0 if self.batches.cache is not None else self.cfg.training.max_data_loader_n_workers
+            self._stream = micro_batch_stream(dataset, workers)
+        out = []
+        while True:
+            got_step, m, count, samples = next(self._stream)
+            assert got_step == step, (got_step, step)
+            out.append(samples)
+            if m == count - 1:
+                break
+        self._stream_next = step + 1
+        return out
+
     def train_step(self, step: int) -> tuple[float, float] | None:
         """One optimizer step; returns (loss, grad norm), or None when a NaN step was skipped."""
         acc, cfg = self.accelerator, self.cfg
-        epoch, micro = self.plan.micro_batches(step)
+        epoch = self.plan.epoch_of(step)
+        micro = self.micro_batches(step)
         total = 0.0
-        for m, (position, ref) in enumerate(micro):
-            batch = self.batches.build(ref, epoch, position)
+        for m, samples in enumerate(micro):
+            batch = self.batches.assemble(samples)
             gen = step_generator(cfg.training.seed, step, m, acc.process_index)
             sync = m == len(micro) - 1
             with (nullcontext() if sync else acc.no_sync(self.unet)), acc.autocast():
@@ -269,8 +288,22 @@ class Trainer:
             self.outputs.at_start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not acc.is_main_process)
-        ema = None
         samples_per_step = sum(len(ref.items) for _, ref in self.plan.micro_batches(self.step)[1]) * acc.num_processes
+        try:
+            self._train_loop(bar, samples_per_step)
+        finally:
+            bar.close()
+            self._close_stream()
+        return self.outputs.finish()
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        shutdown = getattr(stream, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # stop loader workers now; left to garbage collection it takes seconds
+
+    def _train_loop(self, bar, samples_per_step: int) -> None:
+        ema = None
         while self.step < self.total_steps:
             step = self.step
             tick = time.time()
@@ -290,8 +323,6 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", avg=f"{ema:.4f}", epoch=self.plan.epoch_of(step))
             bar.update(1)
             self.outputs.after_step(step)
-        bar.close()
-        return self.outputs.finish()
 
     # --- state --------------------------------------------------------------------------------
     def train_state(self) -> checkpoint.TrainState:

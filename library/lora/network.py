@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 
 from library.errors import UserError
+from library.lora.index import NameIndex
 from library.lora.names import LoraTarget, text_encoder_targets, unet_targets
 
 ADAPTER = "default"
@@ -54,6 +55,7 @@ class LoraNetwork:
         self.arch = arch
         self.components: dict[str, torch.nn.Module] = {}
         self.layers: dict[str, tuple[LoraTarget, LoraLayer]] = {}
+        self.index = NameIndex.build(arch, unet.config, [te.config.num_hidden_layers for te in text_encoders])
         if spec.train_unet:
             self._inject("unet", unet, unet_targets(unet.config, arch, spec.conv_dim is not None))
         if spec.train_text_encoders:
@@ -119,24 +121,24 @@ class LoraNetwork:
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
         return out
 
-    def load_kohya_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Copy weights from a kohya-layout dict; rank and alpha must match what is being trained."""
-        expected = set(self.layers)
-        present = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
-        missing = sorted(expected - present)
+    def load_modules(self, modules: dict, source: str) -> None:
+        """Copy weights from read LoRA modules (library.lora.weights), keyed by our kohya names.
+
+        Ranks must match what is being trained; a different alpha is absorbed into lora_up so the
+        file's effective weight change is kept exactly.
+        """
+        missing = sorted(set(self.layers) - set(modules))
         if missing:
-            raise UserError(f"{source}: has no weights for {len(missing)} of the {len(expected)} modules being trained "
-                            f"(first: {missing[0]}); it was trained with other targets (conv_dim or text encoder?)")
+            raise UserError(f"{source}: has no weights for {len(missing)} of the {len(self.layers)} modules being "
+                            f"trained (first: {missing[0]}); it was trained with other targets (conv_dim or text "
+                            "encoder?)")
         with torch.no_grad():
             for name, (target, layer) in self.layers.items():
-                down, up = state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"]
+                mod = modules[name]
                 a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                if down.shape != a.shape or up.shape != b.shape:
-                    raise UserError(f"{source}: {name}: rank {down.shape[0]} does not match the configured rank "
+                if mod.down.shape != a.shape or mod.up.shape != b.shape:
+                    raise UserError(f"{source}: {name}: rank {mod.down.shape[0]} does not match the configured rank "
                                     f"{a.shape[0]}; set network_dim/conv_dim to the file's ranks")
-                rank, alpha = self.spec.rank_alpha(target)
-                file_alpha = float(state[f"{name}.alpha"]) if f"{name}.alpha" in state else float(down.shape[0])
-                # Keep the file's effective scale if its alpha differs from the configured one.
-                factor = file_alpha / alpha
-                a.copy_(down.to(a.dtype))
-                b.copy_(up.to(b.dtype) * factor)
+                _, alpha = self.spec.rank_alpha(target)
+                a.copy_(mod.down.to(a.dtype))
+                b.copy_((mod.up.float() * (mod.alpha / alpha)).to(b.dtype))

@@ -16,8 +16,9 @@ from library.data.latent_cache import LatentCache
 from library.data.summary import log_dataset
 from library.data.text_cache import TextCache
 from library.errors import UserError
-from library.lora.kohya_file import SAVE_DTYPES, read_lora
+from library.lora.kohya_file import SAVE_DTYPES
 from library.lora.network import LoraNetwork, NetworkSpec
+from library.lora.weights import from_tensors, load_weights
 from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
 from library.train import checkpoint
@@ -112,9 +113,9 @@ class Trainer:
             for p in self.network.parameters():
                 p.data = p.data.to(torch.bfloat16)
         if net.network_weights:
-            tensors, _ = read_lora(net.network_weights)
-            self.network.load_kohya_state_dict(tensors, net.network_weights)
-            log.info("continuing from %s", net.network_weights)
+            weights = load_weights(net.network_weights, self.network.index)
+            self.network.load_modules(weights.modules, net.network_weights)
+            log.info("continuing from %s (%s layout)", net.network_weights, weights.style)
         if t.gradient_checkpointing:
             b.unet.enable_gradient_checkpointing()
             if self.train_te:
@@ -186,7 +187,7 @@ class Trainer:
         if loaded.state.step >= self.total_steps:
             raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
                             f"(now {self.total_steps}) to continue")
-        self.network.load_kohya_state_dict(loaded.lora, str(folder))
+        self.network.load_modules(from_tensors(loaded.lora, {}, str(folder), self.network.index).modules, str(folder))
         self.optimizer.load_state_dict(loaded.optimizer)
         self.scheduler.load_state_dict(loaded.scheduler)
         checkpoint.set_rng_state(loaded.rng)

@@ -1,0 +1,77 @@
+"""Adding LoRA weight changes into model weights (merging) and finding them (extraction), for
+models in the diffusers layout and in the original single-file layout."""
+from __future__ import annotations
+
+import torch
+
+from library.lora.names import LoraTarget
+from library.lora.weights import LoraWeights
+from library.models.ldm_names import unet_path_to_ldm
+from library.models.single_file import TEXT_ENCODER_PREFIXES, UNET_PREFIX
+
+_OPEN_CLIP = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def original_key(arch: str, target: LoraTarget, unet_config) -> tuple[str, int | None]:
+    """(key of the weight in an original-format checkpoint, q/k/v row block or None)."""
+    if target.component == "unet":
+        return UNET_PREFIX + unet_path_to_ldm(target.path, unet_config) + ".weight", None
+    prefix, kind = TEXT_ENCODER_PREFIXES[arch][int(target.component[-1]) - 1]
+    if kind == "clip":
+        return prefix + target.path + ".weight", None
+    layer, module = target.path.removeprefix("text_model.encoder.layers.").split(".", 1)
+    base = f"{prefix}transformer.resblocks.{layer}."
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return base + "attn.in_proj_weight", "qkv".index(module[-6])  # OpenCLIP stacks q, k, v
+    return base + _OPEN_CLIP[module] + ".weight", None
+
+
+def _add(weight: torch.Tensor, delta: torch.Tensor, block: int | None) -> torch.Tensor:
+    out = weight.float().clone()
+    if block is None:
+        out += delta.reshape(out.shape)
+    else:
+        d = out.shape[0] // 3
+        out[block * d:(block + 1) * d] += delta
+    return out.to(weight.dtype)
+
+
+def merge_into_original(state: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, float]], unet_config,
+                        progress=None) -> list[str]:
+    """Add every LoRA (times its multiplier) into an original-layout state dict; returns missing keys."""
+    missing = []
+    for weights, mult in loras:
+        for name, mod in weights.modules.items():
+            target = weights.index.targets[name]
+            key, block = original_key(weights.arch, target, unet_config)
+            if key not in state:
+                missing.append(key)
+                continue
+            state[key] = _add(state[key], mod.delta() * mult, block)
+            if progress:
+                progress(1)
+    return missing
+
+
+def module_of(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    modules = dict(model.named_modules())
+    return modules.get(path) or modules.get(path.removeprefix("text_model."))
+
+
+def merge_into_modules(components: dict[str, torch.nn.Module], loras: list[tuple[LoraWeights, float]],
+                       progress=None) -> list[str]:
+    """Add every LoRA into loaded diffusers/transformers modules ({"unet": ..., "te1": ...}) in place."""
+    missing = []
+    with torch.no_grad():
+        for weights, mult in loras:
+            for name, mod in weights.modules.items():
+                target = weights.index.targets[name]
+                model = components.get(target.component)
+                layer = module_of(model, target.path) if model is not None else None
+                if layer is None:
+                    missing.append(name)
+                    continue
+                layer.weight.copy_(_add(layer.weight, mod.delta() * mult, None))
+                if progress:
+                    progress(1)
+    return missing

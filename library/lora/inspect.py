@@ -1,0 +1,132 @@
+"""What a LoRA file holds and whether AUTOMATIC1111/Forge, ComfyUI and diffusers will load it.
+
+The loader rules are those documented for each loader (see docs/webui.md); diffusers' own kohya
+converter is also run, as an independent check, when `check_diffusers` is set.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from library.errors import UserError
+from library.lora.weights import LoraWeights, from_tensors
+
+TE2_ATTENTION = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
+
+
+def _prefix(key: str) -> str:
+    if key.startswith("lora_"):
+        return key.split("_", 2)[0] + "_" + key.split("_", 2)[1]
+    return key.split(".", 1)[0]
+
+
+def unet_naming(names: list[str]) -> str:
+    sgm = any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n) for n in names)
+    diffusers = any(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", n) for n in names)
+    return "mixed" if sgm and diffusers else "sgm" if sgm else "diffusers" if diffusers else "none"
+
+
+def _verdicts(tensors: dict, weights: LoraWeights | None, error: str | None) -> dict[str, dict]:
+    keys = list(tensors)
+    kohya_keys = [k for k in keys if k.startswith("lora_")]
+    peft_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k or k.endswith(("lora_A.weight", "lora_B.weight"))]
+    names = sorted({k.split(".", 1)[0] for k in kohya_keys})
+    naming = unet_naming(names)
+    arch = weights.arch if weights else None
+    problems = {"a1111": [], "comfyui": [], "diffusers": []}
+    notes = {"a1111": [], "comfyui": [], "diffusers": []}
+    if error:
+        for loader in problems:
+            problems[loader].append(error)
+    foreign = [k for k in kohya_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    if foreign:
+        problems["diffusers"].append(f"{len(foreign)} tensors other than lora_down/lora_up/alpha "
+                                     f"(e.g. {foreign[0]}): diffusers' kohya converter raises on them")
+    if peft_keys and not kohya_keys:
+        problems["a1111"].append("PEFT/diffusers key layout: A1111 expects kohya names "
+                                 "(convert with tools/convert_lora.py --to kohya)")
+    if naming == "mixed":
+        problems["diffusers"].append("UNet names mix diffusers and SGM paths: diffusers silently drops the SGM ones")
+        notes["a1111"].append("UNet names mix diffusers and SGM paths")
+    if arch in ("sd1", "sd2") and naming == "sgm":
+        problems["diffusers"].append("SD1.x/2.x UNet with SGM names (input_blocks...): diffusers does not load them")
+    if arch == "sdxl" and naming == "diffusers" and any("up_blocks_0_upsamplers_0_conv" in n for n in names):
+        problems["a1111"].append("SDXL names in diffusers style include up_blocks_0_upsamplers_0_conv, which A1111 "
+                                 "maps to the wrong layer")
+    bad_dots = [k for k in kohya_keys if "." in k.split(".", 1)[0]]
+    if bad_dots:
+        problems["a1111"].append("module names contain dots; A1111 splits at the first dot")
+    no_text_model = [n for n in names if re.match(r"lora_te[12]?_encoder_layers", n)]
+    if no_text_model:
+        problems["a1111"].append(f"{len(no_text_model)} text-encoder names lack text_model_ "
+                                 f"(e.g. {no_text_model[0]}): A1111 and ComfyUI do not match them")
+        problems["comfyui"].append("text-encoder names lack text_model_: not matched")
+    te2_layers: dict[str, set] = {}
+    for n in names:
+        m = re.match(r"(lora_te2_text_model_encoder_layers_\d+)_(self_attn_[qkvout]+_proj)$", n)
+        if m:
+            te2_layers.setdefault(m[1], set()).add(m[2])
+    incomplete = [layer for layer, got in te2_layers.items() if got != set(TE2_ATTENTION)]
+    if incomplete:
+        problems["a1111"].append(f"{len(incomplete)} SDXL TE2 attention layers lack one of q/k/v/out: A1111 "
+                                 "skips those layers silently")
+    missing_alpha = [n for n in names if f"{n}.alpha" not in tensors]
+    if kohya_keys and missing_alpha:
+        for loader in notes:
+            notes[loader].append(f"{len(missing_alpha)} modules have no alpha: loaded at scale 1 (alpha = rank)")
+    if weights is not None and weights.unknown:
+        for loader in problems:
+            problems[loader].append(f"{len(weights.unknown)} tensors match no known layer (e.g. "
+                                    f"{weights.unknown[0]}): 'lora key not loaded'")
+    return {loader: {"loads": not problems[loader], "problems": problems[loader], "notes": notes[loader]}
+            for loader in problems}
+
+
+def diffusers_check(tensors: dict, weights: LoraWeights | None) -> str | None:
+    """Run diffusers' own key conversion; returns its error, or None when it accepts the file."""
+    try:
+        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    except ImportError:
+        return None
+    mixin = StableDiffusionXLLoraLoaderMixin if weights is not None and weights.arch == "sdxl" \
+        else StableDiffusionLoraLoaderMixin
+    try:
+        mixin.lora_state_dict({k: v.clone() for k, v in tensors.items()})
+    except Exception as exc:  # any failure of the independent loader is the verdict
+        return f"diffusers' lora_state_dict rejects the file: {' '.join(str(exc).split())[:300]}"
+    return None
+
+
+def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, check_diffusers: bool = True) -> dict:
+    try:
+        weights, error = from_tensors(tensors, metadata, source), None
+    except UserError as exc:
+        weights, error = None, str(exc)
+    verdicts = _verdicts(tensors, weights, error)
+    if check_diffusers and error is None:
+        rejected = diffusers_check(tensors, weights)
+        if rejected:
+            verdicts["diffusers"]["problems"].append(rejected)
+            verdicts["diffusers"]["loads"] = False
+    per_prefix = Counter(_prefix(k) for k in tensors if k.endswith(("lora_down.weight", "lora_A.weight")))
+    ranks = Counter(m.rank for m in weights.modules.values()) if weights else Counter()
+    alphas = Counter(m.alpha for m in weights.modules.values()) if weights else Counter()
+    dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in tensors.values())
+    return {
+        "file": source,
+        "architecture": weights.arch if weights else None,
+        "base_model_version": metadata.get("ss_base_model_version"),
+        "layout": weights.style if weights else None,
+        "unet_naming": unet_naming(sorted({k.split(".", 1)[0] for k in tensors if k.startswith("lora_")})),
+        "modules": len(weights.modules) if weights else 0,
+        "modules_per_prefix": dict(sorted(per_prefix.items())),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {repr(k): v for k, v in sorted(alphas.items())},
+        "dtypes": dict(dtypes),
+        "tensors": len(tensors),
+        "unknown_tensors": weights.unknown if weights else [],
+        "compatibility": verdicts,
+        "metadata": dict(sorted(metadata.items())),
+    }

@@ -1,0 +1,241 @@
+"""LoRA weights in memory, read from any common file layout and written to kohya's or PEFT's.
+
+Readers accept: kohya files (SDXL with SGM or diffusers paths, SD1.x with diffusers or SGM paths),
+PEFT/diffusers files (`unet.<path>.lora_A.weight`, alpha from `lora_adapter_metadata`), diffusers'
+older attention-processor files, and files without alpha (alpha = rank, i.e. scale 1).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+from library.lora.index import NameIndex, shipped_index
+from library.lora.kohya_file import read_lora, write_lora
+from library.utils.atomic import atomic_write_bytes
+
+
+@dataclass
+class LoraModule:
+    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change scale * up @ down, in fp32, shaped like the base weight."""
+        down, up = self.down.float(), self.up.float()
+        out = (up.flatten(1) @ down.flatten(1)) * self.scale
+        return out.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else out
+
+
+@dataclass
+class LoraWeights:
+    index: NameIndex
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    style: str = "kohya"
+    unknown: list[str] = field(default_factory=list)
+
+    @property
+    def arch(self) -> str:
+        return self.index.arch
+
+    def dtype(self) -> torch.dtype | None:
+        first = next(iter(self.modules.values()), None)
+        return None if first is None else first.up.dtype
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+_PEFT = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+_OLD_DIFFUSERS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def _base_version(metadata: dict) -> str | None:
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    if version.startswith("sd_v1"):
+        return "sd1"
+    return None
+
+
+def guess_index(tensors: dict[str, torch.Tensor], metadata: dict, source: str) -> NameIndex:
+    """The architecture a file was trained for, from its keys, shapes and metadata."""
+    keys = list(tensors)
+    cross = None
+    for key in keys:
+        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key or ".down." in key):
+            cross = tensors[key].shape[1]
+            break
+    arch = None
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        arch = "sdxl"
+    arch = arch or _base_version(metadata)
+    te_width = None
+    if cross is None:
+        for key in keys:
+            if "q_proj" in key and ("lora_down" in key or "lora_A" in key):
+                te_width = tensors[key].shape[1]
+                break
+    index = shipped_index(arch, cross, te_width) or shipped_index(None, cross, te_width)
+    if index is None:
+        raise UserError(f"{source}: cannot tell which model this LoRA is for (cross-attention width {cross}); "
+                        "only SD1.x, SD2.x and SDXL LoRAs are supported")
+    return index
+
+
+def _peft_alphas(metadata: dict) -> dict[str, dict]:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in data.items():
+        prefix, _, name = key.partition(".")
+        out.setdefault(prefix, {})[name] = value
+    return out
+
+
+def _alpha_from_config(config: dict, path: str, rank: int) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", path):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
+                 index: NameIndex | None = None) -> LoraWeights:
+    index = index or guess_index(tensors, metadata, source)
+    if any(k.endswith("dora_scale") for k in tensors):
+        raise UserError(f"{source}: a DoRA file (dora_scale tensors); only plain LoRA is supported")
+    parts: dict[str, dict] = {}
+    unknown: list[str] = []
+    styles = set()
+    peft_configs = _peft_alphas(metadata)
+    for key, value in tensors.items():
+        m = _KOHYA.match(key)
+        if m:
+            name = index.resolve(m[1])
+            if name is None:
+                unknown.append(key)
+                continue
+            styles.add("kohya" if name == m[1] else "kohya (other path names)")
+            slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[2]]
+            parts.setdefault(name, {})[slot] = value
+            continue
+        m = _PEFT.match(key) or _OLD_DIFFUSERS.match(key)
+        if m and m.re is _PEFT:
+            module, slot = m[1], {"lora_A": "down", "lora_B": "up"}[m[2]]
+        elif m:
+            suffix = "to_out.0" if m[2] == "to_out" else m[2]
+            module, slot = f"{m[1]}.{suffix}", m[3]
+        elif key.endswith(".alpha"):
+            module, slot = key[: -len(".alpha")], "alpha"
+        else:
+            unknown.append(key)
+            continue
+        name = index.from_peft_key(module)
+        if name is None:
+            unknown.append(key)
+            continue
+        styles.add("peft")
+        parts.setdefault(name, {})[slot] = value
+        parts[name].setdefault("_peft", module)
+    modules = {}
+    for name, got in parts.items():
+        if "down" not in got or "up" not in got:
+            raise UserError(f"{source}: module {name} has {'no lora_up' if 'down' in got else 'no lora_down'} "
+                            "weight; the file is incomplete")
+        rank = got["down"].shape[0]
+        if "alpha" in got:
+            alpha = float(got["alpha"])
+        elif "_peft" in got:
+            component, _, path = got["_peft"].partition(".")
+            alpha = _alpha_from_config(peft_configs.get(component, {}), path, rank)
+        else:
+            alpha = float(rank)  # old files without alpha: scale 1, as every loader does
+        modules[name] = LoraModule(got["down"], got["up"], alpha)
+    if not modules:
+        raise UserError(f"{source}: no LoRA modules found (expected lora_down/lora_up or lora_A/lora_B tensors)")
+    return LoraWeights(index, modules, dict(metadata), " + ".join(sorted(styles)), unknown)
+
+
+def load_weights(path: str | Path, index: NameIndex | None = None) -> LoraWeights:
+    tensors, metadata = read_lora(path)
+    return from_tensors(tensors, metadata, str(path), index)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def kohya_tensors(weights: LoraWeights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, mod in sorted(weights.modules.items()):
+        d = dtype or mod.up.dtype
+        out[f"{name}.lora_down.weight"] = mod.down.to(d).contiguous()
+        out[f"{name}.lora_up.weight"] = mod.up.to(d).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(mod.alpha), dtype=d)
+    return out
+
+
+def save_kohya(weights: LoraWeights, path: str | Path, metadata: dict | None = None,
+               dtype: torch.dtype | None = None) -> str:
+    return write_lora(path, kohya_tensors(weights, dtype), weights.metadata if metadata is None else metadata)
+
+
+def peft_tensors(weights: LoraWeights, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, str]]:
+    """PEFT/diffusers layout; per-module ranks and alphas go into `lora_adapter_metadata`, which
+    diffusers' load_lora_weights reads (without it alpha != rank would be lost)."""
+    tensors = {}
+    configs: dict[str, dict] = {}
+    for name, mod in sorted(weights.modules.items()):
+        key = weights.index.peft_key(name)
+        component, _, path = key.partition(".")
+        d = dtype or mod.up.dtype
+        tensors[f"{key}.lora_A.weight"] = mod.down.to(d).contiguous()
+        tensors[f"{key}.lora_B.weight"] = mod.up.to(d).contiguous()
+        if component != "unet":
+            # transformers >= 5.6 has no `text_model.` in CLIPTextModel; a suffix matches both layouts.
+            path = path.removeprefix("text_model.")
+        cfg = configs.setdefault(component, {"targets": [], "ranks": {}, "alphas": {}})
+        cfg["targets"].append(path)
+        cfg["ranks"][path] = mod.rank
+        cfg["alphas"][path] = mod.alpha
+    packed = {}
+    for component, cfg in configs.items():
+        rank = max(set(cfg["ranks"].values()), key=list(cfg["ranks"].values()).count)
+        alpha = max(set(cfg["alphas"].values()), key=list(cfg["alphas"].values()).count)
+        packed[f"{component}.r"] = rank
+        packed[f"{component}.lora_alpha"] = alpha
+        packed[f"{component}.target_modules"] = sorted(cfg["targets"])
+        packed[f"{component}.rank_pattern"] = {re.escape(p): r for p, r in cfg["ranks"].items() if r != rank}
+        packed[f"{component}.alpha_pattern"] = {re.escape(p): a for p, a in cfg["alphas"].items() if a != alpha}
+    meta = {k: v for k, v in weights.metadata.items() if k != "lora_adapter_metadata"}
+    meta["lora_adapter_metadata"] = json.dumps(packed, sort_keys=True)
+    return tensors, meta
+
+
+def save_peft(weights: LoraWeights, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    from safetensors.torch import save
+
+    tensors, meta = peft_tensors(weights, dtype)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+

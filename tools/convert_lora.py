@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Convert a LoRA between kohya's layout (WebUIs) and the PEFT/diffusers layout.
+
+    python tools/convert_lora.py my_lora.safetensors my_lora_peft.safetensors --to diffusers
+    python tools/convert_lora.py other.safetensors fixed.safetensors --to kohya
+
+Alpha is preserved exactly (in PEFT files as `lora_adapter_metadata`, which diffusers reads).
+Converting to kohya also renames SDXL UNet modules written with diffusers paths to the SGM names
+every WebUI maps correctly, and adds alpha to files that lack it (alpha = rank, as loaders assume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRECISIONS = {"keep": None, "float": "float", "fp16": "fp16", "bf16": "bf16"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("input", type=Path, help="LoRA .safetensors file (kohya or PEFT/diffusers layout)")
+    ap.add_argument("output", type=Path, help="where to write the converted file")
+    ap.add_argument("--to", choices=["kohya", "diffusers"], required=True, help="target layout")
+    ap.add_argument("--save_precision", choices=list(PRECISIONS), default="keep", help="dtype of the output")
+    args = ap.parse_args(argv)
+
+    from library.errors import UserError
+    from library.lora.kohya_file import SAVE_DTYPES
+    from library.lora.weights import load_weights, save_kohya, save_peft
+
+    if args.output.resolve() == args.input.resolve():
+        raise UserError(f"{args.output}: the output would overwrite the input; choose another name")
+    weights = load_weights(args.input)
+    if weights.unknown:
+        print(f"warning: {len(weights.unknown)} tensors match no known layer and are dropped "
+              f"(e.g. {weights.unknown[0]})", file=sys.stderr)
+    dtype = SAVE_DTYPES.get(PRECISIONS[args.save_precision]) if PRECISIONS[args.save_precision] else None
+    if args.to == "kohya":
+        save_kohya(weights, args.output, dtype=dtype)
+    else:
+        save_peft(weights, args.output, dtype=dtype)
+    print(f"wrote {args.output}: {len(weights.modules)} {weights.arch} modules in {args.to} layout")
+    return 0
+
+
+if __name__ == "__main__":
+    from library.utils.toolmain import run_tool
+
+    sys.exit(run_tool(main))

@@ -14,7 +14,7 @@ from typing import Any
 
 from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
 from library.config.options import (
-    DataOptions, FLAT_TABLES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions,
+    AptOptions, DataOptions, FLAT_TABLES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions,
     SamplingOptions, SavingOptions, TrainingOptions,
 )
 from library.config.paths import looked_in, resolve_input
@@ -35,6 +35,7 @@ class Config:
     saving: SavingOptions
     sampling: SamplingOptions
     logging: LoggingOptions
+    apt: AptOptions
     dataset: DatasetBlueprint | None
     config_file: str | None = None
 
@@ -185,6 +186,17 @@ def _cross_checks(values: dict, source: str) -> None:
     if isinstance(warmup, float) and warmup >= 1 and not warmup.is_integer():
         raise UserError(f"{source}: [optimizer] lr_warmup_steps: expected a whole number of steps or a fraction "
                         f"below 1, got {warmup}")
+    apt: AptOptions = values["apt"]
+    for key in ("rs_layers", "aa_layers"):
+        for selector in getattr(apt, key):
+            if selector not in ("all", "down", "mid", "up") and not selector.startswith(
+                    ("down_blocks", "mid_block", "up_blocks")):
+                raise UserError(f"{source}: [apt] {key}: {selector!r} is not a layer selector; use \"all\", "
+                                "\"down\", \"mid\", \"up\" or a path prefix such as \"up_blocks.1\"")
+    if train.apt and apt.augment and apt.augment_space == "pixel" and (
+            values["data"].cache_latents or values["data"].cache_latents_to_disk):
+        raise UserError(f"{source}: [apt] augment_space = \"pixel\" transforms images before the VAE, so it cannot "
+                        "be combined with cache_latents; use augment_space = \"latent\" or turn caching off")
     sampling: SamplingOptions = values["sampling"]
     if (sampling.sample_every_n_steps or sampling.sample_every_n_epochs or sampling.sample_at_first) \
             and not sampling.sample_prompts:
@@ -216,6 +228,8 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
     values: dict[str, Any] = {}
     for table, cls in FLAT_TABLES.items():
         values[table] = _build_table(cls, table, "", settings)
+    for table, cls in NAMED_TABLES.items():
+        values[table] = _build_table(cls, table, f"{table}.", settings)
     _cross_checks(values, source)
     _resolve_inputs(values, settings, base_dir)
 
@@ -249,7 +263,8 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
                                         f"#{sub.index + 1}: {key}: no such path: {value}")
     if blueprint is not None:
         _dataset_checks(blueprint, values)
-    return Config(dataset=blueprint, config_file=config_file, **{t: values[t] for t in FLAT_TABLES})
+    return Config(dataset=blueprint, config_file=config_file,
+                  **{t: values[t] for t in list(FLAT_TABLES) + list(NAMED_TABLES)})
 
 
 CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
@@ -279,4 +294,4 @@ def _dataset_checks(blueprint: DatasetBlueprint, values: dict) -> None:
 def table_fields(cfg: Config) -> dict[str, dict[str, Any]]:
     """The resolved options by table, for --print_config and metadata."""
     return {table: {f.name: getattr(getattr(cfg, table), f.name) for f in fields(cls)}
-            for table, cls in FLAT_TABLES.items()}
+            for table, cls in list(FLAT_TABLES.items()) + list(NAMED_TABLES.items())}

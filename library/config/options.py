@@ -104,6 +104,8 @@ class TrainingOptions:
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     attention: Literal["sdpa", "xformers"] = option(
         "sdpa", "attention kernel; xformers needs the xformers package and a CUDA GPU", kohya=False)
+    apt: bool = option(False, "train with APT (adaptive augmentation and loss weighting, representation "
+                              "stabilisation, attention alignment); its settings are the [apt] table", kohya=False)
     full_bf16: bool = option(False, "keep the LoRA weights and optimizer state in bf16 too (needs mixed_precision "
                                     "bf16; saves memory, slightly less precise)")
     no_half_vae: Optional[bool] = option(
@@ -179,6 +181,42 @@ class LoggingOptions:
     logging_dir: Optional[str] = option(None, "folder of the logs; unset = output_dir/logs")
 
 
+@dataclass(frozen=True)
+class AptOptions:
+    """The [apt] table: every choice APT leaves open (docs/apt.md). Used when apt = true."""
+    bins: int = option(10, "timestep bins of the overfitting indicator", ge=2, le=100)
+    ema_alpha: float = option(0.1, "EMA rate of the per-bin losses behind the indicator", gt=0, le=1)
+    indicator_scale: Optional[float] = option(
+        None, "T in gamma = 1 - exp(-T * (L_ref - L_theta)); unset = the number of training timesteps (1000)", gt=0)
+    indicator_includes_reg: bool = option(False, "let regularisation images update the indicator too")
+    augment: bool = option(True, "adaptive augmentation: zoom-out and rotation with probability min(gamma, p_max)")
+    p_max: float = option(0.8, "highest augmentation probability", ge=0, le=1)
+    zoom_max: float = option(3.0, "largest zoom-out factor (the image shrinks to 1/zoom)", ge=1)
+    rotation_max: float = option(15.0, "largest rotation in degrees, either way", ge=0, le=180)
+    augment_space: Literal["latent", "pixel"] = option(
+        "latent", "transform latents (works with cached latents) or pixels before the VAE")
+    augment_fill: Literal["black", "zeros"] = option(
+        "black", "fill of the uncovered border: the latent of black pixels (black pixels in pixel space), or zeros")
+    loss_weighting: bool = option(True, "adaptive loss weighting: each sample's loss times (1 - gamma)")
+    min_weight: float = option(0.0, "floor of the adaptive loss weight (the paper: 0)", ge=0, le=1)
+    rs: bool = option(True, "representation stabilisation: match feature mean/std to the frozen model")
+    lambda_dist: float = option(1.0, "weight of the representation-stabilisation loss", ge=0)
+    rs_layers: tuple[str, ...] = option(
+        ("all",), 'self-attention layers for RS: "all", "down", "mid", "up" or path prefixes like "up_blocks.1"')
+    rs_features: Literal["output", "qkv"] = option(
+        "output", "statistics of each attn1 output, or of its Q, K and V projections")
+    aa: bool = option(True, "attention alignment: match cross-attention maps to the frozen model")
+    lambda_attn: float = option(1.0, "weight of the attention-alignment loss", ge=0)
+    aa_layers: tuple[str, ...] = option(
+        ("all",), 'cross-attention layers for AA: "all", "down", "mid", "up" or path prefixes')
+    aa_distance: Literal["mse", "kl", "logits"] = option(
+        "mse", "distance between attention maps: squared error of probabilities, KL(ref || tuned), or squared "
+               "error of logits")
+    aa_exclude_padding: bool = option(True, "leave out the padding tokens after the end of the caption")
+    aa_exclude_token: Optional[str] = option(
+        None, "leave out this word's tokens too (e.g. the trigger word, free to change its attention)")
+
+
 # Flat tables: table name -> options class. Their option names are unique across all of them.
 FLAT_TABLES: dict[str, type] = {
     "model": ModelOptions,
@@ -191,4 +229,4 @@ FLAT_TABLES: dict[str, type] = {
     "logging": LoggingOptions,
 }
 # Named tables: their options are addressed as `table.option` on the command line.
-NAMED_TABLES: dict[str, type] = {}
+NAMED_TABLES: dict[str, type] = {"apt": AptOptions}

@@ -22,6 +22,7 @@ class Batch:
     weights: torch.Tensor             # B, prior_loss_weight for regularisation images
     mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
     records: list[int]
+    pixels: torch.Tensor | None = None  # B x 3 x H x W in [-1, 1] when latents were encoded live
 
 
 class VaeEncoder:
@@ -63,8 +64,10 @@ class BatchBuilder:
 
     def assemble(self, samples: list[Sample]) -> Batch:
         masks = None
+        pixels = None
         if self.cache is None:
-            latents = self.encoder(torch.stack([s.pixels for s in samples]))
+            pixels = torch.stack([s.pixels for s in samples])
+            latents = self.encoder(pixels)
             if any(s.mask is not None for s in samples):
                 masks = torch.stack([s.mask for s in samples])
         else:
@@ -78,7 +81,7 @@ class BatchBuilder:
                                 for s in samples])
         return Batch(latents=latents, captions=[s.caption for s in samples],
                      time_ids=[self.data.time_ids(s) for s in samples], weights=weights, mask=masks,
-                     records=[s.record for s in samples])
+                     records=[s.record for s in samples], pixels=pixels)
 
 
 def load_samples(data: TrainingData, ref: BatchRef, epoch: int, position: int, with_pixels: bool) -> list[Sample]:

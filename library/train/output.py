@@ -2,6 +2,7 @@
 validation, logs. Only the main process writes; the others wait where they must."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -96,8 +97,20 @@ class Outputs:
                                        self.trainer.scheduler, self.trainer.train_state())
                 log.info("saved training state %s", folder)
             self.prune(kind)
+            self.write_indicator()
         self.acc.wait_for_everyone()
         return path
+
+    def write_indicator(self) -> None:
+        apt = self.trainer.apt
+        if apt is None or not apt.history.steps:
+            return
+        from library.apt.plot import write_csv, write_png
+
+        h, n = apt.history, apt.indicator.num_timesteps
+        write_csv(self.out_dir / "apt_indicator.csv", h.steps, h.gammas, n)
+        write_png(self.out_dir / "apt_indicator.png", h.steps, h.gammas, n,
+                  title=f"APT overfitting indicator: {self.cfg.saving.output_name}")
 
     def prune(self, kind: str) -> None:
         s, name = self.cfg.saving, self.cfg.saving.output_name
@@ -120,7 +133,17 @@ class Outputs:
         return build_metadata(self.cfg, facts)
 
     def metadata_extra(self) -> dict:
-        return {}
+        """Our own keys (no extra tensors): the APT settings and the final indicator per bin."""
+        apt = self.trainer.apt
+        if apt is None:
+            return {"apt_enabled": "False"}
+        from dataclasses import asdict
+
+        ind = apt.indicator
+        width = ind.num_timesteps // ind.bins
+        return {"apt_enabled": "True", "apt_settings": json.dumps(asdict(self.cfg.apt)),
+                "apt_indicator": json.dumps([round(float(g), 6) for g in ind.gamma()]),
+                "apt_indicator_bins": json.dumps([[b * width, (b + 1) * width - 1] for b in range(ind.bins)])}
 
     # --- samples and validation ---------------------------------------------------------------
     def sample(self, n: int) -> None:
@@ -148,7 +171,11 @@ class Outputs:
 
     # --- resume -------------------------------------------------------------------------------
     def state(self) -> dict:
-        return {}
+        return {"apt": self.trainer.apt.state_dict()} if self.trainer.apt is not None else {}
 
     def restore(self, extra: dict) -> None:
-        pass
+        if self.trainer.apt is not None:
+            if "apt" not in extra:
+                log.warning("the state has no APT indicator (saved without apt); it starts from zero")
+                return
+            self.trainer.apt.load_state_dict(extra["apt"])

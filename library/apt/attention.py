@@ -1,0 +1,157 @@
+"""A recording attention processor: the stock SDPA/xformers output, plus what APT needs.
+
+SDPA and xformers never materialise attention probabilities, so for the cross-attention layers
+chosen for alignment the processor also computes `softmax(Q K^T * scale)` over the text tokens
+from the same Q and K (cheap: 77 keys) and stores it averaged over heads; for the self-attention
+layers chosen for representation stabilisation it stores the per-channel mean and standard
+deviation of the layer's output (or of Q, K and V). Every other layer keeps the stock processor.
+
+Values are stored by layer and pass, overwriting: with gradient checkpointing the forward runs
+again during backward, and a second recording must replace the first, not add to it. Outside APT
+steps recording is off and the processor only computes the output.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+class Recorder:
+    def __init__(self):
+        self.active: str | None = None  # the pass being recorded ("ref" / "tuned"), or None
+        self.features: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.maps: dict[tuple[str, str], torch.Tensor] = {}
+
+    @contextmanager
+    def recording(self, name: str):
+        previous, self.active = self.active, name
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def clear(self) -> None:
+        self.features.clear()
+        self.maps.clear()
+
+    def layers(self, kind: str) -> list[str]:
+        store = self.features if kind == "features" else self.maps
+        return sorted({layer for layer, _ in store})
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and standard deviation over positions of a (B, N, C) tensor."""
+    x = x.float()
+    return x.mean(dim=1), x.std(dim=1, unbiased=False)
+
+
+class RecordingAttnProcessor:
+    """Drop-in for diffusers' AttnProcessor2_0 (or XFormersAttnProcessor when `xformers`)."""
+
+    def __init__(self, recorder: Recorder, layer: str, record_maps: str | None = None,
+                 record_features: str | None = None, xformers: bool = False):
+        self.recorder = recorder
+        self.layer = layer
+        self.record_maps = record_maps  # None, "probs" or "logits"
+        self.record_features = record_features  # None, "output" or "qkv"
+        self.xformers = xformers
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        # The statements mirror AttnProcessor2_0 so that the output is bit-identical to it.
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        recording = self.recorder.active
+        if recording and self.record_features == "qkv":
+            self.recorder.features[(self.layer, recording)] = [channel_stats(t) for t in (query, key, value)]
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if recording and self.record_maps:
+            logits = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                logits = logits + attention_mask.float()
+            maps = logits.softmax(dim=-1) if self.record_maps == "probs" else logits
+            self.recorder.maps[(self.layer, recording)] = maps.mean(dim=1)  # over heads: (B, N, tokens)
+        if self.xformers:
+            hidden_states = self._xformers(query, key, value, attention_mask, attn)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                           is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if recording and self.record_features == "output":
+            self.recorder.features[(self.layer, recording)] = [channel_stats(hidden_states)]
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def _xformers(query, key, value, attention_mask, attn):
+        import xformers.ops
+
+        # xformers takes (batch, tokens, heads, head_dim); SDPA's layout is (batch, heads, tokens, head_dim)
+        out = xformers.ops.memory_efficient_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                                      value.transpose(1, 2), attn_bias=attention_mask, scale=attn.scale)
+        return out.transpose(1, 2)
+
+
+def select_layers(names: list[str], selectors: tuple[str, ...]) -> list[str]:
+    """Layers whose path starts with one of `selectors` ("all", "down", "mid", "up" or a path prefix)."""
+    aliases = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+    prefixes = [aliases.get(s, s) for s in selectors]
+    return [n for n in names if any(n.startswith(p) for p in prefixes)]
+
+
+def install(unet, recorder: Recorder, rs_selectors: tuple[str, ...], aa_selectors: tuple[str, ...],
+            rs_features: str | None, aa_maps: str | None, xformers: bool) -> dict[str, list[str]]:
+    """Recording processors on the chosen attn1 (RS) and attn2 (AA) layers, stock ones elsewhere.
+    Returns the chosen layer paths. Install after any enable_xformers_memory_efficient_attention()."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    keys = list(unet.attn_processors)
+    layers = [k.removesuffix(".processor") for k in keys]
+    rs = select_layers([n for n in layers if n.endswith("attn1")], rs_selectors) if rs_features else []
+    aa = select_layers([n for n in layers if n.endswith("attn2")], aa_selectors) if aa_maps else []
+    chosen_rs, chosen_aa = set(rs), set(aa)
+    processors = {}
+    for key, layer in zip(keys, layers):
+        if layer in chosen_rs or layer in chosen_aa:
+            processors[key] = RecordingAttnProcessor(recorder, layer, record_maps=aa_maps if layer in chosen_aa else None,
+                                                     record_features=rs_features if layer in chosen_rs else None,
+                                                     xformers=xformers)
+        else:
+            processors[key] = XFormersAttnProcessor() if xformers else AttnProcessor2_0()
+    unet.set_attn_processor(processors)
+    return {"rs": rs, "aa": aa}

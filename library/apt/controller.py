@@ -1,0 +1,118 @@
+"""APT for one training run: the indicator, augmentation, loss weights, the recording processors,
+and the reference pass of the same UNet with its LoRA disabled (no second model is loaded).
+
+The training loop owns the model calls; it hands them to `reference()` and `tuned()` as callables
+so that this package needs neither the data pipeline nor the loop.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from library.apt import augment as aug
+from library.apt.attention import Recorder, install
+from library.apt.indicator import OverfitIndicator
+from library.apt.losses import attention_loss, representation_loss, token_mask
+
+
+@dataclass
+class AptTerms:
+    l_mu: torch.Tensor
+    l_sigma: torch.Tensor
+    l_attn: torch.Tensor
+
+    def total(self, lambda_dist: float, lambda_attn: float) -> torch.Tensor:
+        return lambda_dist * (self.l_mu + self.l_sigma) + lambda_attn * self.l_attn
+
+
+@dataclass
+class AptHistory:
+    steps: list[int] = field(default_factory=list)
+    gammas: list[list[float]] = field(default_factory=list)
+
+    def add(self, step: int, gamma: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.gammas.append([round(float(g), 6) for g in gamma])
+
+
+class AptController:
+    def __init__(self, opts, unet, set_lora: Callable[[bool], None], num_timesteps: int, xformers: bool = False,
+                 eos_id: int = 49407, exclude_ids: list[int] | None = None):
+        self.opts = opts
+        self.set_lora = set_lora
+        self.indicator = OverfitIndicator(opts.bins, opts.ema_alpha, num_timesteps, opts.indicator_scale)
+        self.recorder = Recorder()
+        self.history = AptHistory()
+        self.eos_id = eos_id
+        self.exclude_ids = exclude_ids or []
+        rs_features = opts.rs_features if opts.rs and opts.lambda_dist > 0 else None
+        aa_maps = ("logits" if opts.aa_distance == "logits" else "probs") if opts.aa and opts.lambda_attn > 0 else None
+        self.layers = install(unet, self.recorder, opts.rs_layers, opts.aa_layers, rs_features, aa_maps, xformers)
+        self.fill: torch.Tensor | float = 0.0
+
+    # --- per step -----------------------------------------------------------------------------
+    def draw(self, timesteps: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, aug.AugmentDraw | None]:
+        """gamma at each sample's timestep (before this step's update) and the augmentation draw."""
+        gamma = self.indicator.gamma_at(timesteps)
+        if not self.opts.augment:
+            return gamma, None
+        o = self.opts
+        return gamma, aug.draw(gamma, o.p_max, o.zoom_max, o.rotation_max, gen)
+
+    def loss_weights(self, gamma: torch.Tensor) -> torch.Tensor:
+        if not self.opts.loss_weighting:
+            return torch.ones_like(gamma)
+        return torch.clamp(1 - gamma, min=self.opts.min_weight)
+
+    def reference(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The frozen model's prediction: the same UNet, LoRA disabled, no gradients, recorded as 'ref'."""
+        self.recorder.clear()
+        self.set_lora(False)
+        self.recorder.active = "ref"
+        try:
+            with torch.no_grad():
+                return forward()
+        finally:
+            self.recorder.active = None
+            self.set_lora(True)
+
+    def tuned(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The trained model's prediction, recorded as 'tuned'. Recording stays on until
+        `stop_recording()` after the backward pass: gradient checkpointing runs this forward again
+        during backward, and the rerun must record (overwriting) exactly what the first run did."""
+        self.recorder.active = "tuned"
+        return forward()
+
+    def stop_recording(self) -> None:
+        self.recorder.active = None
+
+    def regularisers(self, input_ids: torch.Tensor | None) -> AptTerms:
+        o = self.opts
+        l_mu, l_sigma = representation_loss(self.recorder) if self.layers["rs"] else (torch.zeros(()),) * 2
+        if self.layers["aa"]:
+            mask = None
+            if input_ids is not None:
+                mask = token_mask(input_ids, self.eos_id, o.aa_exclude_padding, self.exclude_ids)
+            l_attn = attention_loss(self.recorder, mask, o.aa_distance)
+        else:
+            l_attn = torch.zeros(())
+        return AptTerms(l_mu, l_sigma, l_attn)
+
+    def observe(self, timesteps: torch.Tensor, loss_theta: torch.Tensor, loss_ref: torch.Tensor) -> None:
+        self.indicator.update(timesteps, loss_theta, loss_ref)
+
+    def end_step(self, step: int) -> None:
+        self.stop_recording()
+        self.recorder.clear()
+        self.history.add(step, self.indicator.gamma())
+
+    # --- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"indicator": self.indicator.state_dict(), "history_steps": self.history.steps,
+                "history_gammas": self.history.gammas}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.indicator.load_state_dict(state["indicator"])
+        self.history = AptHistory(list(state.get("history_steps", [])), list(state.get("history_gammas", [])))

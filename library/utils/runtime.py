@@ -19,12 +19,21 @@ def offline_and_quiet() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and tools redirect it)."""
+
+    _apt_handler = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def setup_logging(main_process: bool = True) -> None:
     root = logging.getLogger()
-    if not any(getattr(h, "_apt_handler", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        handler._apt_handler = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     logging.getLogger("library").setLevel(logging.INFO if main_process else logging.WARNING)
     for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):

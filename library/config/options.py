@@ -172,6 +172,8 @@ class SamplingOptions:
     sample_at_first: bool = option(False, "make sample images before training starts (the base model's output)")
     sample_sampler: Literal["euler_a", "euler", "ddim", "dpm++_2m", "dpm++_2m_karras"] = option(
         "euler_a", "sampler of the sample images (a prompt's --ss overrides it)")
+    sample_compare_base: bool = option(
+        False, "also render each prompt with the LoRA off (same seed), side by side in the grid", kohya=False)
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,13 @@ def load_image(path: Path, keep_alpha_mask: bool = False) -> LoadedImage:
     if img.mode != "RGB":
         img = img.convert("RGB")
     return LoadedImage(img, mask)
+
+
+def find_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of a folder (and its subfolders), sorted; hidden files and folders are skipped."""
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in pattern:
+        if path.is_file() and is_image(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts):
+            found.append(path)
+    return sorted(found)

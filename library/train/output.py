@@ -36,7 +36,8 @@ class Outputs:
         if cfg.sampling.sample_prompts:
             self.sampler = Sampler(load_prompts(cfg.sampling.sample_prompts), self.out_dir / "sample",
                                    cfg.saving.output_name, self.resolution, cfg.sampling.sample_sampler,
-                                   cfg.training.seed, cfg.model.v_parameterization, cfg.training.zero_terminal_snr)
+                                   cfg.training.seed, cfg.model.v_parameterization, cfg.training.zero_terminal_snr,
+                                   cfg.sampling.sample_compare_base)
         self.started = 0.0
         self.last_sampled = -1
         self.last_validated = -1
@@ -152,7 +153,7 @@ class Outputs:
         self.last_sampled = n
         if self.main:
             t = self.trainer
-            images = self.sampler.run(t.bundle, t.base_unet, t.device, n, self.acc.autocast)
+            images = self.sampler.run(t.bundle, t.base_unet, t.device, n, self.acc.autocast, t.network.set_enabled)
             self.tracker.images(images, step=n)
             log.info("sample images for step %d in %s", n, self.sampler.folder)
         self.acc.wait_for_everyone()

@@ -72,19 +72,34 @@ def on_device(modules: list[torch.nn.Module], device):
             m.to(home)
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    cols = math.ceil(math.sqrt(len(images)))
+def grid(images: list[Image.Image], columns: int | None = None, row_labels: list[str] | None = None,
+         column_labels: list[str] | None = None) -> Image.Image:
+    """Images in rows of `columns` (default: a square layout), with optional text labels."""
+    from PIL import ImageDraw, ImageFont
+
+    cols = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
     cw, ch = max(i.width for i in images), max(i.height for i in images)
-    out = Image.new("RGB", (cols * cw, rows * ch), (0, 0, 0))
+    font = ImageFont.load_default()
+    left = 0
+    if row_labels:
+        left = 8 + max(int(font.getlength(t)) for t in row_labels)
+    top = 14 if column_labels else 0
+    out = Image.new("RGB", (left + cols * cw, top + rows * ch), (0, 0, 0))
+    draw = ImageDraw.Draw(out)
+    for c, text in enumerate(column_labels or []):
+        draw.text((left + c * cw + 2, 1), text, fill=(255, 255, 255), font=font)
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + r * ch + ch // 2 - 6), text, fill=(255, 255, 255), font=font)
     for n, img in enumerate(images):
-        out.paste(img, ((n % cols) * cw + (cw - img.width) // 2, (n // cols) * ch + (ch - img.height) // 2))
+        out.paste(img, (left + (n % cols) * cw + (cw - img.width) // 2, top + (n // cols) * ch + (ch - img.height) // 2))
     return out
 
 
 class Sampler:
     def __init__(self, prompts: list[SamplePrompt], folder: Path, output_name: str, default_size: tuple[int, int],
-                 default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool):
+                 default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool,
+                 compare_base: bool = False):
         self.prompts = prompts
         self.folder = folder
         self.output_name = output_name
@@ -93,13 +108,15 @@ class Sampler:
         self.seed = seed
         self.v_prediction = v_prediction
         self.zero_terminal_snr = zero_terminal_snr
+        self.compare_base = compare_base
 
     def file_name(self, step: int, index: int, seed: int) -> str:
         return f"{self.output_name}_{step:06d}_{index:02d}_{seed}.png"
 
     @torch.no_grad()
-    def run(self, bundle, unet, device, step: int, autocast) -> list[tuple[str, Image.Image]]:
-        """Make every prompt's image; returns (file name, image) pairs, grid last."""
+    def run(self, bundle, unet, device, step: int, autocast, set_lora=None) -> list[tuple[str, Image.Image]]:
+        """Make every prompt's image (and, with compare_base, the base model's for the same seed, the
+        LoRA switched off through `set_lora`); returns (file name, image) pairs, grid last."""
         saved = rng_state()
         was_training = unet.training
         unet.eval()
@@ -114,11 +131,20 @@ class Sampler:
                     seed = p.seed if p.seed is not None else self.seed + index
                     width = p.width or self.default_size[0]
                     height = p.height or self.default_size[1]
-                    gen = torch.Generator(device="cpu").manual_seed(seed)
-                    image = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
-                                 height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
-                                 generator=gen).images[0]
-                    results.append((self.file_name(step, index, seed), image))
+                    def generate():
+                        gen = torch.Generator(device="cpu").manual_seed(seed)
+                        return pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
+                                    height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
+                                    generator=gen).images[0]
+
+                    if self.compare_base and set_lora is not None:
+                        set_lora(False)
+                        try:
+                            base = generate()
+                        finally:
+                            set_lora(True)
+                        results.append((self.file_name(step, index, seed).replace(".png", "_base.png"), base))
+                    results.append((self.file_name(step, index, seed), generate()))
         finally:
             unet.train(was_training)
             set_rng_state(saved)
@@ -126,7 +152,11 @@ class Sampler:
         for name, image in results:
             with atomic_path(self.folder / name) as tmp:
                 image.save(tmp, format="PNG")
-        sheet = grid([img for _, img in results])
+        if self.compare_base and set_lora is not None:
+            sheet = grid([img for _, img in results], columns=2, row_labels=[p.prompt for p in self.prompts],
+                         column_labels=["base model", "with LoRA"])
+        else:
+            sheet = grid([img for _, img in results])
         with atomic_path(self.folder / f"{self.output_name}_{step:06d}_grid.png") as tmp:
             sheet.save(tmp, format="PNG")
         return results + [(f"{self.output_name}_{step:06d}_grid.png", sheet)]

@@ -119,14 +119,14 @@ def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dic
     return settings
 
 
-def _build_table(cls: type, table: str, prefix: str, settings: dict[str, _Setting]):
+def _build_table(cls: type, table: str, prefix: str, settings: dict[str, _Setting], source: str):
     values = {}
     for name, info in options_of(cls, table).items():
         setting = settings.get(prefix + name)
         if setting is None:
             if info.required:
                 raise UserError(
-                    f"{settings['__source__'].value}: [{table}] {name}: required option missing; "
+                    f"{source}: [{table}] {name}: required option missing; "
                     f"set it in [{table}] or pass --{prefix}{name}"
                 )
             continue
@@ -223,13 +223,12 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
         if key not in options:
             raise _unknown(name, where, list(options))
         settings[key] = _Setting(raw, "cli", where)
-    settings["__source__"] = _Setting(source, "file", source)
 
     values: dict[str, Any] = {}
     for table, cls in FLAT_TABLES.items():
-        values[table] = _build_table(cls, table, "", settings)
+        values[table] = _build_table(cls, table, "", settings, source)
     for table, cls in NAMED_TABLES.items():
-        values[table] = _build_table(cls, table, f"{table}.", settings)
+        values[table] = _build_table(cls, table, f"{table}.", settings, source)
     _cross_checks(values, source)
     _resolve_inputs(values, settings, base_dir)
 

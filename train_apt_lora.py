@@ -10,30 +10,25 @@ from __future__ import annotations
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    from library.utils.runtime import offline_and_quiet
-
-    offline_and_quiet()
+def train_main(argv: list[str] | None) -> int:
     from library.config.cli import load_from_argv
-    from library.errors import UserError
 
-    try:
-        cfg = load_from_argv(sys.argv[1:] if argv is None else argv)
-        if cfg is None:
-            return 0
-        from library.utils.runtime import setup_logging
+    cfg = load_from_argv(sys.argv[1:] if argv is None else argv)
+    if cfg is None:
+        return 0
+    from library.train.loop import train  # torch and diffusers load only once the config is valid
+    from library.utils.runtime import setup_logging
 
-        setup_logging()
-        from library.train.loop import train
-
-        train(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    setup_logging()
+    train(cfg)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Every error a user can fix is one line and exit status 2, before any model loads.
+    from library.utils.toolmain import run_tool
+
+    return run_tool(train_main, argv)
 
 
 if __name__ == "__main__":

@@ -64,28 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num_beams", type=int, default=1, help="beam search width (1 = greedy)")
     ap.add_argument("--prefix", default="", help="text put before every caption (e.g. a trigger word)")
     ap.add_argument("--suffix", default="", help="text put after every caption")
-    ap.add_argument("--extension", default=".txt", help="caption file extension (default .txt)")
-    ap.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing caption files")
-    ap.add_argument("--dry_run", action="store_true", help="print the captions, write nothing")
+    from library.data.labelling import add_output_args
+
+    add_output_args(ap, "caption")
     args = ap.parse_args(argv)
 
     from tqdm.auto import tqdm
 
-    from library.data.images import BadImage, find_images, load_image
+    from library.data.labelling import BatchLoader, select_images
     from library.errors import UserError
     from library.utils.atomic import atomic_write_text
 
-    if not args.folder.is_dir():
-        raise UserError(f"{args.folder}: no such folder of images")
-    if not args.extension.startswith("."):
-        raise UserError(f"--extension {args.extension}: must start with a dot, e.g. .txt")
+    images, todo = select_images(args.folder, args.recursive, args.extension, args.overwrite)
     check_model_folder(args.model)
-    images = find_images(args.folder, args.recursive)
-    todo = [p for p in images if args.overwrite or not p.with_suffix(args.extension).exists()]
-    if not images:
-        raise UserError(f"{args.folder}: no images (.jpg .jpeg .png .webp .bmp)" +
-                        ("" if args.recursive else "; use --recursive for subfolders"))
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -98,19 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--model {args.model}: cannot be loaded as an image-to-text model "
                         f"({' '.join(str(exc).split())[:200]})") from None
     model.to(device).eval()
-    written, bad = 0, []
+    written = 0
     with tqdm(total=len(todo), desc="captioning", unit="image") as bar:
-        for k in range(0, len(todo), args.batch_size):
-            chunk, pictures = [], []
-            for path in todo[k:k + args.batch_size]:
-                try:
-                    pictures.append(load_image(path).rgb)
-                    chunk.append(path)
-                except BadImage as exc:
-                    bad.append(str(exc))
-                bar.update(1)
-            if not chunk:
-                continue
+        batches = BatchLoader(todo, args.batch_size, progress=bar.update)
+        for chunk, pictures in batches:
             inputs = processor(images=pictures, return_tensors="pt").to(device)
             inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
             with torch.no_grad():
@@ -123,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     atomic_write_text(path.with_suffix(args.extension), caption + "\n")
                     written += 1
-    for message in bad:
+    for message in batches.bad:
         print(f"skipped: {message}", file=sys.stderr)
     skipped = len(images) - len(todo)
     print(f"{len(images)} images: {written} captions written, {skipped} kept (use --overwrite to replace), "
-          f"{len(bad)} unreadable" + (" (dry run: nothing written)" if args.dry_run else ""))
+          f"{len(batches.bad)} unreadable" + (" (dry run: nothing written)" if args.dry_run else ""))
     return 0
 
 

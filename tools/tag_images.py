@@ -103,21 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--include_rating", action="store_true", help="put the most likely rating tag first")
     ap.add_argument("--append", action="store_true", help="add new tags to existing captions")
     ap.add_argument("--caption_separator", default=", ")
-    ap.add_argument("--extension", default=".txt")
-    ap.add_argument("--recursive", action="store_true")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing caption files")
-    ap.add_argument("--dry_run", action="store_true")
+    from library.data.labelling import add_output_args
+
+    add_output_args(ap, "tag")
     args = ap.parse_args(argv)
 
     from tqdm.auto import tqdm
 
     from library.data.captions import BadCaption, read_caption_file
-    from library.data.images import BadImage, find_images, load_image
+    from library.data.labelling import BatchLoader, select_images
     from library.errors import UserError
     from library.utils.atomic import atomic_write_text
 
-    if not args.folder.is_dir():
-        raise UserError(f"{args.folder}: no such folder of images")
+    images, todo = select_images(args.folder, args.recursive, args.extension, args.overwrite or args.append)
     onnx_file, tags_file = args.model / "model.onnx", args.model / "selected_tags.csv"
     if not onnx_file.is_file() or not tags_file.is_file():
         raise UserError(f"--model {args.model}: expected a folder with model.onnx and selected_tags.csv "
@@ -140,25 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     n_out = session.get_outputs()[0].shape[-1]
     if isinstance(n_out, int) and n_out != len(tags.names):
         raise UserError(f"{tags_file}: {len(tags.names)} tags but the model predicts {n_out}")
-    images = find_images(args.folder, args.recursive)
-    if not images:
-        raise UserError(f"{args.folder}: no images (.jpg .jpeg .png .webp .bmp)" +
-                        ("" if args.recursive else "; use --recursive for subfolders"))
-    todo = [p for p in images if args.overwrite or args.append or not p.with_suffix(args.extension).exists()]
-    batch = 1 if fixed_batch else args.batch_size
-    written, bad = 0, []
+    written = 0
     with tqdm(total=len(todo), desc="tagging", unit="image") as bar:
-        for k in range(0, len(todo), batch):
-            chunk, arrays = [], []
-            for path in todo[k:k + batch]:
-                try:
-                    arrays.append(prepare(load_image(path).rgb, size))
-                    chunk.append(path)
-                except BadImage as exc:
-                    bad.append(str(exc))
-                bar.update(1)
-            if not chunk:
-                continue
+        batches = BatchLoader(todo, 1 if fixed_batch else args.batch_size, lambda img: prepare(img, size), bar.update)
+        for chunk, arrays in batches:
             probs = session.run(None, {inp.name: np.stack(arrays)})[0]
             for path, row in zip(chunk, probs):
                 found = caption_from(row, tags, args)
@@ -176,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     atomic_write_text(target, text + "\n")
                     written += 1
-    for message in bad:
+    for message in batches.bad:
         print(f"skipped: {message}", file=sys.stderr)
     print(f"{len(images)} images: {written} tag files written, {len(images) - len(todo)} kept (use --overwrite "
-          f"or --append), {len(bad)} unreadable" + (" (dry run: nothing written)" if args.dry_run else ""))
+          f"or --append), {len(batches.bad)} unreadable" + (" (dry run: nothing written)" if args.dry_run else ""))
     return 0
 
 

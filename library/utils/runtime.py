@@ -38,17 +38,15 @@ def setup_logging(main_process: bool = True) -> None:
     logging.getLogger("library").setLevel(logging.INFO if main_process else logging.WARNING)
     for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    # Only libraries already imported are touched: importing diffusers costs seconds, and the
+    # fast paths (--help, config errors) must not pay for it. Callers run this again later.
+    if "diffusers" in sys.modules:
         from diffusers.utils import logging as dlog
 
         dlog.disable_progress_bar()
         dlog.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as tlog
 
         tlog.disable_progress_bar()
         tlog.set_verbosity_error()
-    except ImportError:
-        pass

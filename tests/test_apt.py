@@ -14,7 +14,7 @@ from library.apt.indicator import OverfitIndicator
 from library.apt.losses import attention_loss, token_mask
 from library.config import build_config
 from library.lora.network import ADAPTER
-from library.train.apt_step import apt_forward
+from library.train.apt_step import apt_forward, observe
 from library.train.diffusion import step_generator
 from library.train.loop import Trainer
 from tests.helpers import tiny_config
@@ -152,7 +152,7 @@ def test_at_step_zero_everything_is_zero(tmp_path, tiny_models, images, model):
     assert torch.equal(result.loss_theta, result.loss_ref)  # LoRA up-weights are zero: same prediction
     assert result.stats["apt/l_mu"] == 0 and result.stats["apt/l_sigma"] == 0 and result.stats["apt/l_attn"] == 0
     assert result.stats["apt/augment_rate"] == 0.0 and result.stats["apt/loss_weight"] == 1.0
-    trainer._observe(result, batch)
+    observe(trainer, result, batch)
     assert trainer.apt.indicator.gamma().max() == 0.0
     assert trainer.apt.layers["rs"] and trainer.apt.layers["aa"]
 

@@ -3,15 +3,19 @@ the reference pass (LoRA off, no gradients) and the tuned pass on the same input
 diffusion loss plus the RS and AA terms. The indicator is updated from both passes' losses."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from library.apt import augment as aug
 from library.apt.controller import AptController
+from library.errors import UserError
 from library.models.conditioning import sdxl_time_ids
 from library.train.batches import Batch
 from library.train.diffusion import per_sample_mse
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,39 @@ def black_fill(encoder, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
     """Per-channel latent of a black image: what a zoomed-out image's border encodes to."""
     black = -torch.ones(1, 3, size[1], size[0])
     return encoder(black)[0].float().mean(dim=(1, 2)).cpu()
+
+
+def make_apt(trainer) -> AptController:
+    """APT for a trainer whose network is injected and whose VAE is still on the device."""
+    opts, b = trainer.cfg.apt, trainer.bundle
+    exclude = []
+    if opts.aa_exclude_token:
+        exclude = b.tokenizers[0](opts.aa_exclude_token, add_special_tokens=False).input_ids
+        if not exclude:
+            raise UserError(f"[apt] aa_exclude_token: {opts.aa_exclude_token!r} gives no tokens")
+    apt = AptController(opts, b.unet, trainer.network.set_enabled,
+                        int(b.scheduler_config.get("num_train_timesteps", 1000)),
+                        xformers=trainer.cfg.training.attention == "xformers",
+                        eos_id=b.tokenizers[0].eos_token_id, exclude_ids=exclude)
+    apt.fill = black_fill(trainer.encoder)
+    if trainer.accelerator.is_main_process:
+        log.info("APT on: %d RS layers, %d AA layers, augmentation %s", len(apt.layers["rs"]), len(apt.layers["aa"]),
+                 f"in {opts.augment_space} space" if opts.augment else "off")
+    return apt
+
+
+def observe(trainer, result: "AptResult", batch: Batch) -> None:
+    """Update the APT indicator with this micro-batch's losses from every process."""
+    keep = torch.tensor([trainer.cfg.apt.indicator_includes_reg or not trainer.data.records[r].subset.is_reg
+                         for r in batch.records], dtype=torch.float32)
+    rows = torch.stack([result.timesteps.float(), result.loss_theta.float().cpu(), result.loss_ref.float().cpu(),
+                        keep]).T.to(trainer.device)
+    acc = trainer.accelerator
+    if acc.num_processes > 1:
+        rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=0))
+    rows = rows[rows[:, 3] > 0].cpu()  # padding rows and excluded samples have keep = 0
+    if len(rows):
+        trainer.apt.observe(rows[:, 0].long(), rows[:, 1], rows[:, 2])
 
 
 def apt_forward(trainer, apt: AptController, batch: Batch, gen: torch.Generator) -> AptResult:

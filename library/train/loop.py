@@ -22,8 +22,7 @@ from library.lora.weights import from_tensors, load_weights
 from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
 from library.train import checkpoint
-from library.apt.controller import AptController
-from library.train.apt_step import apt_forward, black_fill
+from library.train.apt_step import apt_forward, make_apt, observe
 from library.train.batches import Batch, BatchBuilder, MicroBatches, StepPlan, VaeEncoder, micro_batch_stream
 from library.train.diffusion import Diffusion, per_sample_mse, step_generator
 from library.train.optimizers import build_optimizer
@@ -128,7 +127,7 @@ class Trainer:
         for te in b.text_encoders:
             te.train(self.train_te)
         self.encoder = VaeEncoder(b.vae, self.device)
-        self.apt = self._apt() if t.apt else None
+        self.apt = make_apt(self) if t.apt else None
         self.batches = BatchBuilder(self.data, self.encoder, t.prior_loss_weight, self._latent_cache())
         groups = [{"params": list(self.network.parameters("unet")), "lr": cfg.optimizer.unet_lr or
                    cfg.optimizer.learning_rate, "name": "unet"}]
@@ -147,23 +146,6 @@ class Trainer:
         self.text_cache = self._text_cache()
         self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.total_steps, opt.lr_warmup_steps,
                                          opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
-
-    def _apt(self) -> AptController:
-        opts, b = self.cfg.apt, self.bundle
-        exclude = []
-        if opts.aa_exclude_token:
-            exclude = b.tokenizers[0](opts.aa_exclude_token, add_special_tokens=False).input_ids
-            if not exclude:
-                raise UserError(f"[apt] aa_exclude_token: {opts.aa_exclude_token!r} gives no tokens")
-        apt = AptController(opts, b.unet, self.network.set_enabled,
-                            int(b.scheduler_config.get("num_train_timesteps", 1000)),
-                            xformers=self.cfg.training.attention == "xformers",
-                            eos_id=b.tokenizers[0].eos_token_id, exclude_ids=exclude)
-        apt.fill = black_fill(self.encoder)
-        if self.accelerator.is_main_process:
-            log.info("APT on: %d RS layers, %d AA layers, augmentation %s", len(apt.layers["rs"]),
-                     len(apt.layers["aa"]), f"in {opts.augment_space} space" if opts.augment else "off")
-        return apt
 
     def _latent_cache(self) -> LatentCache | None:
         opts = self.cfg.data
@@ -252,19 +234,6 @@ class Trainer:
         return per_sample.mean(), per_sample.detach(), timesteps
 
     # --- the run ------------------------------------------------------------------------------
-    def _observe(self, result, batch: Batch) -> None:
-        """Update the APT indicator with this micro-batch's losses from every process."""
-        keep = torch.tensor([self.cfg.apt.indicator_includes_reg or not self.data.records[r].subset.is_reg
-                             for r in batch.records], dtype=torch.float32)
-        rows = torch.stack([result.timesteps.float(), result.loss_theta.float().cpu(), result.loss_ref.float().cpu(),
-                            keep]).T.to(self.device)
-        acc = self.accelerator
-        if acc.num_processes > 1:
-            rows = acc.gather(acc.pad_across_processes(rows, dim=0, pad_index=0))
-        rows = rows[rows[:, 3] > 0].cpu()  # padding rows and excluded samples have keep = 0
-        if len(rows):
-            self.apt.observe(rows[:, 0].long(), rows[:, 1], rows[:, 2])
-
     def micro_batches(self, step: int) -> list[list]:
         """The samples of each micro-batch of `step`, from the (possibly multi-process) loader."""
         if self._stream is None or self._stream_next != step:
@@ -321,7 +290,7 @@ class Trainer:
             self.timestep_table.update(per_sample.float().cpu(), timesteps)
             total += loss.item() / len(micro)
         for result, batch in apt_results:
-            self._observe(result, batch)
+            observe(self, result, batch)
         if self.apt is not None:
             self.apt.end_step(step + 1)
             self.step_stats = {k: sum(r.stats[k] for r, _ in apt_results) / len(apt_results)

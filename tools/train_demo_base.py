@@ -301,6 +301,7 @@ def stage_export(work: Path, out: Path) -> None:
         shutil.rmtree(tmp)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     shipped.copy_tokenizer_files(tmp / "tokenizer")
+    (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # 3.6 MB that vocab.json + merges.txt already hold
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

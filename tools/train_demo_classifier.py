@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--vae", type=Path, help="work folder of tools/train_demo_base.py (for VAE augmentation)")
     ap.add_argument("--out", type=Path, default=CLASSIFIER)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args(argv)
 
     from library.utils.runtime import offline_and_quiet
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from library.demo.models import HEADS, ToyClassifier
     from library.utils.atomic import atomic_write_bytes
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vae = None
     if args.vae is not None:
         sys.path.insert(0, str(ROOT / "tools"))

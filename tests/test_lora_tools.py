@@ -26,6 +26,7 @@ import extract_lora  # noqa: E402
 import inspect_lora  # noqa: E402
 import merge_lora  # noqa: E402
 import resize_lora  # noqa: E402
+import sample_lora  # noqa: E402
 
 SPEC = NetworkSpec(dim=4, alpha=3.0, conv_dim=2, conv_alpha=1.5, train_unet=True, train_text_encoders=True)
 
@@ -313,3 +314,37 @@ def test_tools_fail_with_one_line(tmp_path, capsys):
     assert "junk.safetensors" in capsys.readouterr().err
     assert run_tool(resize_lora.main, [str(junk), str(tmp_path / "o.safetensors")]) == 2
     assert "give --rank R" in capsys.readouterr().err
+
+
+def test_sample_lora_writes_lora_and_base_images_for_the_same_seeds(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder, bundle, network, path = trained["sd15"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na red circle --d 5 --s 3\na photo of sks --d 6 --s 3 --l 4\n")
+    out = tmp_path / "samples"
+    assert sample_lora.main(["--model", str(folder), "--lora", str(path), "--prompts", str(prompts), "--out", str(out),
+                             "--compare_base", "--sampler", "ddim"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["sd15_00_5.png", "sd15_00_5_base.png", "sd15_01_6.png", "sd15_01_6_base.png", "sd15_grid.png"]
+    lora_img = np.asarray(Image.open(out / "sd15_00_5.png"), dtype=np.float32)
+    base_img = np.asarray(Image.open(out / "sd15_00_5_base.png"), dtype=np.float32)
+    assert np.abs(lora_img - base_img).mean() > 1  # the LoRA changes the image
+    # Multiplier 0 gives exactly the base model: switching the merged LoRA off restores the weights.
+    zero = tmp_path / "zero"
+    assert sample_lora.main(["--model", str(folder), "--lora", f"{path}:0", "--prompts", "a red circle --d 5 --s 3",
+                             "--out", str(zero), "--name", "z", "--sampler", "ddim"]) == 0
+    assert np.array_equal(np.asarray(Image.open(zero / "z_00_5.png"), dtype=np.float32), base_img)
+
+
+def test_sample_lora_errors_are_one_line(trained, tmp_path, capsys):
+    from library.utils.toolmain import run_tool
+
+    folder, _, _, path = trained["sd15"]
+    assert run_tool(sample_lora.main, ["--model", str(folder), "--lora", str(path), "--prompts",
+                                       str(tmp_path / "missing.txt"), "--out", str(tmp_path)]) == 2
+    assert "missing.txt: no such file" in capsys.readouterr().err
+    assert run_tool(sample_lora.main, ["--model", str(folder), "--lora", str(path), "--prompts", "a cat",
+                                       "--out", str(tmp_path), "--precision", "fp16"]) == 2
+    assert "half precision needs a CUDA GPU" in capsys.readouterr().err

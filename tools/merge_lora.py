@@ -21,35 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_lora(spec: str) -> tuple[Path, float]:
-    from library.errors import UserError
-
-    path, sep, mult = spec.rpartition(":")
-    if sep and path:
-        try:
-            return Path(path), float(mult)
-        except ValueError:
-            pass  # a colon in the path itself (C:\...)
-    if not Path(spec).is_file():
-        raise UserError(f"--lora {spec}: no such file (write FILE or FILE:MULTIPLIER)")
-    return Path(spec), 1.0
-
-
-def load_loras(specs: list[str], index=None):
-    from library.lora.weights import load_weights
-
-    loras = []
-    for spec in specs:
-        path, mult = parse_lora(spec)
-        weights = load_weights(path, index)
-        if weights.unknown:
-            print(f"warning: {path}: {len(weights.unknown)} tensors match no layer of the model and are skipped "
-                  f"(e.g. {weights.unknown[0]})", file=sys.stderr)
-        loras.append((weights, mult))
-    return loras
-
-
 def merge_into_single_file(model: Path, specs: list[str], out: Path) -> None:
+    from library.lora.specs import load_loras
     from safetensors import safe_open
     from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
@@ -76,6 +49,7 @@ def merge_into_single_file(model: Path, specs: list[str], out: Path) -> None:
 
 
 def merge_into_folder(model: Path, specs: list[str], out: Path) -> None:
+    from library.lora.specs import load_loras
     from tqdm.auto import tqdm
 
     from library.config.options import ModelOptions
@@ -104,6 +78,7 @@ def merge_into_folder(model: Path, specs: list[str], out: Path) -> None:
 
 
 def merge_loras_only(specs: list[str], out: Path, rank: int | None, concat: bool) -> None:
+    from library.lora.specs import load_loras
     from tqdm.auto import tqdm
 
     from library.lora.ops import merge_loras

@@ -75,3 +75,37 @@ def merge_into_modules(components: dict[str, torch.nn.Module], loras: list[tuple
                 if progress:
                     progress(1)
     return missing
+
+
+class MergedLoras:
+    """LoRAs merged into loaded modules, switchable off and on again (to compare with the base model).
+
+    Merging, not injecting layers: any file the reader understands works, whatever its ranks or
+    alphas per module, and generation runs at the base model's speed. Switching off restores the
+    saved original weights exactly instead of subtracting the change again."""
+
+    def __init__(self, components: dict[str, torch.nn.Module], loras: list[tuple[LoraWeights, float]], progress=None):
+        self.components, self.loras = components, loras
+        self.originals: dict[tuple[str, str], torch.Tensor] = {}
+        self.missing: list[str] = []
+        for weights, _ in loras:
+            for name in weights.modules:
+                target = weights.index.targets[name]
+                model = components.get(target.component)
+                layer = module_of(model, target.path) if model is not None else None
+                if layer is None:
+                    self.missing.append(name)
+                elif (target.component, target.path) not in self.originals:
+                    self.originals[(target.component, target.path)] = layer.weight.detach().clone()
+        self.enabled = False
+        self.set_enabled(True, progress)
+
+    def set_enabled(self, enabled: bool, progress=None) -> None:
+        if enabled == self.enabled:
+            return
+        with torch.no_grad():
+            for (component, path), weight in self.originals.items():
+                module_of(self.components[component], path).weight.copy_(weight)
+        if enabled:
+            merge_into_modules(self.components, self.loras, progress)
+        self.enabled = enabled

@@ -110,11 +110,15 @@ class Sampler:
         self.zero_terminal_snr = zero_terminal_snr
         self.compare_base = compare_base
 
-    def file_name(self, step: int, index: int, seed: int) -> str:
-        return f"{self.output_name}_{step:06d}_{index:02d}_{seed}.png"
+    def file_name(self, step: int | None, index: int, seed: int) -> str:
+        return f"{self.stem(step)}_{index:02d}_{seed}.png"
+
+    def stem(self, step: int | None) -> str:
+        """output_name_000400 during training; output_name alone for one-off sampling (step None)."""
+        return self.output_name if step is None else f"{self.output_name}_{step:06d}"
 
     @torch.no_grad()
-    def run(self, bundle, unet, device, step: int, autocast, set_lora=None) -> list[tuple[str, Image.Image]]:
+    def run(self, bundle, unet, device, step: int | None, autocast, set_lora=None) -> list[tuple[str, Image.Image]]:
         """Make every prompt's image (and, with compare_base, the base model's for the same seed, the
         LoRA switched off through `set_lora`); returns (file name, image) pairs, grid last."""
         saved = rng_state()
@@ -157,9 +161,9 @@ class Sampler:
                          column_labels=["base model", "with LoRA"])
         else:
             sheet = grid([img for _, img in results])
-        with atomic_path(self.folder / f"{self.output_name}_{step:06d}_grid.png") as tmp:
+        with atomic_path(self.folder / f"{self.stem(step)}_grid.png") as tmp:
             sheet.save(tmp, format="PNG")
-        return results + [(f"{self.output_name}_{step:06d}_grid.png", sheet)]
+        return results + [(f"{self.stem(step)}_grid.png", sheet)]
 
 
 def to_array(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Generate images with a model and one or more LoRA files, offline, as the trainer's samples do.
+
+    python tools/sample_lora.py --model demo/base_model --lora output/demo/demo_lora.safetensors \\
+        --prompts demo/prompts.txt --out output/demo/check --compare_base
+    python tools/sample_lora.py --model sd15.safetensors --lora a.safetensors:0.8 b.safetensors:0.4 \\
+        --prompts "a photo of sks dog on a beach --d 42 --s 30" --out samples
+
+--prompts is a prompt file in the trainer's formats (kohya text lines, TOML or JSON, with the same
+per-prompt options: --n --w --h --s --l --d --ss) or a single prompt line. Any LoRA the reader
+understands works: kohya files (both SDXL naming styles), PEFT/diffusers files, files without
+alpha; each is merged into the loaded model with its multiplier. --compare_base also writes the
+base model's image for the same seed beside each one, and a grid with both columns.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def read_prompts(value: str):
+    from library.errors import UserError
+    from library.train.prompts import load_prompts, parse_line
+
+    path = Path(value)
+    if path.is_file():
+        return load_prompts(path)
+    if path.suffix.lower() in (".txt", ".toml", ".json"):
+        raise UserError(f"--prompts {value}: no such file (give a prompt file, or a prompt in quotes)")
+    return [parse_line(value, "--prompts")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, required=True, help="checkpoint: single-file .safetensors or diffusers folder")
+    ap.add_argument("--lora", nargs="+", required=True, help="LoRA files, each optionally FILE:MULTIPLIER")
+    ap.add_argument("--prompts", required=True, help="prompt file (.txt/.toml/.json) or one prompt line")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the images and the grid")
+    ap.add_argument("--name", help="file name prefix (default: the first LoRA's file name)")
+    ap.add_argument("--sampler", default="euler_a", help="default sampler: euler_a, euler, ddim, dpm++_2m, "
+                                                          "dpm++_2m_karras (a prompt's --ss wins)")
+    ap.add_argument("--size", type=int, nargs="+", metavar="PX",
+                    help="default width [height] (default: the model's native resolution; a prompt's --w/--h win)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d is seed + i")
+    ap.add_argument("--compare_base", action="store_true", help="also the base model's image for each seed")
+    ap.add_argument("--vae", help="a separate VAE file or folder")
+    ap.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                    help="auto: fp16 on a CUDA GPU (bf16 where supported), fp32 on the CPU")
+    args = ap.parse_args(argv)
+
+    from library.errors import UserError
+
+    if not args.model.exists():
+        raise UserError(f"--model {args.model}: no such file or folder")
+    from library.train.prompts import normalise_sampler
+
+    sampler_name = normalise_sampler(args.sampler, "--sampler")
+    prompts = read_prompts(args.prompts)
+    if args.size is not None and len(args.size) not in (1, 2):
+        raise UserError("--size: give WIDTH or WIDTH HEIGHT")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from library.config.options import ModelOptions
+    from library.lora.apply import MergedLoras
+    from library.lora.index import NameIndex
+    from library.lora.specs import load_loras, parse_lora
+    from library.models.loader import load_models
+    from library.train.sampling import Sampler
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else (
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if dtype != torch.float32 and device.type == "cpu":
+        raise UserError(f"--precision {args.precision}: half precision needs a CUDA GPU; use fp32 on the CPU")
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
+                                      v_parameterization=args.v_parameterization))
+    loras = load_loras(args.lora, NameIndex.for_model(bundle))
+    components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
+    for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
+        module.to(device, torch.float32).eval()
+    with tqdm(total=sum(len(w.modules) for w, _ in loras), desc="merging") as bar:
+        merged = MergedLoras(components, loras, bar.update)
+    if merged.missing:
+        raise UserError(f"{args.model}: has no layer for {merged.missing[0]} (and {len(merged.missing) - 1} more) "
+                        "that the LoRA changes; is the LoRA for this architecture?")
+    if dtype != torch.float32:  # merged in fp32, run in half precision (the SDXL VAE stays fp32)
+        for module in [bundle.unet, *bundle.text_encoders]:
+            module.to(dtype)
+    size = bundle.native_resolution
+    default_size = (args.size[0], args.size[-1]) if args.size else (size, size)
+    name = args.name or parse_lora(args.lora[0])[0].stem
+    sampler = Sampler(prompts, args.out, name, default_size, sampler_name, args.seed, bundle.v_parameterization,
+                      False, args.compare_base)
+    results = sampler.run(bundle, bundle.unet, device, None, nullcontext, merged.set_enabled)
+    print(f"wrote {len(results) - 1} images and {results[-1][0]} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    from library.utils.toolmain import run_tool
+
+    sys.exit(run_tool(main))

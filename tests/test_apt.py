@@ -205,6 +205,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, tiny
     ("sdxl", [("apt.rs", "false")]),
     ("sdxl", [("apt.aa", "false")]),
     ("sd15", [("apt.augment_space", "pixel"), ("apt.aa_distance", "kl"), ("apt.rs_features", "qkv")]),
+    ("sdxl", [("mixed_precision", "bf16"), ("gradient_checkpointing", "true")]),  # bf16 autocast, as on GPUs
     ("sdxl", [("apt.aa_distance", "logits"), ("apt.aa_exclude_token", "shape"), ("apt.rs_layers", "[\"up\"]"),
               ("apt.aa_layers", "[\"mid\", \"down_blocks.2\"]"), ("apt.min_weight", "0.2")]),
 ])

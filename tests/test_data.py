@@ -68,6 +68,8 @@ def test_alpha_mask_allowed_at_every_level(images):
      "ds.toml: [[datasets]] #1: is_reg: not allowed here; it belongs in [[datasets.subsets]]"),
     ({"datasets": [{"subsets": [{"image_dir": "x"}]}, {"subsets": [{"image_dir": "x", "num_repeat": 2}]}]},
      "ds.toml: [[datasets]] #2 [[datasets.subsets]] #1: num_repeat: unknown dataset key; did you mean num_repeats?"),
+    ({"datasets": [{"bucket_reso_step": 64, "subsets": [{"image_dir": "x"}]}]},
+     "ds.toml: [[datasets]] #1: bucket_reso_step: unknown dataset key; did you mean bucket_reso_steps?"),
     ({"general": {"enable_buckets": True}, "datasets": [{"subsets": [{"image_dir": "x"}]}]},
      "ds.toml: [general]: enable_buckets: unknown dataset key; did you mean enable_bucket?"),
     ({"datasets": [{"color_aug": True, "subsets": [{"image_dir": "x"}]}]},
@@ -290,6 +292,12 @@ def test_caption_dropout_prefix_suffix_and_tag_dropout():
     assert all(o.startswith("sks") for o in outs)
     kept = np.mean([len(o.split(", ")) - 1 for o in outs])
     assert 2.5 < kept < 4.5  # 7 droppable tags at rate 0.5
+    # Deterministic per seed: the same seed drops the same captions and tags, another seed others.
+    def run(seed):
+        rng = random.Random(seed)
+        both = subset(caption_dropout_rate=0.3, caption_tag_dropout_rate=0.4, keep_tokens=1)
+        return [process_caption("sks, a, b, c, d, e, f, g", both, 1, rng) for _ in range(50)]
+    assert run(3) == run(3) and run(3) != run(4)
 
 
 # --- order, repeats, regularisation ----------------------------------------------------------

@@ -92,6 +92,22 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_models, images):
     assert after < 0.8 * before, (before, after)
 
 
+def test_loss_by_timestep_table_reports_ten_times_per_run_with_raw_losses(tmp_path, tiny_models, images):
+    path = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=25)
+    code, _, err = run_main(["--config", str(path), "--min_snr_gamma", "1", "--log_with", "none"])
+    assert code == 0, err
+    reports = [line for line in err.splitlines() if "loss by timestep" in line]
+    # One report per tenth of the run (whatever the epoch length) and the last one at the end.
+    assert len(reports) == 10 and "step 25/25" in reports[-1] and "step 3/25" in reports[0]
+    # The per-sample values behind the table are the plain MSE, not the Min-SNR-weighted loss.
+    trainer = Trainer(build_config(str(path), [("min_snr_gamma", "1")]))
+    batch = trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+    with torch.no_grad():
+        weighted, raw, _ = trainer.forward(batch, step_generator(5, 0, 0))
+        plain = trainer.forward(batch, step_generator(5, 0, 0), weighted=False)[0]
+    assert torch.allclose(raw.mean(), plain) and not torch.allclose(weighted, plain)
+
+
 def test_text_encoders_and_conv_layers_with_separate_learning_rates(tmp_path, tiny_models, images):
     path = tiny_config(tmp_path, tiny_models["sdxl"], images, max_train_steps=2)
     cfg = build_config(str(path), [("network_train_unet_only", "false"), ("conv_dim", "2"), ("conv_alpha", "1"),

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class AptResult:
     loss: torch.Tensor        # what is back-propagated
-    per_sample: torch.Tensor  # weighted per-sample diffusion losses (detached)
     timesteps: torch.Tensor
     loss_theta: torch.Tensor  # unweighted per-sample losses of both passes, for the indicator
     loss_ref: torch.Tensor
@@ -114,4 +113,4 @@ def apt_forward(trainer, apt: AptController, batch: Batch, gen: torch.Generator)
              "apt/l_mu": terms.l_mu.detach().item(), "apt/l_sigma": terms.l_sigma.detach().item(),
              "apt/l_attn": terms.l_attn.detach().item(),
              "apt/augment_rate": plan.rate if plan is not None else 0.0, "apt/loss_weight": float(weights.mean())}
-    return AptResult(loss, per_sample.detach(), timesteps, loss_theta.detach(), loss_ref.detach(), stats)
+    return AptResult(loss, timesteps, loss_theta.detach(), loss_ref.detach(), stats)

@@ -205,7 +205,10 @@ class Trainer:
     # --- one micro-batch ----------------------------------------------------------------------
     def forward(self, batch: Batch, gen: torch.Generator, timesteps: torch.Tensor | None = None,
                 unet=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean loss, per-sample losses, timesteps) of one batch."""
+        """(mean loss, unweighted per-sample MSE (detached), timesteps) of one batch.
+
+        The per-sample values stay unweighted so the loss-by-timestep table shows how well each
+        timestep is denoised, whatever loss weighting the user chose."""
         latents = batch.latents.to(self.device)
         if timesteps is None:
             timesteps = self.diffusion.sample_timesteps(latents.shape[0], gen)
@@ -225,13 +228,14 @@ class Trainer:
         pred = (unet or self.unet)(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
         target = self.diffusion.target(latents, noise, timesteps)
         mask = batch.mask.to(self.device) if batch.mask is not None else None
-        per_sample = per_sample_mse(pred, target, mask)
+        raw = per_sample_mse(pred, target, mask)
+        per_sample = raw
         if weighted:
             per_sample = per_sample * batch.weights.to(self.device)
             snr = self.diffusion.loss_weights(timesteps)
             if snr is not None:
                 per_sample = per_sample * snr.to(self.device)
-        return per_sample.mean(), per_sample.detach(), timesteps
+        return per_sample.mean(), raw.detach(), timesteps
 
     # --- the run ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list]:
@@ -271,7 +275,7 @@ class Trainer:
             with (nullcontext() if sync else acc.no_sync(self.unet)), acc.autocast():
                 if self.apt is not None:
                     result = apt_forward(self, self.apt, batch, gen)
-                    loss, per_sample, timesteps = result.loss, result.per_sample, result.timesteps
+                    loss, per_sample, timesteps = result.loss, result.loss_theta, result.timesteps
                     apt_results.append((result, batch))
                 else:
                     loss, per_sample, timesteps = self.forward(batch, gen)

@@ -70,8 +70,11 @@ class Outputs:
         every = cfg.training.validate_every_n_steps
         if every and n % every == 0 and not final:
             self.validate(n)
-        if epoch_end and self.main:
-            log.info("epoch %d done; loss by timestep:\n%s", epoch, self.trainer.timestep_table.render())
+        total = self.trainer.total_steps
+        # Ten reports per run whatever the epoch length: one per epoch floods the log on small sets.
+        if self.main and (final or (n * 10) // total != ((n - 1) * 10) // total):
+            log.info("step %d/%d (epoch %d): loss by timestep (unweighted MSE, moving average):\n%s",
+                     n, total, epoch, self.trainer.timestep_table.render())
 
     def finish(self) -> Path:
         n = self.trainer.step

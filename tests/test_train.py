@@ -164,3 +164,18 @@ def test_gpu_only_options_fail_clearly_on_cpu(tmp_path, tiny_models, images, opt
     code, _, err = run_main(["--config", str(path), f"--{option}", value])
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and message in last and "Traceback" not in err
+
+
+def test_cpu_threads_use_the_cores_unless_chosen(monkeypatch):
+    import os
+
+    from library.train.setup import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        assert set_cpu_threads(0, 1) == 8 and torch.get_num_threads() == 8  # not accelerate's OMP_NUM_THREADS=1
+        assert set_cpu_threads(0, 2) == 4  # shared among two local DDP processes
+        assert set_cpu_threads(3, 1) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

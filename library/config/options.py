@@ -115,6 +115,9 @@ class TrainingOptions:
     max_data_loader_n_workers: int = option(
         2, "background processes decoding images ahead of the GPU (0 = in the main process; unused with cached "
            "latents)", ge=0)
+    cpu_threads: int = option(
+        0, "torch threads per process when training on the CPU (0 = the cores divided among the processes on "
+           "this machine; accelerate launch alone would start one thread)", ge=0, kohya=False)
     validate_every_n_steps: Optional[int] = option(
         None, "validation loss on the validation_split images every N steps (and at start and end)", ge=1,
         kohya=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -35,8 +36,20 @@ def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     # Only LoRA weights get gradients and every one is used each step.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     project = ProjectConfiguration(project_dir=cfg.saving.output_dir, logging_dir=logging_dir)
-    return Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp], log_with=trackers or None,
-                       project_config=project), precision
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp], log_with=trackers or None,
+                              project_config=project)
+    if cpu:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        set_cpu_threads(cfg.training.cpu_threads, local)
+    return accelerator, precision
+
+
+def set_cpu_threads(requested: int, local_processes: int) -> int:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 when it is unset, which halves the speed of a CPU run
+    on two cores; use the machine's cores (shared among local processes) unless the user chose."""
+    threads = requested or max(1, (os.cpu_count() or 1) // max(local_processes, 1))
+    torch.set_num_threads(threads)
+    return threads
 
 
 def set_attention(unet, backend: str, device: torch.device) -> None:

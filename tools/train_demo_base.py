@@ -302,6 +302,10 @@ def stage_export(work: Path, out: Path) -> None:
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     shipped.copy_tokenizer_files(tmp / "tokenizer")
     (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)  # 3.6 MB that vocab.json + merges.txt already hold
+    # Stored in fp16 to halve the size, but transformers loads a config's dtype as is: declare fp32
+    # so that a plain StableDiffusionPipeline.from_pretrained gets one dtype for every component.
+    te_config = tmp / "text_encoder" / "config.json"
+    te_config.write_text(te_config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

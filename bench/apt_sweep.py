@@ -2,7 +2,8 @@
 """Sweep APT's regulariser weights and measure fit against drift, to choose their defaults.
 
     python bench/apt_sweep.py                         # tiny SD1.5-architecture model, CPU minutes
-    python bench/apt_sweep.py --model PATH --resolution 64 --steps 150   # e.g. the demo base model
+    python bench/apt_sweep.py --demo --steps 200 --learning_rate 1e-3   # the shipped demo model
+    python bench/apt_sweep.py --model PATH --resolution 64 --steps 150   # any model, synthetic images
 
 For each value of lambda_dist (attention alignment off) and of lambda_attn (representation
 stabilisation off), and for plain LoRA, a LoRA is trained on a few images at equal steps and
@@ -75,6 +76,8 @@ def run(cfg_path: Path, overrides: list[tuple[str, str]], prior_dir: Path) -> tu
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model folder or file (default: a tiny random SD1.5-architecture model)")
+    ap.add_argument("--demo", action="store_true",
+                    help="the shipped demo model, trained on the demo concept; drift on rendered scenes of its world")
     ap.add_argument("--resolution", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--learning_rate", type=float, default=2e-3)
@@ -93,14 +96,24 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="apt_sweep_"))
     model = args.model
-    if model is None:
+    if model is None and not args.demo:
         save_diffusers(build_tiny_pipeline("sd15"), work / "model")
         model = str(work / "model")
-    images = make_images(work / "train", 4, size=(args.resolution,) * 2, caption="a sks shape on a plain background")
     prior = work / "prior"
-    make_images(prior, len(PRIOR_PROMPTS), size=(args.resolution,) * 2)
-    for i, prompt in enumerate(PRIOR_PROMPTS):
-        (prior / f"img{i:02d}.txt").write_text(prompt)
+    if args.demo:
+        from library.demo.models import BASE_MODEL, CONCEPT_DIR
+        from library.demo.world import render, scenes
+
+        model, images = str(BASE_MODEL), CONCEPT_DIR
+        prior.mkdir()
+        for i, scene in enumerate(scenes(99, 8)):
+            render(scene).save(prior / f"img{i:02d}.png")
+            (prior / f"img{i:02d}.txt").write_text(scene.caption())
+    else:
+        images = make_images(work / "train", 4, size=(args.resolution,) * 2, caption="a sks shape on a plain background")
+        make_images(prior, len(PRIOR_PROMPTS), size=(args.resolution,) * 2)
+        for i, prompt in enumerate(PRIOR_PROMPTS):
+            (prior / f"img{i:02d}.txt").write_text(prompt)
     variants = [("plain LoRA", [])]
     off = [("apt", "true"), ("apt.augment", "false"), ("apt.loss_weighting", "false")]
     variants += [(f"RS lambda_dist={v:g}", off + [("apt.aa", "false"), ("apt.lambda_dist", str(v))])

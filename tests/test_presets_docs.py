@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from library.config.dataset import COMMON, DATASET_LEVEL, SUBSET_ONLY
 from library.config.loader import all_options
@@ -53,18 +51,11 @@ def test_dataset_example_parses(tmp_path):
     assert bp.datasets[0].subsets[1].is_reg
 
 
-def test_embedded_default_job_as_in_readme(tmp_path):
-    """README's first command minus the install: make the tiny model, run presets/tiny.toml."""
-    model = tmp_path / "tiny-sd15"
-    subprocess.run([sys.executable, "tools/make_tiny_model.py", "--arch", "sd15", "--out", str(model)],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run([sys.executable, "train_apt_lora.py", "--config", "presets/tiny.toml",
-                           "--pretrained_model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    tensors = load_file(str(tmp_path / "out" / "tiny_lora.safetensors"))
-    assert len(tensors) == 3 * 192
-    readme = (REPO / "README.md").read_text().split("```")
-    assert "make_tiny_model.py --arch sd15 --out models/tiny-sd15" in readme[1]
-    assert "train_apt_lora.py --config presets/tiny.toml" in readme[1]
-    assert "python -m pytest" in readme[3] and "python -m pytest" in (REPO / ".ci" / "run").read_text()
+def test_readme_starts_with_the_two_commands():
+    blocks = (REPO / "README.md").read_text().split("```")
+    assert blocks[0].startswith("# ") and blocks[1].startswith("bash\n") and blocks[3].startswith("bash\n")
+    demo, tests = blocks[1].strip().splitlines()[1], blocks[3].strip().splitlines()[1]
+    assert "pip install -r requirements.txt" in demo and demo.endswith("train_apt_lora.py --config presets/demo.toml")
+    assert "requirements-dev.txt" in tests and tests.endswith("python -m pytest -q")
+    assert tests.split("&& ", 2)[-1] in (REPO / ".ci" / "run").read_text()
+    assert (REPO / "presets" / "demo.toml").is_file()

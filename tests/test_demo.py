@@ -1,0 +1,129 @@
+"""The embedded demo: world generator, shipped base model and classifier, training scripts, preset."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from library.demo.models import BASE_MODEL, CLASSIFIER, CONCEPT_DIR, load_classifier
+from library.demo.world import SHAPES, Scene, held_out_pairs, render, scenes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def digest(images) -> str:
+    h = hashlib.sha256()
+    for img in images:
+        h.update(np.asarray(img).tobytes())
+    return h.hexdigest()
+
+
+def test_world_is_deterministic_and_captioned():
+    a = list(scenes(5, 30))
+    assert a == list(scenes(5, 30)) and a != list(scenes(6, 30))
+    assert digest(render(s) for s in a) == digest(render(s) for s in scenes(5, 30))
+    s = Scene("star", "red", "small", "blue", "striped")
+    assert s.caption() == "a small red star on a striped blue background"
+    assert Scene("heart", "white", "large", "black", "plain").caption() == "a large white heart on a black background"
+    assert Scene("crescent", "yellow", "large", "blue", "plain").caption() == \
+        "a large yellow sks crescent on a blue background"
+    img = np.asarray(render(s))
+    assert img.shape == (64, 64, 3)
+    assert tuple(img[32, 32]) == (215, 35, 35)  # the shape's colour at the centre
+    held = held_out_pairs()
+    assert len(held) == 8 and all(shape in SHAPES for shape, _ in held)
+    assert not any((x.shape, x.colour) in held for x in scenes(1, 500, exclude=held))
+
+
+def test_shipped_base_model_loads_in_the_trainer_and_in_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    from library.config.options import ModelOptions
+    from library.models.loader import load_models
+
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(BASE_MODEL)))
+    assert bundle.arch == "sd1" and bundle.native_resolution == 64
+    size = sum(p.stat().st_size for p in BASE_MODEL.rglob("*") if p.is_file())
+    assert size < 25 * 2 ** 20
+    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL), local_files_only=True)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}  # fp16 on disk, fp32 loaded
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a large red star on a white background", num_inference_steps=8, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 5  # an image, not a flat colour
+
+
+def test_shipped_classifier_reads_rendered_scenes():
+    from library.demo.evaluate import accuracy, score
+
+    classifier = load_classifier()
+    assert CLASSIFIER.stat().st_size < 5 * 2 ** 20
+    test = list(scenes(4242, 64))
+    acc = accuracy(score(classifier, [render(s) for s in test]), test)
+    assert acc["shape"] > 0.9 and acc["colour"] > 0.9 and acc["background"] > 0.9
+
+
+def test_concept_set_is_shipped_with_captions():
+    images = sorted(CONCEPT_DIR.glob("*.png"))
+    assert 4 <= len(images) <= 6
+    for path in images:
+        assert Image.open(path).size == (64, 64)
+        assert "sks crescent" in path.with_suffix(".txt").read_text()
+
+
+def test_training_scripts_run_a_few_steps(tmp_path):
+    base = subprocess.run([sys.executable, "tools/train_demo_base.py", "--work", str(tmp_path / "work"), "--out",
+                           str(tmp_path / "model"), "--images", "64", "--vae_steps", "2", "--text_steps", "2",
+                           "--unet_steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert base.returncode == 0, base.stderr[-2000:]
+    assert (tmp_path / "model" / "unet" / "config.json").is_file()
+    assert '"dtype": "float32"' in (tmp_path / "model" / "text_encoder" / "config.json").read_text()
+    again = subprocess.run([sys.executable, "tools/train_demo_base.py", "--work", str(tmp_path / "work"), "--out",
+                            str(tmp_path / "model2"), "--resume", "--stages", "export"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a = (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    b = (tmp_path / "model2" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert a == b  # resumed from the work folder: the same weights
+    clf = subprocess.run([sys.executable, "tools/train_demo_classifier.py", "--steps", "2", "--batch", "8", "--out",
+                          str(tmp_path / "c.safetensors")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert clf.returncode == 0, clf.stderr[-2000:]
+    assert load_classifier(tmp_path / "c.safetensors") is not None
+
+
+def test_demo_preset_runs_as_in_readme(tmp_path):
+    """README's main job (with fewer steps), from the repository root as README runs it."""
+    proc = subprocess.run([sys.executable, "train_apt_lora.py", "--config", "presets/demo.toml", "--max_train_steps",
+                           "4", "--sample_every_n_steps", "4", "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert (out / "demo_lora.safetensors").is_file() and (out / "apt_indicator.png").is_file()
+    grid = Image.open(out / "sample" / "demo_lora_000004_grid.png")
+    assert grid.height >= 8 * 64 and len(list((out / "sample").glob("*_base.png"))) == 8
+    assert "APT on" in proc.stderr
+
+
+def test_efficacy_benchmark_writes_its_table_and_plot(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/apt_efficacy.py", "--seeds", "1", "--steps", "3", "--images_per_prompt",
+                           "2", "--sample_steps", "3", "--variants", "LoRA", "APT (full)", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "apt_efficacy.md").read_text()
+    assert "| metric | better | base model (no LoRA) | LoRA | APT (full) |" in table
+    for label in ("concept fidelity", "prompt following: colour", "renders of the prompted scene", "prior prompts: shape accuracy", "diversity",
+                  "memorisation"):
+        assert label in table
+    import json
+    results = json.loads((tmp_path / "apt_efficacy.json").read_text())
+    assert set(results) == {"base model (no LoRA)", "LoRA", "APT (full)"} and len(results["LoRA"]) == 1
+    base = results["base model (no LoRA)"][0]
+    assert abs(base["prior_drift"]) < 1e-4 and base["memorisation"] == 0
+    assert 0 <= results["LoRA"][0]["prior_shape"] <= 1
+    assert (tmp_path / "apt_efficacy.png").stat().st_size > 1000

@@ -164,6 +164,12 @@ def test_tags_append_and_skip(tmp_path, tagger_folder):
     images[2].with_suffix(".txt").write_text("untouched\n")
     assert tag_images.main([str(tmp_path / "imgs"), "--model", str(tagger_folder)]) == 0
     assert images[2].with_suffix(".txt").read_text() == "untouched\n"
+    # An existing caption that is not UTF-8 is left as it was under --append; the others are tagged.
+    images[1].with_suffix(".txt").write_bytes(b"\xff\xfe bad")
+    images[2].with_suffix(".txt").unlink()
+    assert tag_images.main([str(tmp_path / "imgs"), "--model", str(tagger_folder), "--append"]) == 0
+    assert images[1].with_suffix(".txt").read_bytes() == b"\xff\xfe bad"
+    assert images[2].with_suffix(".txt").is_file()
 
 
 def test_tagger_preprocessing_pads_white_and_uses_bgr():

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(n_out, int) and n_out != len(tags.names):
         raise UserError(f"{tags_file}: {len(tags.names)} tags but the model predicts {n_out}")
     written = 0
+    unreadable_captions: list[str] = []
     with tqdm(total=len(todo), desc="tagging", unit="image") as bar:
         batches = BatchLoader(todo, 1 if fixed_batch else args.batch_size, lambda img: prepare(img, size), bar.update)
         for chunk, arrays in batches:
@@ -150,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         old = [t.strip() for t in read_caption_file(target).split(args.caption_separator.strip())
                                if t.strip()]
-                    except BadCaption as exc:
-                        raise UserError(str(exc)) from None
+                    except BadCaption as exc:  # leave a file we cannot read untouched; tag the others
+                        unreadable_captions.append(str(exc))
+                        continue
                     found = old + [t for t in found if t not in old]
                 text = args.caption_separator.join(found)
                 if args.dry_run:
@@ -159,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     atomic_write_text(target, text + "\n")
                     written += 1
-    for message in batches.bad:
+    for message in batches.bad + unreadable_captions:
         print(f"skipped: {message}", file=sys.stderr)
     print(f"{len(images)} images: {written} tag files written, {len(images) - len(todo)} kept (use --overwrite "
-          f"or --append), {len(batches.bad)} unreadable" + (" (dry run: nothing written)" if args.dry_run else ""))
+          f"or --append), {len(batches.bad)} unreadable"
+          + (f", {len(unreadable_captions)} existing captions unreadable (left as they were)" if unreadable_captions
+             else "") + (" (dry run: nothing written)" if args.dry_run else ""))
     return 0
 
 

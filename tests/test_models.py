@@ -134,3 +134,19 @@ def test_inpainting_checkpoint_is_refused(tmp_path):
                "first_stage_model.decoder.conv_out.weight": torch.zeros(3, 128, 3, 3)}, str(path))
     with pytest.raises(UserError, match="9 input channels"):
         plan_model(opts(path))
+
+
+def test_make_tiny_model_tool_writes_a_folder_and_a_single_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--arch", "sdxl", "--out", str(tmp_path / "m"),
+                           "--single_file", str(tmp_path / "m.safetensors")], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folder, single = load_models(opts(tmp_path / "m")), load_models(opts(tmp_path / "m.safetensors"))
+    assert folder.arch == single.arch == "sdxl"
+    a, b = folder.unet.state_dict(), single.unet.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -33,7 +33,10 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,53 +91,71 @@ def evaluation_prompts():
 
 
 def scene_embeddings(classifier, scenes, renders: int = 8):
-    """Per scene, the mean normalised classifier feature of renders at jittered positions/angles."""
+    """Per scene, the mean normalised classifier feature of renders at random positions/angles."""
     import random
 
-    import torch
-
     from library.demo.evaluate import score
-    from library.demo.world import SIZES, render
+    from library.demo.world import placed, render
 
     rng = random.Random(0)
     out = []
     for sc in scenes:
-        margin = SIZES[sc.size] + 0.04
-        jittered = [render(type(sc)(sc.shape, sc.colour, sc.size, sc.background, sc.pattern,
-                                    rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin),
-                                    rng.uniform(-12, 12))) for _ in range(renders)]
-        out.append(torch.nn.functional.normalize(score(classifier, jittered).embeddings.mean(0), dim=0))
+        renders_of_scene = [render(placed(sc, rng)) for _ in range(renders)]
+        out.append(torch.nn.functional.normalize(score(classifier, renders_of_scene).embeddings.mean(0), dim=0))
     return torch.stack(out)
+
+
+@dataclass
+class References:
+    """What every run is compared with, computed once: the base model's prior images, the renders
+    of the prompted compositional scenes, and the training images."""
+    base_prior: object           # Scores of the base model on the prior prompts
+    scene_targets: torch.Tensor  # (compositional images, D)
+    train_embeddings: torch.Tensor
+
+
+def references(trainer, classifier, args) -> References:
+    from PIL import Image
+
+    from library.demo.evaluate import generate, pipeline, score
+    from library.demo.models import to_tensor
+
+    compositional, prior = evaluation_prompts()
+    trainer.network.set_enabled(False)
+    try:
+        with torch.no_grad():
+            pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
+            base_prior = score(classifier, generate(pipeline(trainer.bundle, trainer.base_unet), pri,
+                                                    steps=args.sample_steps, scale=args.cfg))
+            train = to_tensor([Image.open(r.path).convert("RGB") for r in trainer.data.records])
+            train_emb = torch.nn.functional.normalize(classifier.embed(train), dim=1)
+    finally:
+        trainer.network.set_enabled(True)
+    comp_truth = [sc for sc in compositional for _ in range(args.images_per_prompt)]
+    return References(base_prior, scene_embeddings(classifier, comp_truth), train_emb)
 
 
 def memorisation(trainer, per_bin_seeds: int = 3) -> float:
     """1000 x (L_ref - L_theta) on the training images with fixed noise, averaged over 10 bins."""
-    import torch
-
-    torch.set_grad_enabled(False)
     batch = trainer.batches.build_fixed(trainer.data.train_indices())
     gaps = []
-    for b in range(10):
-        t = torch.full((len(batch.records),), b * 100 + 50)
-        theta, ref = [], []
-        for s in range(per_bin_seeds):
-            gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
-            theta.append(trainer.forward(batch, gen, timesteps=t, unet=trainer.base_unet, weighted=False)[0].item())
-            trainer.network.set_enabled(False)
-            gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
-            ref.append(trainer.forward(batch, gen, timesteps=t, unet=trainer.base_unet, weighted=False)[0].item())
+    with torch.no_grad():
+        for b in range(10):
+            t = torch.full((len(batch.records),), b * 100 + 50)
+            theta, ref = [], []
+            for s in range(per_bin_seeds):
+                for enabled, losses in ((True, theta), (False, ref)):
+                    trainer.network.set_enabled(enabled)
+                    gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
+                    losses.append(trainer.forward(batch, gen, timesteps=t, unet=trainer.base_unet,
+                                                  weighted=False)[0].item())
             trainer.network.set_enabled(True)
-        gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
-    torch.set_grad_enabled(True)
+            gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
     return statistics.mean(gaps)
 
 
-def evaluate_run(trainer, classifier, base_prior_scores, args) -> tuple[dict[str, float], list]:
-    import torch
-    from PIL import Image
-
+def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float]:
     from library.demo.evaluate import generate, mean_pairwise_distance, pipeline, score
-    from library.demo.models import to_tensor
 
     compositional, prior = evaluation_prompts()
     pipe = pipeline(trainer.bundle, trainer.base_unet)
@@ -146,24 +167,25 @@ def evaluate_run(trainer, classifier, base_prior_scores, args) -> tuple[dict[str
         imgs = generate(pipe, ident + comp + pri, steps=args.sample_steps, scale=args.cfg)
     n1, n2 = len(ident), len(ident) + len(comp)
     s_ident, s_comp, s_prior = score(classifier, imgs[:n1]), score(classifier, imgs[n1:n2]), score(classifier, imgs[n2:])
-    with torch.no_grad():
-        train_emb = torch.nn.functional.normalize(
-            classifier.embed(to_tensor([Image.open(r.path).convert("RGB") for r in trainer.data.records])), dim=1)
-    fidelity = float((s_ident.embeddings @ train_emb.T).mean())
     comp_truth = [sc for sc in compositional for _ in range(args.images_per_prompt)]
-    follow_scene = float((s_comp.embeddings * scene_embeddings(classifier, comp_truth)).sum(1).mean())
     prior_truth = [sc for sc in prior for _ in range(args.images_per_prompt)]
-    follow_colour = statistics.mean(p == t.colour for p, t in zip(s_comp.predictions["colour"], comp_truth))
-    follow_bg = statistics.mean(p == t.background for p, t in zip(s_comp.predictions["background"], comp_truth))
-    prior_shape = statistics.mean(p == t.shape for p, t in zip(s_prior.predictions["shape"], prior_truth))
-    prior_colour = statistics.mean(p == t.colour for p, t in zip(s_prior.predictions["colour"], prior_truth))
-    drift = float((1 - (s_prior.embeddings * base_prior_scores.embeddings).sum(1)).mean())
+
+    def share(predictions, truth, head):
+        return statistics.mean(p == getattr(t, head) for p, t in zip(predictions[head], truth))
+
     k = args.images_per_prompt
-    diversity = statistics.mean(mean_pairwise_distance(s_comp.embeddings[i:i + k])
-                                for i in range(0, len(comp), k))
-    return {"fidelity": fidelity, "follow_scene": follow_scene, "follow_colour": follow_colour, "follow_background": follow_bg,
-            "prior_shape": prior_shape, "prior_colour": prior_colour, "prior_drift": drift, "diversity": diversity,
-            "memorisation": memorisation(trainer)}, imgs
+    return {
+        "fidelity": float((s_ident.embeddings @ refs.train_embeddings.T).mean()),
+        "follow_scene": float((s_comp.embeddings * refs.scene_targets).sum(1).mean()),
+        "follow_colour": share(s_comp.predictions, comp_truth, "colour"),
+        "follow_background": share(s_comp.predictions, comp_truth, "background"),
+        "prior_shape": share(s_prior.predictions, prior_truth, "shape"),
+        "prior_colour": share(s_prior.predictions, prior_truth, "colour"),
+        "prior_drift": float((1 - (s_prior.embeddings * refs.base_prior.embeddings).sum(1)).mean()),
+        "diversity": statistics.mean(mean_pairwise_distance(s_comp.embeddings[i:i + k])
+                                     for i in range(0, len(comp), k)),
+        "memorisation": memorisation(trainer),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,16 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_and_quiet()
     setup_logging(main_process=False)
-    import torch
-
     from library.config import build_config
-    from library.demo.evaluate import generate, pipeline, score
     from library.demo.models import load_classifier
     from library.train.loop import Trainer
 
     args.out.mkdir(parents=True, exist_ok=True)
     classifier = load_classifier()
-    compositional, prior = evaluation_prompts()
     started = time.time()
 
     def make_trainer(name: str, seed: int):
@@ -204,12 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # The reference point: the base model, scored like the LoRAs (its drift and memorisation are 0).
     trainer = make_trainer("LoRA", 0)
+    refs = references(trainer, classifier, args)
     trainer.network.set_enabled(False)
-    with torch.no_grad():
-        pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
-        base_prior = score(classifier, generate(pipeline(trainer.bundle, trainer.base_unet), pri,
-                                                steps=args.sample_steps, scale=args.cfg))
-    base_metrics, _ = evaluate_run(trainer, classifier, base_prior, args)
+    base_metrics = evaluate_run(trainer, classifier, refs, args)
     results: dict[str, list[dict]] = {BASE: [{**base_metrics, "train_seconds": 0.0}]}
     print(f"{BASE} " + " ".join(f"{k}={v:.3f}" for k, v in base_metrics.items()), flush=True)
     results.update({v: [] for v in args.variants})
@@ -219,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             tick = time.time()
             trainer.run()
             trainer.bundle.vae.to(trainer.device)
-            metrics, _ = evaluate_run(trainer, classifier, base_prior, args)
+            metrics = evaluate_run(trainer, classifier, refs, args)
             metrics["train_seconds"] = time.time() - tick
             results[name].append(metrics)
             print(f"seed {seed} {name:10s} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)

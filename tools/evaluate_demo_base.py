@@ -48,16 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         acc = accuracy(score(classifier, images), scenes)
         print(f"CFG {cfg:g}: shape {acc['shape']:.3f}, colour {acc['colour']:.3f}, background {acc['background']:.3f}")
         if args.grid:
+            from library.train.sampling import grid
             from library.utils.atomic import atomic_path
 
-            from PIL import Image
-
-            cols = args.per_pair
-            sheet = Image.new("RGB", (64 * cols, 64 * ((len(images) + cols - 1) // cols)))
-            for i, img in enumerate(images):
-                sheet.paste(img, ((i % cols) * 64, (i // cols) * 64))
             with atomic_path(args.grid.with_name(f"{args.grid.stem}_cfg{cfg:g}{args.grid.suffix}")) as tmp:
-                sheet.save(tmp, format="PNG")
+                grid(images, columns=args.per_pair).save(tmp, format="PNG")
     return 0
 
 

@@ -37,6 +37,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def optimizer_step(opt, sched, loss, clip_params=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        import torch
+
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def save_weights(module, path: Path) -> None:
+    """safetensors, atomically: a stage counts as done when its file exists, so it must be whole."""
+    from safetensors.torch import save
+
+    from library.utils.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in module.state_dict().items()}))
+
+
 # --- images -------------------------------------------------------------------------------------
 
 def stage_images(work: Path, count: int, seed: int) -> None:
@@ -44,6 +64,7 @@ def stage_images(work: Path, count: int, seed: int) -> None:
     import torch
 
     from library.demo.world import held_out_pairs, render, scenes
+    from library.utils.atomic import atomic_path
 
     out = work / "pool.pt"
     if out.exists():
@@ -51,8 +72,9 @@ def stage_images(work: Path, count: int, seed: int) -> None:
     held = held_out_pairs()
     pool = list(scenes(seed, count, exclude=held))
     pixels = np.stack([np.asarray(render(s)) for s in pool])  # uint8 N x 64 x 64 x 3
-    torch.save({"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
-                "captions": [s.caption() for s in pool]}, out)
+    with atomic_path(out) as tmp:
+        torch.save({"pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(),
+                    "captions": [s.caption() for s in pool]}, tmp)
     log(f"rendered {count} scenes (held out: {sorted(held)})")
 
 
@@ -71,7 +93,6 @@ def to_unit(pixels):
 def stage_vae(work: Path, steps: int, seed: int) -> None:
     import torch
     from diffusers import AutoencoderKL
-    from safetensors.torch import save_file
 
     from library.demo.models import VAE_CONFIG
 
@@ -92,10 +113,7 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
         z = post.sample(generator=gen)
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         if step % 200 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f}")
     vae.eval()
@@ -104,8 +122,8 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
         rec = vae.decode(lat[:256]).sample
         mse = ((rec - to_unit(pool[:256])) ** 2).mean().item()
     scaling = 1.0 / lat.std().item()
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(out))
     (work / "vae.json").write_text(json.dumps({"scaling_factor": scaling, "val_mse": mse}))
+    save_weights(vae, out)
     log(f"vae done: reconstruction MSE {mse:.4f} (PSNR {10 * math.log10(4 / mse):.1f} dB), scaling {scaling:.4f}")
 
 
@@ -123,22 +141,11 @@ def load_vae(work: Path):
 
 # --- text encoder -------------------------------------------------------------------------------
 
-def caption_labels(caption: str) -> dict[str, int]:
-    from library.demo.models import HEADS
-
-    words = caption.split()
-    pattern = words[-3] if words[-3] in HEADS["pattern"] else "plain"
-    return {"shape": HEADS["shape"].index(words[3]), "colour": HEADS["colour"].index(words[2]),
-            "size": HEADS["size"].index(words[1]), "background": HEADS["background"].index(words[-2]),
-            "pattern": HEADS["pattern"].index(pattern)}
-
-
 def stage_text(work: Path, steps: int, seed: int) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from library.demo.models import HEADS, TEXT_CONFIG
+    from library.demo.models import HEADS, TEXT_CONFIG, scene_labels
     from library.demo.world import scenes
     from library.models import shipped
 
@@ -152,22 +159,20 @@ def stage_text(work: Path, steps: int, seed: int) -> None:
     opt = torch.optim.AdamW(list(te.parameters()) + list(heads.parameters()), lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     # Every caption the world can produce (held-out pairs included: words are seen, images are not).
-    captions = [s.caption() for s in scenes(seed + 1, 20000)]
+    pool = list(scenes(seed + 1, 20000))
     rng = random.Random(seed)
     for step in range(steps):
-        batch = rng.sample(captions, 128)
-        ids = tok(batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        batch = rng.sample(pool, 128)
+        ids = tok([sc.caption() for sc in batch], padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids
         pooled = te(ids).pooler_output  # the end-of-text token's state
-        labels = [caption_labels(c) for c in batch]
-        loss = sum(torch.nn.functional.cross_entropy(heads[k](pooled), torch.tensor([l[k] for l in labels]))
+        labels = [scene_labels(sc) for sc in batch]
+        loss = sum(torch.nn.functional.cross_entropy(heads[k](pooled), torch.tensor([lab[k] for lab in labels]))
                    for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         if step % 200 == 0 or step == steps - 1:
             log(f"text step {step}/{steps} loss {loss.item():.4f}")
-    save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(out))
+    save_weights(te, out)
 
 
 def load_text(work: Path):
@@ -190,6 +195,7 @@ def stage_unet(work: Path, steps: int, seed: int, batch: int, checkpoint_every: 
 
     from library.demo.models import SCHEDULER_CONFIG, UNET_CONFIG
     from library.models import shipped
+    from library.utils.atomic import atomic_path
 
     final = work / "unet.safetensors"
     if final.exists():
@@ -207,8 +213,9 @@ def stage_unet(work: Path, steps: int, seed: int, batch: int, checkpoint_every: 
                                        return_tensors="pt").input_ids).last_hidden_state
                                 for k in range(0, len(unique), 256)])
         index = {c: i for i, c in enumerate(unique)}
-        torch.save({"latents": lat, "states": states.half(), "caption_index": torch.tensor(
-            [index[c] for c in pool["captions"]]), "empty": len(unique) - 1}, cache)
+        with atomic_path(cache) as tmp:
+            torch.save({"latents": lat, "states": states.half(), "caption_index": torch.tensor(
+                [index[c] for c in pool["captions"]]), "empty": len(unique) - 1}, tmp)
         log(f"cached {len(lat)} latents and {len(unique)} caption states")
     inputs = torch.load(cache, weights_only=True)
     torch.manual_seed(seed)
@@ -248,11 +255,7 @@ def stage_unet(work: Path, steps: int, seed: int, batch: int, checkpoint_every: 
         t = torch.randint(0, 1000, (batch,), generator=gen)
         pred = unet(noise_sched.add_noise(x0, noise, t), t, ctx).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss, unet.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
@@ -272,7 +275,7 @@ def stage_unet(work: Path, steps: int, seed: int, batch: int, checkpoint_every: 
 
                 shutil.rmtree(ckpt)
             tmp.rename(ckpt)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(final))
+    save_weights(ema, final)
     log("unet done")
 
 
@@ -358,4 +361,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.utils.toolmain import run_tool
+
+    sys.exit(run_tool(main))

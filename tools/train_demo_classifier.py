@@ -22,23 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def labels_of(scene) -> dict[str, int]:
-    from library.demo.models import HEADS
-
-    return {"shape": HEADS["shape"].index(scene.shape), "colour": HEADS["colour"].index(scene.colour),
-            "background": HEADS["background"].index(scene.background),
-            "pattern": HEADS["pattern"].index(scene.pattern), "size": HEADS["size"].index(scene.size)}
-
-
 def batch_of(rng: random.Random, n: int):
     import torch
 
-    from library.demo.models import HEADS, to_tensor
+    from library.demo.models import HEADS, scene_labels, to_tensor
     from library.demo.world import random_scene, render
 
     scenes = [random_scene(rng) for _ in range(n)]
     x = to_tensor([render(s) for s in scenes])
-    y = {k: torch.tensor([labels_of(s)[k] for s in scenes]) for k in HEADS}
+    labels = [scene_labels(s) for s in scenes]
+    y = {k: torch.tensor([lab[k] for lab in labels]) for k in HEADS}
     return x, y
 
 
@@ -98,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    vae = None
-    if args.vae is not None:
-        sys.path.insert(0, str(ROOT / "tools"))
-        from train_demo_base import load_vae
+    sys.path.insert(0, str(ROOT / "tools"))
+    from train_demo_base import load_vae, optimizer_step
 
-        vae = load_vae(args.vae)
+    vae = load_vae(args.vae) if args.vae is not None else None
     torch.manual_seed(args.seed)
     model = ToyClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -116,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         x = degrade(x, gen, vae)
         out = model(x)
         loss = sum(torch.nn.functional.cross_entropy(out[k], y[k]) for k in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, sched, loss)
         if step % 100 == 0 or step == args.steps - 1:
             print(f"step {step}/{args.steps} loss {loss.item():.4f} ({time.time() - tick:.0f} s)", flush=True)
     model.eval()
@@ -134,4 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.utils.toolmain import run_tool
+
+    sys.exit(run_tool(main))

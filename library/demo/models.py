@@ -36,6 +36,11 @@ HEADS = {"shape": list(SHAPES), "colour": list(COLOURS), "background": list(COLO
          "size": list(SIZES)}
 
 
+def scene_labels(scene) -> dict[str, int]:
+    """The class index of each of a scene's attributes, per head of HEADS."""
+    return {head: classes.index(getattr(scene, head)) for head, classes in HEADS.items()}  # heads are Scene fields
+
+
 class ToyClassifier(nn.Module):
     """A small CNN with one head per attribute; its penultimate features serve as an image
     embedding (the demo's analogue of DINO features for concept fidelity and diversity)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 from PIL import Image, ImageDraw
@@ -129,9 +129,14 @@ def random_scene(rng: random.Random, shapes=SHAPES, exclude: set | None = None, 
         if bg == col:
             continue
         size = rng.choice(list(SIZES))
-        margin = SIZES[size] + 0.04
-        return Scene(shape, col, size, bg, rng.choice(PATTERNS), rng.uniform(margin, 1 - margin),
-                     rng.uniform(margin, 1 - margin), rng.uniform(-12, 12))
+        return placed(Scene(shape, col, size, bg, rng.choice(PATTERNS)), rng)
+
+
+def placed(scene: Scene, rng: random.Random) -> Scene:
+    """The scene at a random position (the shape fully inside the image) and a small random angle."""
+    margin = SIZES[scene.size] + 0.04
+    return replace(scene, cx=rng.uniform(margin, 1 - margin), cy=rng.uniform(margin, 1 - margin),
+                   angle=rng.uniform(-12, 12))
 
 
 def scenes(seed: int, count: int, **kwargs) -> Iterator[Scene]:

@@ -10,9 +10,10 @@ from safetensors import safe_open
 
 from library.apt import augment as aug
 from library.apt.attention import Recorder, RecordingAttnProcessor, select_layers
-from library.apt.indicator import OverfitIndicator
+from library.apt.indicator import OverfitIndicator, bin_ranges
 from library.apt.losses import attention_loss, token_mask
 from library.config import build_config
+from library.errors import UserError
 from library.lora.network import ADAPTER
 from library.train.apt_step import apt_forward, observe
 from library.train.diffusion import step_generator
@@ -30,6 +31,16 @@ def first_batch(trainer):
 
 
 # --- indicator --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bins", [10, 3, 7])
+def test_bin_ranges_label_exactly_the_timesteps_each_bin_receives(bins):
+    ind = OverfitIndicator(bins=bins)
+    assigned = ind.bin_of(torch.arange(1000))
+    ranges = bin_ranges(bins, 1000)
+    assert [(int((assigned == b).nonzero().min()), int((assigned == b).nonzero().max())) for b in range(bins)] == ranges
+    if bins == 10:
+        assert ranges[0] == (0, 99) and ranges[9] == (900, 999)
+
 
 def test_indicator_bins_ema_first_observation_clamp_and_unseen():
     ind = OverfitIndicator(bins=10, ema_alpha=0.1, num_timesteps=1000)
@@ -121,6 +132,8 @@ def test_layer_selection():
     assert select_layers(names, ("all",)) == names
     assert select_layers(names, ("mid",)) == names[1:2]
     assert select_layers(names, ("down", "up_blocks.0")) == [names[0], names[2]]
+    with pytest.raises(UserError, match=r"\[apt\] rs_layers: 'up_blocks.9' matches no attention layer"):
+        select_layers(names, ("mid", "up_blocks.9"), "rs_layers")  # a typo must not switch RS off there
 
 
 def test_token_mask_and_attention_distances():
@@ -224,6 +237,17 @@ def test_end_to_end_runs_with_each_component(tmp_path, tiny_models, images, mode
     for key, value in overrides:
         if key.startswith("apt.") and value in ("true", "false"):
             assert settings[key[4:]] == (value == "true")
+    # A component switched off does nothing (the last step's APT statistics).
+    off = {key for key, value in overrides if value == "false"}
+    stats = trainer.step_stats
+    if "apt.rs" in off:
+        assert stats["apt/l_mu"] == 0 and stats["apt/l_sigma"] == 0
+    if "apt.aa" in off:
+        assert stats["apt/l_attn"] == 0
+    if "apt.augment" in off:
+        assert stats["apt/augment_rate"] == 0
+    if "apt.loss_weighting" in off:
+        assert stats["apt/loss_weight"] == 1
     assert (tmp_path / "out" / "apt_indicator.png").is_file()
     rows = (tmp_path / "out" / "apt_indicator.csv").read_text().strip().split("\n")
     assert rows[0].startswith("step,t0-99,") and len(rows) == 5

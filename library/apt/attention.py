@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from library.errors import UserError
+
 
 class Recorder:
     def __init__(self):
@@ -127,9 +129,14 @@ class RecordingAttnProcessor:
         return out.transpose(1, 2)
 
 
-def select_layers(names: list[str], selectors: tuple[str, ...]) -> list[str]:
-    """Layers whose path starts with one of `selectors` ("all", "down", "mid", "up" or a path prefix)."""
+def select_layers(names: list[str], selectors: tuple[str, ...], key: str = "layers") -> list[str]:
+    """Layers whose path starts with one of `selectors` ("all", "down", "mid", "up" or a path prefix).
+    A selector that matches nothing is an error: it would silently switch the term off there."""
     aliases = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+    for s in selectors:
+        if not any(n.startswith(aliases.get(s, s)) for n in names):
+            raise UserError(f"[apt] {key}: {s!r} matches no attention layer of this model; valid: \"all\", "
+                            f"\"down\", \"mid\", \"up\" or a prefix of e.g. {names[0] if names else '(none)'}")
     prefixes = [aliases.get(s, s) for s in selectors]
     return [n for n in names if any(n.startswith(p) for p in prefixes)]
 
@@ -142,8 +149,8 @@ def install(unet, recorder: Recorder, rs_selectors: tuple[str, ...], aa_selector
 
     keys = list(unet.attn_processors)
     layers = [k.removesuffix(".processor") for k in keys]
-    rs = select_layers([n for n in layers if n.endswith("attn1")], rs_selectors) if rs_features else []
-    aa = select_layers([n for n in layers if n.endswith("attn2")], aa_selectors) if aa_maps else []
+    rs = select_layers([n for n in layers if n.endswith("attn1")], rs_selectors, "rs_layers") if rs_features else []
+    aa = select_layers([n for n in layers if n.endswith("attn2")], aa_selectors, "aa_layers") if aa_maps else []
     chosen_rs, chosen_aa = set(rs), set(aa)
     processors = {}
     for key, layer in zip(keys, layers):

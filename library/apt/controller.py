@@ -70,12 +70,10 @@ class AptController:
         """The frozen model's prediction: the same UNet, LoRA disabled, no gradients, recorded as 'ref'."""
         self.recorder.clear()
         self.set_lora(False)
-        self.recorder.active = "ref"
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.recorder.recording("ref"):
                 return forward()
         finally:
-            self.recorder.active = None
             self.set_lora(True)
 
     def tuned(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def bin_ranges(bins: int, num_timesteps: int = 1000) -> list[tuple[int, int]]:
+    """(first, last) timestep of each bin as `OverfitIndicator.bin_of` assigns them, also when
+    `bins` does not divide the number of timesteps: bin b holds t with t * bins // T == b."""
+    return [(-(-b * num_timesteps // bins), -(-(b + 1) * num_timesteps // bins) - 1) for b in range(bins)]
+
+
 class OverfitIndicator:
     def __init__(self, bins: int = 10, ema_alpha: float = 0.1, num_timesteps: int = 1000, scale: float | None = None):
         self.bins = bins

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from library.errors import UserError
 from library.lora.index import NameIndex
@@ -104,10 +104,8 @@ class LoraNetwork:
 
     # --- enable / disable (the APT reference pass runs the same model with LoRA off) ---------
     def set_enabled(self, enabled: bool) -> None:
-        for model in self.components.values():
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.enable_adapters(enabled)
+        for _, layer in self.layers.values():  # every injected layer, without walking the models
+            layer.enable_adapters(enabled)
 
     # --- kohya layout -------------------------------------------------------------------------
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import torch
 from library.apt import augment as aug
 from library.apt.controller import AptController
 from library.errors import UserError
-from library.models.conditioning import sdxl_time_ids
 from library.train.batches import Batch
 from library.train.diffusion import per_sample_mse
 
@@ -86,15 +85,7 @@ def apt_forward(trainer, apt: AptController, batch: Batch, gen: torch.Generator)
             mask = aug.apply(mask, plan, 0.0)  # the uncovered border is not part of the subject
     noise = diffusion.sample_noise(latents, gen)
     noisy = diffusion.add_noise(latents, diffusion.input_noise(noise, gen), timesteps)
-    if trainer.text_cache is not None:
-        cond = trainer.text_cache.get(batch.captions).to(device)
-    else:
-        with torch.set_grad_enabled(trainer.train_te):
-            cond = trainer.conditioner.encode(batch.captions)
-    kwargs = {}
-    if trainer.bundle.is_sdxl:
-        kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled,
-                                       "time_ids": sdxl_time_ids(batch.time_ids, device, cond.hidden_states.dtype)}
+    cond, kwargs = trainer.conditioning(batch)
     t_dev = timesteps.to(device)
     ref_pred = apt.reference(lambda: trainer.base_unet(noisy, t_dev, cond.hidden_states.detach(), **kwargs).sample)
     pred = apt.tuned(lambda: trainer.unet(noisy, t_dev, cond.hidden_states, **kwargs).sample)
@@ -102,10 +93,7 @@ def apt_forward(trainer, apt: AptController, batch: Batch, gen: torch.Generator)
     loss_theta = per_sample_mse(pred, target, mask)
     loss_ref = per_sample_mse(ref_pred, target, mask)
     weights = apt.loss_weights(gamma).to(device)
-    per_sample = loss_theta * weights * batch.weights.to(device)
-    snr = diffusion.loss_weights(timesteps)
-    if snr is not None:
-        per_sample = per_sample * snr.to(device)
+    per_sample = trainer.weigh(loss_theta * weights, batch, timesteps)
     input_ids = trainer.conditioner.tokenize(batch.captions)[0] if apt.layers["aa"] else None
     terms = apt.regularisers(input_ids)
     loss = per_sample.mean() + terms.total(opts.lambda_dist, opts.lambda_attn).to(device)

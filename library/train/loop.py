@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from library.apt.indicator import bin_ranges
 from library.config import Config
 from library.config.loader import table_fields
 from library.data.dataset import TrainingData
@@ -214,6 +215,17 @@ class Trainer:
             timesteps = self.diffusion.sample_timesteps(latents.shape[0], gen)
         noise = self.diffusion.sample_noise(latents, gen)
         noisy = self.diffusion.add_noise(latents, self.diffusion.input_noise(noise, gen), timesteps)
+        cond, kwargs = self.conditioning(batch)
+        pred = (unet or self.unet)(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
+        target = self.diffusion.target(latents, noise, timesteps)
+        mask = batch.mask.to(self.device) if batch.mask is not None else None
+        raw = per_sample_mse(pred, target, mask)
+        per_sample = self.weigh(raw, batch, timesteps) if weighted else raw
+        return per_sample.mean(), raw.detach(), timesteps
+
+    def conditioning(self, batch: Batch):
+        """(text conditioning, extra UNet inputs) of a batch; the text encoders get gradients only
+        when they are trained and gradients are on."""
         if self.text_cache is not None:
             cond = self.text_cache.get(batch.captions).to(self.device)
         else:
@@ -225,17 +237,13 @@ class Trainer:
                 "text_embeds": cond.pooled,
                 "time_ids": sdxl_time_ids(batch.time_ids, self.device, cond.hidden_states.dtype),
             }
-        pred = (unet or self.unet)(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
-        target = self.diffusion.target(latents, noise, timesteps)
-        mask = batch.mask.to(self.device) if batch.mask is not None else None
-        raw = per_sample_mse(pred, target, mask)
-        per_sample = raw
-        if weighted:
-            per_sample = per_sample * batch.weights.to(self.device)
-            snr = self.diffusion.loss_weights(timesteps)
-            if snr is not None:
-                per_sample = per_sample * snr.to(self.device)
-        return per_sample.mean(), raw.detach(), timesteps
+        return cond, kwargs
+
+    def weigh(self, per_sample: torch.Tensor, batch: Batch, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses times the image weights (loss_weight, regularisation) and Min-SNR."""
+        per_sample = per_sample * batch.weights.to(self.device)
+        snr = self.diffusion.loss_weights(timesteps)
+        return per_sample if snr is None else per_sample * snr.to(self.device)
 
     # --- the run ------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> list[list]:
@@ -349,8 +357,8 @@ class Trainer:
                 if self.apt is not None:
                     metrics.update(self.step_stats)
                     gamma = self.apt.indicator.gamma()
-                    width = self.apt.indicator.num_timesteps // self.apt.indicator.bins
-                    metrics.update({f"apt/gamma_t{b * width:03d}": float(g) for b, g in enumerate(gamma)})
+                    ranges = bin_ranges(self.apt.indicator.bins, self.apt.indicator.num_timesteps)
+                    metrics.update({f"apt/gamma_t{lo:03d}": float(g) for (lo, _), g in zip(ranges, gamma)})
                 self.outputs.tracker.log({**metrics, **self.timestep_table.scalars()}, step=self.step)
                 bar.set_postfix(loss=f"{loss:.4f}", avg=f"{ema:.4f}", epoch=self.plan.epoch_of(step))
             bar.update(1)

@@ -143,11 +143,12 @@ class Outputs:
             return {"apt_enabled": "False"}
         from dataclasses import asdict
 
+        from library.apt.indicator import bin_ranges
+
         ind = apt.indicator
-        width = ind.num_timesteps // ind.bins
         return {"apt_enabled": "True", "apt_settings": json.dumps(asdict(self.cfg.apt)),
                 "apt_indicator": json.dumps([round(float(g), 6) for g in ind.gamma()]),
-                "apt_indicator_bins": json.dumps([[b * width, (b + 1) * width - 1] for b in range(ind.bins)])}
+                "apt_indicator_bins": json.dumps([list(r) for r in bin_ranges(ind.bins, ind.num_timesteps)])}
 
     # --- samples and validation ---------------------------------------------------------------
     def sample(self, n: int) -> None:

@@ -22,8 +22,6 @@ def offline_and_quiet() -> None:
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is at the time (tests and tools redirect it)."""
 
-    _apt_handler = True
-
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)

@@ -119,6 +119,10 @@ def test_captioning_skips_existing_unless_overwrite_and_dry_run_writes_nothing(t
                                 "--extension", ".caption", "--num_beams", "2"]) == 0
     assert images[0].with_suffix(".caption").exists()
     assert "subfolders" not in capsys.readouterr().err
+    # Images only in a subfolder and no --recursive: the error points at the option.
+    colour_images(tmp_path / "nested" / "sub")
+    assert run_tool(caption_images.main, [str(tmp_path / "nested"), "--model", str(blip_folder)]) == 2
+    assert "subfolders" in capsys.readouterr().err
 
 
 def test_missing_model_folder_names_the_layout(tmp_path, capsys):
@@ -170,6 +174,11 @@ def test_tags_append_and_skip(tmp_path, tagger_folder):
     assert tag_images.main([str(tmp_path / "imgs"), "--model", str(tagger_folder), "--append"]) == 0
     assert images[1].with_suffix(".txt").read_bytes() == b"\xff\xfe bad"
     assert images[2].with_suffix(".txt").is_file()
+    # A blank separator splits on spaces (it used to stop with a traceback).
+    images[0].with_suffix(".txt").write_text("sks red_hair\n")
+    assert tag_images.main([str(tmp_path / "imgs"), "--model", str(tagger_folder), "--append",
+                            "--caption_separator", " "]) == 0
+    assert images[0].with_suffix(".txt").read_text().strip() == "sks red_hair simple_background"
 
 
 def test_tagger_preprocessing_pads_white_and_uses_bgr():
@@ -203,6 +212,12 @@ def test_edit_captions(tmp_path, capsys):
     assert edit_captions.main([str(folder), "--remove", "photo", "--dry_run"]) == 0
     assert "photo" in images[0].with_suffix(".txt").read_text()
     assert run_tool(edit_captions.main, [str(folder)]) == 2
+    # An unreadable caption is reported and left as it is; the others are still edited.
+    images[1].with_suffix(".txt").write_bytes(b"\xff\xfe bad")
+    assert edit_captions.main([str(folder), "--add", "new"]) == 0
+    assert images[0].with_suffix(".txt").read_text() == "sks dog, 1woman, red hair, photo, new\n"
+    assert images[1].with_suffix(".txt").read_bytes() == b"\xff\xfe bad"
+    assert "1 unreadable" in capsys.readouterr().out
 
 
 def test_resize_images_keeps_captions_and_skips_bad_files(tmp_path, capsys):
@@ -224,3 +239,8 @@ def test_resize_images_keeps_captions_and_skips_bad_files(tmp_path, capsys):
     assert resize_images.main([str(src), str(tmp_path / "dst"), "--format", "png"]) == 0
     assert (tmp_path / "dst" / "wide.png").exists()
     assert run_tool(resize_images.main, [str(src), str(src)]) == 2
+    # Smaller than --divisible_by: reported and skipped, never padded with black.
+    Image.new("RGB", (50, 200), (10, 10, 200)).save(src / "thin.png")
+    capsys.readouterr()
+    assert resize_images.main([str(src), str(tmp_path / "dst2"), "--divisible_by", "64"]) == 0
+    assert not (tmp_path / "dst2" / "thin.png").exists() and "thin.png: 50x200" in capsys.readouterr().err

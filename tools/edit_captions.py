@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def edit(tags: list[str], args) -> list[str]:
+    tags = list(tags)  # a new list: the caller compares it with the old one to see what changed
     if args.replace:
         mapping = dict(args.replace)
         tags = [mapping.get(t, t) for t in tags]
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from library.data.captions import BadCaption, read_caption_file
+    from library.data.captions import BadCaption, join_tags, read_caption_file, split_tags
     from library.data.images import find_images
     from library.errors import UserError
     from library.utils.atomic import atomic_write_text
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if not editing and not args.show_frequency:
         raise UserError("nothing to do: give --add, --remove, --replace, --trigger, --dedupe or --show_frequency")
     images = find_images(args.folder, args.recursive)
-    joiner = args.separator if args.separator.endswith(" ") else args.separator + " "
+    split_on = args.separator.strip() or args.separator  # ", " splits "a,b" too; " " stays a space
     changed, missing, counts = 0, 0, Counter()
+    unreadable: list[str] = []
     for image in tqdm(images, desc="captions", unit="file", disable=not editing):
         path = image.with_suffix(args.extension)
         if not path.is_file():
@@ -81,24 +83,27 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             text = read_caption_file(path)
-        except BadCaption as exc:
-            raise UserError(str(exc)) from None
-        tags = [t.strip() for t in text.split(args.separator.strip() or args.separator) if t.strip()]
+        except BadCaption as exc:  # leave it as it is; edit the others
+            unreadable.append(str(exc))
+            continue
+        tags = split_tags(text, split_on)
         new = edit(tags, args) if editing else tags
         counts.update(set(new))
         if editing and new != tags:
             changed += 1
             if args.dry_run:
-                tqdm.write(f"{path}: {joiner.join(tags)}  ->  {joiner.join(new)}")
+                tqdm.write(f"{path}: {join_tags(tags, args.separator)}  ->  {join_tags(new, args.separator)}")
             else:
-                atomic_write_text(path, joiner.join(new) + "\n")
+                atomic_write_text(path, join_tags(new, args.separator) + "\n")
+    for message in unreadable:
+        print(f"skipped: {message}", file=sys.stderr)
     if args.show_frequency:
         print(f"tag frequency over {len(images) - missing} captions:")
         for tag, n in counts.most_common(args.top):
             print(f"  {n:6d}  {tag}")
     if editing:
         print(f"{len(images)} images: {changed} captions {'would change' if args.dry_run else 'changed'}, "
-              f"{missing} without a caption file")
+              f"{missing} without a caption file, {len(unreadable)} unreadable (left as they were)")
     return 0
 
 

@@ -35,11 +35,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 
 def target_size(w: int, h: int, max_area: int, divisible: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(scaled size, final size after the centre crop)."""
+    """(scaled size, final size after the centre crop); a final side is 0 when the scaled side is
+    shorter than `divisible` (cropping cannot make it a multiple)."""
     scale = min(1.0, math.sqrt(max_area / (w * h)))
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
     if divisible > 1:
-        return (sw, sh), (max(divisible, sw - sw % divisible), max(divisible, sh - sh % divisible))
+        return (sw, sh), (sw - sw % divisible, sh - sh % divisible)
     return (sw, sh), (sw, sh)
 
 
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         img = loaded.rgb
         (sw, sh), (fw, fh) = target_size(img.width, img.height, max_area, args.divisible_by)
+        if not fw or not fh:
+            bad.append(f"{path}: {sw}x{sh} has a side shorter than --divisible_by {args.divisible_by}")
+            continue
         if (sw, sh) != img.size:
             img = img.resize((sw, sh), Image.Resampling.LANCZOS)
         if (fw, fh) != (sw, sh):

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    from library.data.captions import BadCaption, read_caption_file
+    from library.data.captions import BadCaption, read_caption_file, split_tags
     from library.data.labelling import BatchLoader, select_images
     from library.errors import UserError
     from library.utils.atomic import atomic_write_text
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = path.with_suffix(args.extension)
                 if args.append and target.exists() and not args.overwrite:
                     try:
-                        old = [t.strip() for t in read_caption_file(target).split(args.caption_separator.strip())
-                               if t.strip()]
+                        split_on = args.caption_separator.strip() or args.caption_separator
+                        old = split_tags(read_caption_file(target), split_on)
                     except BadCaption as exc:  # leave a file we cannot read untouched; tag the others
                         unreadable_captions.append(str(exc))
                         continue

@@ -46,8 +46,14 @@ def fixed_caption(caption: str, subset: SubsetSpec) -> str:
     return process_caption(caption, calm, 1, None)
 
 
-def _split(text: str, sep: str) -> list[str]:
+def split_tags(text: str, sep: str) -> list[str]:
+    """The non-empty, trimmed tags of a caption split on `sep` (taken as given)."""
     return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def join_tags(tags: list[str], sep: str) -> str:
+    """Tags joined with `sep`, followed by a space unless it ends with one ("a, b" for ",")."""
+    return (sep if sep.endswith(" ") else sep + " ").join(tags)
 
 
 def process_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Random) -> str:
@@ -66,13 +72,12 @@ def process_caption(caption: str, subset: SubsetSpec, epoch: int, rng: random.Ra
     sep = subset.caption_separator
     if sep_keep and sep_keep in caption:
         fixed_part, flex_part = caption.split(sep_keep, 1)
-        fixed, flex = _split(fixed_part, sep), _split(flex_part.replace(sep_keep, sep), sep)
+        fixed, flex = split_tags(fixed_part, sep), split_tags(flex_part.replace(sep_keep, sep), sep)
     else:
-        tokens = _split(caption, sep)
+        tokens = split_tags(caption, sep)
         fixed, flex = tokens[:subset.keep_tokens], tokens[subset.keep_tokens:]
     if subset.shuffle_caption:
         rng.shuffle(flex)
     if subset.caption_tag_dropout_rate > 0:
         flex = [t for t in flex if rng.random() >= subset.caption_tag_dropout_rate]
-    joiner = sep if sep.endswith(" ") else sep + " "
-    return joiner.join(fixed + flex)
+    return join_tags(fixed + flex, sep)

@@ -53,8 +53,10 @@ def merge_into_original(state: dict[str, torch.Tensor], loras: list[tuple[LoraWe
     return missing
 
 
-def module_of(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
-    modules = dict(model.named_modules())
+def module_of(model: torch.nn.Module, path: str, modules: dict | None = None) -> torch.nn.Module | None:
+    """The layer at `path` (text-encoder paths with or without "text_model."); pass `modules`
+    (dict(model.named_modules())) when looking up many layers."""
+    modules = dict(model.named_modules()) if modules is None else modules
     return modules.get(path) or modules.get(path.removeprefix("text_model."))
 
 
@@ -81,31 +83,39 @@ class MergedLoras:
     """LoRAs merged into loaded modules, switchable off and on again (to compare with the base model).
 
     Merging, not injecting layers: any file the reader understands works, whatever its ranks or
-    alphas per module, and generation runs at the base model's speed. Switching off restores the
-    saved original weights exactly instead of subtracting the change again."""
+    alphas per module, and generation runs at the base model's speed. Both versions of every
+    changed weight are computed once (in fp32, kept on the CPU); switching only copies them back,
+    so the LoRA's images are the same however often it is switched."""
 
     def __init__(self, components: dict[str, torch.nn.Module], loras: list[tuple[LoraWeights, float]], progress=None):
-        self.components, self.loras = components, loras
-        self.originals: dict[tuple[str, str], torch.Tensor] = {}
+        lookup = {name: dict(model.named_modules()) for name, model in components.items()}
+        self.layers: dict[tuple[str, str], torch.nn.Module] = {}
         self.missing: list[str] = []
-        for weights, _ in loras:
-            for name in weights.modules:
-                target = weights.index.targets[name]
-                model = components.get(target.component)
-                layer = module_of(model, target.path) if model is not None else None
-                if layer is None:
-                    self.missing.append(name)
-                elif (target.component, target.path) not in self.originals:
-                    self.originals[(target.component, target.path)] = layer.weight.detach().clone()
+        merged: dict[tuple[str, str], torch.Tensor] = {}
+        with torch.no_grad():
+            for weights, mult in loras:
+                for name, mod in weights.modules.items():
+                    target = weights.index.targets[name]
+                    model = components.get(target.component)
+                    layer = module_of(model, target.path, lookup[target.component]) if model is not None else None
+                    if layer is None:
+                        self.missing.append(name)
+                        continue
+                    key = (target.component, target.path)
+                    self.layers[key] = layer
+                    base = merged.get(key, layer.weight.detach().float().cpu())
+                    merged[key] = _add(base, mod.delta().float().cpu() * mult, None)
+                    if progress:
+                        progress(1)
+        self.weights = {False: {k: layer.weight.detach().float().cpu().clone() for k, layer in self.layers.items()},
+                        True: merged}
         self.enabled = False
-        self.set_enabled(True, progress)
+        self.set_enabled(True)
 
-    def set_enabled(self, enabled: bool, progress=None) -> None:
+    def set_enabled(self, enabled: bool) -> None:
         if enabled == self.enabled:
             return
         with torch.no_grad():
-            for (component, path), weight in self.originals.items():
-                module_of(self.components[component], path).weight.copy_(weight)
-        if enabled:
-            merge_into_modules(self.components, self.loras, progress)
+            for key, layer in self.layers.items():
+                layer.weight.copy_(self.weights[enabled][key])
         self.enabled = enabled

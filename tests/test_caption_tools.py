@@ -212,6 +212,9 @@ def test_edit_captions(tmp_path, capsys):
     assert edit_captions.main([str(folder), "--remove", "photo", "--dry_run"]) == 0
     assert "photo" in images[0].with_suffix(".txt").read_text()
     assert run_tool(edit_captions.main, [str(folder)]) == 2
+    with pytest.raises(SystemExit):  # argparse: "'txt': must start with a dot, e.g. .txt", not a traceback
+        edit_captions.main([str(folder), "--add", "x", "--extension", "txt"])
+    assert "must start with a dot" in capsys.readouterr().err
     # An unreadable caption is reported and left as it is; the others are still edited.
     images[1].with_suffix(".txt").write_bytes(b"\xff\xfe bad")
     assert edit_captions.main([str(folder), "--add", "new"]) == 0

@@ -45,6 +45,8 @@ def pair(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.data.labelling import file_extension
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
     ap.add_argument("--add", nargs="+", metavar="TAG", help="tags appended where missing")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--show_frequency", action="store_true", help="print how many captions contain each tag")
     ap.add_argument("--top", type=int, default=50, help="tags listed by --show_frequency (default 50)")
     ap.add_argument("--separator", default=",", help="tag separator (default ,)")
-    ap.add_argument("--extension", default=".txt")
+    ap.add_argument("--extension", type=file_extension, default=".txt")
     ap.add_argument("--recursive", action="store_true")
     ap.add_argument("--dry_run", action="store_true", help="print the changes, write nothing")
     args = ap.parse_args(argv)

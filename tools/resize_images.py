@@ -45,6 +45,8 @@ def target_size(w: int, h: int, max_area: int, divisible: int) -> tuple[tuple[in
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.data.labelling import file_extension
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", type=Path)
     ap.add_argument("destination", type=Path)
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--divisible_by", type=int, default=1, help="crop both sides to a multiple of this")
     ap.add_argument("--format", choices=["keep", *FORMATS], default="keep")
     ap.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality")
-    ap.add_argument("--caption_extensions", nargs="+", default=[".txt", ".caption"])
+    ap.add_argument("--caption_extensions", nargs="+", type=file_extension, default=[".txt", ".caption"])
     ap.add_argument("--recursive", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help="replace files that exist in the destination")
     args = ap.parse_args(argv)

@@ -10,8 +10,15 @@ from library.data.images import BadImage, find_images, load_image
 from library.errors import UserError
 
 
+def file_extension(text: str) -> str:
+    """argparse type of the caption-extension options: ".txt", never "txt" (Path.with_suffix refuses it)."""
+    if not text.startswith(".") or len(text) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: must start with a dot, e.g. .txt")
+    return text
+
+
 def add_output_args(ap: argparse.ArgumentParser, what: str) -> None:
-    ap.add_argument("--extension", default=".txt", help="caption file extension (default .txt)")
+    ap.add_argument("--extension", type=file_extension, default=".txt", help="caption file extension (default .txt)")
     ap.add_argument("--recursive", action="store_true", help=f"also {what} images in subfolders")
     ap.add_argument("--overwrite", action="store_true", help="replace existing caption files")
     ap.add_argument("--dry_run", action="store_true", help="print the results, write nothing")
@@ -21,8 +28,6 @@ def select_images(folder: Path, recursive: bool, extension: str, redo: bool) -> 
     """(every image, those to label): images with a caption file are left out unless `redo`."""
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder of images")
-    if not extension.startswith("."):
-        raise UserError(f"--extension {extension}: must start with a dot, e.g. .txt")
     images = find_images(folder, recursive)
     if not images:
         raise UserError(f"{folder}: no images (.jpg .jpeg .png .webp .bmp)" +

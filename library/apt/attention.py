@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from library.config.options import LAYER_ALIASES
 from library.errors import UserError
 
 
@@ -132,12 +133,11 @@ class RecordingAttnProcessor:
 def select_layers(names: list[str], selectors: tuple[str, ...], key: str = "layers") -> list[str]:
     """Layers whose path starts with one of `selectors` ("all", "down", "mid", "up" or a path prefix).
     A selector that matches nothing is an error: it would silently switch the term off there."""
-    aliases = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
     for s in selectors:
-        if not any(n.startswith(aliases.get(s, s)) for n in names):
+        if not any(n.startswith(LAYER_ALIASES.get(s, s)) for n in names):
             raise UserError(f"[apt] {key}: {s!r} matches no attention layer of this model; valid: \"all\", "
                             f"\"down\", \"mid\", \"up\" or a prefix of e.g. {names[0] if names else '(none)'}")
-    prefixes = [aliases.get(s, s) for s in selectors]
+    prefixes = [LAYER_ALIASES.get(s, s) for s in selectors]
     return [n for n in names if any(n.startswith(p) for p in prefixes)]
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
 from library.config.options import (
-    AptOptions, DataOptions, FLAT_TABLES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions, OptimizerOptions,
-    SamplingOptions, SavingOptions, TrainingOptions,
+    AptOptions, DataOptions, FLAT_TABLES, LAYER_ALIASES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions,
+    OptimizerOptions, SamplingOptions, SavingOptions, TrainingOptions,
 )
 from library.config.paths import looked_in, resolve_input
 from library.config.schema import CoercionError, OptionInfo, check_bounds, closest, coerce, options_of
@@ -189,7 +189,7 @@ def _cross_checks(values: dict, source: str) -> None:
     apt: AptOptions = values["apt"]
     for key in ("rs_layers", "aa_layers"):
         for selector in getattr(apt, key):
-            if selector not in ("all", "down", "mid", "up") and not selector.startswith(
+            if selector not in LAYER_ALIASES and not selector.startswith(
                     ("down_blocks", "mid_block", "up_blocks")):
                 raise UserError(f"{source}: [apt] {key}: {selector!r} is not a layer selector; use \"all\", "
                                 "\"down\", \"mid\", \"up\" or a path prefix such as \"up_blocks.1\"")

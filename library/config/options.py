@@ -11,6 +11,9 @@ from typing import Literal, Optional, Union
 
 from library.config.schema import option
 
+# Names of UNet block groups accepted by [apt] rs_layers/aa_layers, and the path prefix each stands for.
+LAYER_ALIASES = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+
 
 @dataclass(frozen=True)
 class ModelOptions:

@@ -125,7 +125,7 @@ def references(trainer, classifier, args) -> References:
     try:
         with torch.no_grad():
             pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
-            base_prior = score(classifier, generate(pipeline(trainer.bundle, trainer.base_unet), pri,
+            base_prior = score(classifier, generate(pipeline(trainer.bundle, trainer.bundle.unet), pri,
                                                     steps=args.sample_steps, scale=args.cfg))
             train = to_tensor([Image.open(r.path).convert("RGB") for r in trainer.data.records])
             train_emb = torch.nn.functional.normalize(classifier.embed(train), dim=1)
@@ -147,8 +147,8 @@ def memorisation(trainer, per_bin_seeds: int = 3) -> float:
                 for enabled, losses in ((True, theta), (False, ref)):
                     trainer.network.set_enabled(enabled)
                     gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
-                    losses.append(trainer.forward(batch, gen, timesteps=t, unet=trainer.base_unet,
-                                                  weighted=False)[0].item())
+                    losses.append(trainer.denoiser.loss(batch, gen, timesteps=t, unet=trainer.bundle.unet,
+                                                        weighted=False, frozen_text=True).loss.item())
             trainer.network.set_enabled(True)
             gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
     return statistics.mean(gaps)
@@ -158,7 +158,7 @@ def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float
     from library.demo.evaluate import generate, mean_pairwise_distance, pipeline, score
 
     compositional, prior = evaluation_prompts()
-    pipe = pipeline(trainer.bundle, trainer.base_unet)
+    pipe = pipeline(trainer.bundle, trainer.bundle.unet)
     with torch.no_grad(), trainer.accelerator.autocast():
         train_caps = sorted({r.caption for r in trainer.data.records})
         ident = [(c, 500 + s) for c in train_caps for s in range(args.images_per_prompt * 2)]

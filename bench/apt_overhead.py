@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from dataclasses import replace
 
-    from library.apt.controller import AptController
     from library.config import build_config
     from library.models.tiny import build_tiny_pipeline, save_diffusers
+    from library.train.apt_method import make_apt
     from library.train.loop import Trainer
+    from library.train.method import TrainingMethod
+    from library.train.setup import set_attention
     from tests.helpers import make_images, write_config
 
     resolution = args.resolution or (64 if args.model == "tiny" else 256)
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(str(cfg_path), [])
     trainer = Trainer(cfg)
     device = trainer.device
-    samples = trainer.micro_batches(0)
-    trainer.micro_batches = lambda step: samples  # the same batch every step, no loading cost
+    samples = trainer.step_samples(0)
+    trainer.step_samples = lambda step: samples  # the same batch every step, no loading cost
     controllers = {}
     for name, parts in VARIANTS.items():
         if parts is None:
@@ -156,17 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.rounds):
         for name, spec in controllers.items():
             if spec is None:
-                trainer.apt = None
-                from diffusers.models.attention_processor import AttnProcessor2_0
-
-                if args.attention == "sdpa":
-                    trainer.bundle.unet.set_attn_processor(AttnProcessor2_0())
-                else:
-                    trainer.bundle.unet.enable_xformers_memory_efficient_attention()
+                trainer.use_method(TrainingMethod())
+                set_attention(trainer.bundle.unet, args.attention, device)
             else:
-                trainer.apt = AptController(spec[0], trainer.bundle.unet, trainer.network.set_enabled, 1000,
-                                            xformers=args.attention == "xformers")
-                trainer.apt.fill = torch.zeros(4)
+                trainer.use_method(make_apt(spec[0], trainer.bundle, trainer.bundle.unet, trainer.denoiser,
+                                            trainer.batches.encoder, torch.zeros(4), trainer.network.set_enabled,
+                                            trains_text=False, xformers=args.attention == "xformers",
+                                            gather=lambda rows: rows, settings={}))
             for _ in range(2):  # warm-up
                 trainer.train_step(step)
                 step += 1

@@ -39,16 +39,17 @@ def measure(trainer, train_batch, prior_batch, seeds=(101, 202, 303)) -> tuple[f
     fit, drift = [], []
     with torch.no_grad(), trainer.accelerator.autocast():
         for seed in seeds:
-            fit.append(trainer.forward(train_batch, step_generator(seed, 0, 0), weighted=False)[0].item())
+            fit.append(trainer.denoiser.loss(train_batch, step_generator(seed, 0, 0), unet=trainer.bundle.unet,
+                                             weighted=False, frozen_text=True).loss.item())
             gen = step_generator(seed, 1, 0)
             latents = prior_batch.latents.to(trainer.device)
             t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
             noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-            noisy = trainer.diffusion.add_noise(latents, noise, t)
-            cond = trainer.conditioner.encode(prior_batch.captions)
-            tuned = trainer.base_unet(noisy, t.to(trainer.device), cond.hidden_states).sample
+            noisy = trainer.denoiser.diffusion.add_noise(latents, noise, t)
+            cond = trainer.denoiser.conditions.frozen_encoder.encode(prior_batch.captions)
+            tuned = trainer.bundle.unet(noisy, t.to(trainer.device), cond.hidden_states).sample
             trainer.network.set_enabled(False)
-            base = trainer.base_unet(noisy, t.to(trainer.device), cond.hidden_states).sample
+            base = trainer.bundle.unet(noisy, t.to(trainer.device), cond.hidden_states).sample
             trainer.network.set_enabled(True)
             drift.append(((tuned - base) ** 2).mean().item())
     return statistics.mean(fit), statistics.mean(drift)
@@ -69,7 +70,7 @@ def run(cfg_path: Path, overrides: list[tuple[str, str]], prior_dir: Path) -> tu
                                                         "subsets": [{"image_dir": str(prior_dir)}]}]}, "prior", ROOT),
                          native_resolution=64, default_batch_size=4, seed=0)
     trainer.bundle.vae.to(trainer.device)
-    prior_batch = BatchBuilder(prior, trainer.encoder, 1.0).build_fixed(list(range(len(prior.records))))
+    prior_batch = BatchBuilder(prior, trainer.batches.encoder, 1.0).build_fixed(list(range(len(prior.records))))
     return measure(trainer, train_batch, prior_batch)
 
 

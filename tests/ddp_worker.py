@@ -22,14 +22,14 @@ def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
     trainer = Trainer(build_config(config, []))
     seen = []
-    plan = trainer.plan.micro_batches
+    plan = trainer.plan.step_batches
 
     def spy(step):
         epoch, micro = plan(step)
         seen.extend([epoch, position, list(ref.items)] for position, ref in micro)
         return epoch, micro
 
-    trainer.plan.micro_batches = spy
+    trainer.plan.step_batches = spy
     trainer.run()
     rank = trainer.accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_models):
-    images = make_images(tmp_path / "images", 6)
-    cfg = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=4)
+def run_two_processes(tmp_path, cfg) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     # `--cpu --num_processes 2` silently starts one process; --multi_gpu with the CPU flag runs real DDP.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -33,8 +31,12 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_models):
            str(tmp_path / "ranks")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_ranks_identical(tmp_path, steps: int) -> None:
     info = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [i["world"] for i in info] == [2, 2] and [i["steps"] for i in info] == [4, 4]
+    assert [i["world"] for i in info] == [2, 2] and [i["steps"] for i in info] == [steps, steps]
     positions = [{(e, p) for e, p, _ in i["seen"]} for i in info]
     assert not positions[0] & positions[1]  # each rank trained different batches
     w0 = load_file(str(tmp_path / "ranks" / "rank0.safetensors"))
@@ -42,3 +44,25 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_models):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any(w0[k].abs().sum() > 0 for k in w0 if "lora_up" in k)
     assert (tmp_path / "out" / "lora.safetensors").is_file()  # saved once, by the main process
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_models):
+    images = make_images(tmp_path / "images", 6)
+    cfg = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=4)
+    run_two_processes(tmp_path, cfg)
+    assert_ranks_identical(tmp_path, 4)
+
+
+def test_two_process_sdxl_with_text_encoders_apt_and_validation(tmp_path, tiny_models):
+    """SDXL conditions on the penultimate text-encoder layers, so the last layers' LoRA gets no
+    gradient; validation runs on the main process alone; APT gathers the indicator's losses."""
+    images = make_images(tmp_path / "images", 8)
+    cfg = tiny_config(tmp_path, tiny_models["sdxl"], images, max_train_steps=2, apt=True, validate_every_n_steps=1)
+    text = cfg.read_text().replace("[network]", "[network]\nnetwork_train_unet_only = false")
+    cfg.write_text(text.replace("resolution = 64", "resolution = 64\nvalidation_split = 0.25"))
+    proc = run_two_processes(tmp_path, cfg)
+    assert_ranks_identical(tmp_path, 2)
+    assert any(k.startswith("lora_te2_") for k in load_file(str(tmp_path / "out" / "lora.safetensors")))
+    # Each info line once, not once per process.
+    assert proc.stderr.count("APT on:") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("validation loss at step 2") == 1

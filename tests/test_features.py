@@ -133,7 +133,7 @@ def test_loss_options_train(tmp_path, tiny_models, images, overrides):
 
 def test_v_prediction_uses_velocity_target(tmp_path, tiny_models, images):
     trainer = trainer_for(tmp_path, tiny_models, images, ("v_parameterization", "true"))
-    d = trainer.diffusion
+    d = trainer.denoiser.diffusion
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     a = d.scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - d.scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
@@ -176,31 +176,38 @@ def test_intermediate_saves_and_pruning(tmp_path, tiny_models, images):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
 
+def poison_step(trainer, at: int):
+    """Make the training step's loss NaN at optimizer step `at` (from 0)."""
+    original = trainer.denoiser.loss
+
+    def poisoned(batch, gen, *args, **kw):
+        result = original(batch, gen, *args, **kw)
+        if trainer.step == at:
+            result.loss = result.loss * float("nan")
+        return result
+
+    trainer.denoiser.loss = poisoned
+
+
 def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path, tiny_models, images):
     trainer = trainer_for(tmp_path, tiny_models, images, max_train_steps=4)
-    original = trainer.forward
-
-    def poisoned(batch, gen, **kw):
-        loss, per, t = original(batch, gen, **kw)
-        if trainer.step == 2:
-            return loss * float("nan"), per, t
-        return loss, per, t
-
-    trainer.forward = poisoned
+    poison_step(trainer, 2)
     with pytest.raises(UserError) as err:
         trainer.run()
     assert "loss became nan at step 3 (epoch 2)" in str(err.value)
     assert not (tmp_path / "out" / "lora.safetensors").exists()
-    trainer = trainer_for(tmp_path, tiny_models, images, ("skip_nan_steps", "true"), max_train_steps=4)
-    original = trainer.forward
-    trainer.forward = poisoned
+    trainer = trainer_for(tmp_path, tiny_models, images, ("skip_nan_steps", "true"), ("lr_scheduler", "linear"),
+                          max_train_steps=4)
+    poison_step(trainer, 2)
     before = None
+    lrs = []
 
     def spy_step(step):
         nonlocal before
         if step == 2:
             before = {k: v.clone() for k, v in trainer.network.kohya_state_dict().items()}
         result = Trainer.train_step(trainer, step)
+        lrs.append(trainer.scheduler.get_last_lr()[0])
         if step == 2:
             assert result is None
             after = trainer.network.kohya_state_dict()
@@ -210,6 +217,8 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path, tiny_models, image
     trainer.train_step = spy_step
     trainer.run()
     assert trainer.step == 4 and len(trainer.losses) == 3
+    # The schedule follows the step counter, also across the skipped step: linear decay over 4 steps.
+    assert lrs == pytest.approx([1e-3 * (1 - k / 4) for k in range(1, 5)])
 
 
 def test_validation_loss_is_logged(tmp_path, tiny_models):
@@ -219,10 +228,10 @@ def test_validation_loss_is_logged(tmp_path, tiny_models):
     trainer = Trainer(build_config(str(path), [("learning_rate", "5e-3")]))
     assert len(trainer.data.validation) == 2
     trainer.run()
-    steps = [s for s, _ in trainer.validation_history]
+    steps = [s for s, _ in trainer.outputs.validation_history]
     assert steps == [0, 2, 4]
-    first = trainer.validator.run(trainer)
-    assert first["val/loss"] == pytest.approx(trainer.validation_history[-1][1], rel=1e-5)  # fixed noise: repeatable
+    first = trainer.validator.run(trainer.batches, trainer.denoiser)
+    assert first["val/loss"] == pytest.approx(trainer.outputs.validation_history[-1][1], rel=1e-5)  # fixed noise: repeatable
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))

@@ -118,8 +118,8 @@ def test_every_sampler(tmp_path, tiny_models, images, sampler):
                        [("sample_prompts", prompts), ("sample_at_first", "true"), ("sample_sampler", sampler),
                         ("log_with", "none")])
     trainer = Trainer(cfg)
-    images_out = trainer.outputs.sampler.run(trainer.bundle, trainer.base_unet, trainer.device, 0,
-                                             trainer.accelerator.autocast)
+    images_out = trainer.sampler.run(trainer.bundle, trainer.bundle.unet, trainer.device, 0,
+                                     trainer.accelerator.autocast)
     assert len(images_out) == 2 and images_out[0][1].size == (64, 64)
 
 

@@ -84,7 +84,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_models, images):
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return trainer.forward(batch, step_generator(123, 0, 0))[0].item()
+            return trainer.denoiser.loss(batch, step_generator(123, 0, 0)).loss.item()
 
     before = fixed_loss()
     trainer.run()
@@ -103,8 +103,9 @@ def test_loss_by_timestep_table_reports_ten_times_per_run_with_raw_losses(tmp_pa
     trainer = Trainer(build_config(str(path), [("min_snr_gamma", "1")]))
     batch = trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
     with torch.no_grad():
-        weighted, raw, _ = trainer.forward(batch, step_generator(5, 0, 0))
-        plain = trainer.forward(batch, step_generator(5, 0, 0), weighted=False)[0]
+        result = trainer.denoiser.loss(batch, step_generator(5, 0, 0))
+        weighted, raw = result.loss, result.per_sample
+        plain = trainer.denoiser.loss(batch, step_generator(5, 0, 0), weighted=False).loss
     assert torch.allclose(raw.mean(), plain) and not torch.allclose(weighted, plain)
 
 

@@ -71,14 +71,14 @@ def test_sdxl_text_encoder_cache_equals_live_conditioning(tmp_path, tiny_models,
     cfg = build_config(str(tiny_config(tmp_path, tiny_models["sdxl"], images)),
                        [("cache_text_encoder_outputs", "true")])
     trainer = Trainer(cfg)
-    cache = trainer.text_cache
+    cache = trainer.denoiser.conditions.cache
     captions = [r.caption for r in trainer.data.records]
     assert set(cache.entries) == set(captions)
     cached = cache.get(captions)
     for te in trainer.bundle.text_encoders:
         te.to(trainer.device)
     with torch.no_grad():
-        live = trainer.conditioner.encode(captions)
+        live = trainer.denoiser.conditions.frozen_encoder.encode(captions)
     assert cached.hidden_states.shape == (4, 77, 96) and cached.pooled.shape == (4, 64)
     assert torch.equal(cached.hidden_states, live.hidden_states.cpu())
     assert torch.equal(cached.pooled, live.pooled.cpu())

@@ -44,10 +44,24 @@ class Recorder:
         return sorted({layer for layer, _ in store})
 
 
+def attention_maps(query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor | None,
+                   probabilities: bool) -> torch.Tensor:
+    """Head-averaged attention maps (B, N, tokens) in fp32. Autocast is switched off: inside it a
+    matmul of fp32 tensors still runs in bf16/fp16, and these maps are loss targets."""
+    with torch.autocast(query.device.type, enabled=False):
+        logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+        if attention_mask is not None:
+            logits = logits + attention_mask.float()
+        maps = logits.softmax(dim=-1) if probabilities else logits
+        return maps.mean(dim=1)
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and standard deviation over positions of a (B, N, C) tensor."""
-    x = x.float()
-    return x.mean(dim=1), x.std(dim=1, unbiased=False)
+    """Per-sample, per-channel mean and standard deviation over positions of a (B, N, C) tensor, in
+    fp32 with autocast off (statistics)."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float()
+        return x.mean(dim=1), x.std(dim=1, unbiased=False)
 
 
 class RecordingAttnProcessor:
@@ -98,11 +112,8 @@ class RecordingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if recording and self.record_maps:
-            logits = (query.float() @ key.float().transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                logits = logits + attention_mask.float()
-            maps = logits.softmax(dim=-1) if self.record_maps == "probs" else logits
-            self.recorder.maps[(self.layer, recording)] = maps.mean(dim=1)  # over heads: (B, N, tokens)
+            self.recorder.maps[(self.layer, recording)] = attention_maps(query, key, attn.scale, attention_mask,
+                                                                         self.record_maps == "probs")
         if self.xformers:
             hidden_states = self._xformers(query, key, value, attention_mask, attn)
         else:

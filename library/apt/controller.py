@@ -1,14 +1,13 @@
-"""APT for one training run: the indicator, augmentation, loss weights, the recording processors,
-and the reference pass of the same UNet with its LoRA disabled (no second model is loaded).
+"""APT for one training run: the indicator, augmentation draws, loss weights, the recording
+processors and the RS/AA terms from what they recorded.
 
-The training loop owns the model calls; it hands them to `reference()` and `tuned()` as callables
-so that this package needs neither the data pipeline nor the loop.
+The model calls (the reference pass with the adapters off, the trained pass) belong to the
+training step (library.train.apt_method), so this package needs neither the data pipeline nor
+the loop.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import torch
 
 from library.apt import augment as aug
@@ -38,10 +37,9 @@ class AptHistory:
 
 
 class AptController:
-    def __init__(self, opts, unet, set_lora: Callable[[bool], None], num_timesteps: int, xformers: bool = False,
-                 eos_id: int = 49407, exclude_ids: list[int] | None = None):
+    def __init__(self, opts, unet, num_timesteps: int, xformers: bool = False, eos_id: int = 49407,
+                 exclude_ids: list[int] | None = None):
         self.opts = opts
-        self.set_lora = set_lora
         self.indicator = OverfitIndicator(opts.bins, opts.ema_alpha, num_timesteps, opts.indicator_scale)
         self.recorder = Recorder()
         self.history = AptHistory()
@@ -53,37 +51,22 @@ class AptController:
         self.fill: torch.Tensor | float = 0.0
 
     # --- per step -----------------------------------------------------------------------------
-    def draw(self, timesteps: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, aug.AugmentDraw | None]:
-        """gamma at each sample's timestep (before this step's update) and the augmentation draw."""
-        gamma = self.indicator.gamma_at(timesteps)
+    def draw(self, gamma: torch.Tensor, gen: torch.Generator) -> aug.AugmentDraw | None:
+        """The augmentation of each sample, given gamma at its timestep (None when augmentation is off)."""
         if not self.opts.augment:
-            return gamma, None
+            return None
         o = self.opts
-        return gamma, aug.draw(gamma, o.p_max, o.zoom_max, o.rotation_max, gen)
+        return aug.draw(gamma, o.p_max, o.zoom_max, o.rotation_max, gen)
 
     def loss_weights(self, gamma: torch.Tensor) -> torch.Tensor:
         if not self.opts.loss_weighting:
             return torch.ones_like(gamma)
         return torch.clamp(1 - gamma, min=self.opts.min_weight)
 
-    def reference(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The frozen model's prediction: the same UNet, LoRA disabled, no gradients, recorded as 'ref'."""
-        self.recorder.clear()
-        self.set_lora(False)
-        try:
-            with torch.no_grad(), self.recorder.recording("ref"):
-                return forward()
-        finally:
-            self.set_lora(True)
-
-    def tuned(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The trained model's prediction, recorded as 'tuned'. Recording stays on until
-        `stop_recording()` after the backward pass: gradient checkpointing runs this forward again
-        during backward, and the rerun must record (overwriting) exactly what the first run did."""
-        self.recorder.active = "tuned"
-        return forward()
-
     def stop_recording(self) -> None:
+        """Recording of the trained pass stays on until after the backward pass: gradient
+        checkpointing runs the forward again during backward, and the rerun must record
+        (overwriting) exactly what the first run did."""
         self.recorder.active = None
 
     def regularisers(self, input_ids: torch.Tensor | None) -> AptTerms:
@@ -112,5 +95,6 @@ class AptController:
                 "history_gammas": self.history.gammas}
 
     def load_state_dict(self, state: dict) -> None:
+        """Raises ValueError naming the indicator setting that differs from the saved state."""
         self.indicator.load_state_dict(state["indicator"])
         self.history = AptHistory(list(state.get("history_steps", [])), list(state.get("history_gammas", [])))

@@ -55,13 +55,19 @@ class OverfitIndicator:
         return self.gamma()[self.bin_of(timesteps)].float()
 
     def state_dict(self) -> dict:
-        return {"bins": self.bins, "ema_alpha": self.ema_alpha, "num_timesteps": self.num_timesteps,
-                "scale": self.scale, "ema_ref": self.ema_ref.tolist(), "ema_theta": self.ema_theta.tolist(),
+        return {**self.settings(), "ema_ref": self.ema_ref.tolist(), "ema_theta": self.ema_theta.tolist(),
                 "seen": self.seen.tolist()}
 
+    def settings(self) -> dict:
+        """What the saved EMAs mean: resuming them under other settings would be silently wrong."""
+        return {"bins": self.bins, "ema_alpha": self.ema_alpha, "num_timesteps": self.num_timesteps,
+                "scale": self.scale}
+
     def load_state_dict(self, state: dict) -> None:
-        if state["bins"] != self.bins:
-            raise ValueError(f"indicator state has {state['bins']} bins, the config {self.bins}")
+        for key, value in self.settings().items():
+            saved = state.get(key)
+            if saved != value:
+                raise ValueError(f"the indicator was saved with {key} = {saved}, this run has {value}")
         self.ema_ref = torch.tensor(state["ema_ref"], dtype=torch.float64)
         self.ema_theta = torch.tensor(state["ema_theta"], dtype=torch.float64)
         self.seen = torch.tensor(state["seen"], dtype=torch.bool)

@@ -58,13 +58,21 @@ def attention_loss(rec: Recorder, token_mask: torch.Tensor | None, distance: str
 
 
 def token_mask(input_ids: torch.Tensor, eos_id: int, exclude_padding: bool, exclude_ids: list[int]) -> torch.Tensor:
-    """(B, tokens) 1 where a position takes part in attention alignment."""
+    """(B, tokens) 1 where a position takes part in attention alignment. `exclude_ids` is the token
+    sequence of one word or phrase (a trigger word often splits into several sub-tokens): its
+    positions are left out wherever the whole sequence occurs, and nowhere else."""
     mask = torch.ones_like(input_ids, dtype=torch.float32)
     if exclude_padding:
         is_eos = (input_ids == eos_id).int()
         first_eos = torch.where(is_eos.any(1), is_eos.argmax(1), torch.full_like(is_eos[:, 0], input_ids.shape[1] - 1))
         positions = torch.arange(input_ids.shape[1])[None, :]
         mask = mask * (positions <= first_eos[:, None]).float()
-    for token in exclude_ids:
-        mask = mask * (input_ids != token).float()
+    n = len(exclude_ids)
+    if n and n <= input_ids.shape[1]:
+        windows = input_ids.unfold(1, n, 1)  # (B, tokens - n + 1, n)
+        starts = (windows == torch.tensor(exclude_ids, dtype=input_ids.dtype)).all(-1)
+        hit = torch.zeros_like(mask, dtype=torch.bool)
+        for offset in range(n):
+            hit[:, offset:offset + starts.shape[1]] |= starts
+        mask = mask * (~hit).float()
     return mask

@@ -20,6 +20,7 @@ class Batch:
     captions: list[str]
     time_ids: list[tuple[int, ...]]   # SDXL micro-conditioning per sample
     weights: torch.Tensor             # B, prior_loss_weight for regularisation images
+    is_reg: torch.Tensor              # B bool: regularisation (prior) images
     mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
     records: list[int]
     pixels: torch.Tensor | None = None  # B x 3 x H x W in [-1, 1] when latents were encoded live
@@ -36,9 +37,13 @@ class VaeEncoder:
 
     @torch.no_grad()
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """In the VAE's own dtype with autocast off, wherever it is called from (the latent cache,
+        live batches, APT's pixel-space augmentation inside the training step's autocast): under
+        fp16 autocast the SDXL VAE overflows to NaN, and cache and live latents must agree."""
         pixels = pixels.to(self.device, next(self.vae.parameters()).dtype)
-        latents = self.vae.encode(pixels).latent_dist.mode()
-        return ((latents - self.shift) * self.scaling).float()
+        with torch.autocast(self.device.type, enabled=False):
+            latents = self.vae.encode(pixels).latent_dist.mode()
+        return ((latents.float() - self.shift) * self.scaling)
 
     def identity(self) -> str:
         """SHA-256 of the VAE's weights: cache keys change whenever the VAE does."""
@@ -77,10 +82,10 @@ class BatchBuilder:
                 masks = torch.stack([g[1] for g in got])
         if masks is not None:
             masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area")
-        weights = torch.tensor([self.prior_loss_weight if self.data.records[s.record].subset.is_reg else 1.0
-                                for s in samples])
+        is_reg = torch.tensor([self.data.records[s.record].subset.is_reg for s in samples], dtype=torch.bool)
+        weights = torch.where(is_reg, self.prior_loss_weight, 1.0)
         return Batch(latents=latents, captions=[s.caption for s in samples],
-                     time_ids=[self.data.time_ids(s) for s in samples], weights=weights, mask=masks,
+                     time_ids=[self.data.time_ids(s) for s in samples], weights=weights, is_reg=is_reg, mask=masks,
                      records=[s.record for s in samples], pixels=pixels)
 
 
@@ -98,7 +103,7 @@ class MicroBatches(Dataset):
         self.with_pixels = with_pixels
         self.items = []
         for step in range(start, total):
-            epoch, micro = plan.micro_batches(step)
+            epoch, micro = plan.step_batches(step)
             for m, (position, ref) in enumerate(micro):
                 self.items.append((step, m, len(micro), epoch, position, ref))
 
@@ -149,7 +154,7 @@ class StepPlan:
     def ends_epoch(self, step: int) -> bool:
         return (step + 1) % self.steps_per_epoch == 0
 
-    def micro_batches(self, step: int) -> tuple[int, list[tuple[int, BatchRef]]]:
+    def step_batches(self, step: int) -> tuple[int, list[tuple[int, BatchRef]]]:
         """(epoch, [(global position, batch), ...]) for this process at `step`."""
         epoch = self.epoch_of(step)
         if self._order is None or self._order[0] != epoch:

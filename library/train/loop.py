@@ -1,37 +1,31 @@
-"""The training job: load, prepare, run the optimizer steps with saves, samples and validation."""
+"""The training job: build the run, then the optimizer steps with saves, samples and validation."""
 from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from library.apt.indicator import bin_ranges
 from library.config import Config
 from library.config.loader import table_fields
-from library.data.dataset import TrainingData
-from library.data.latent_cache import LatentCache
-from library.data.summary import log_dataset
-from library.data.text_cache import TextCache
+from library.data.summary import dataset_summary, tag_frequency
 from library.errors import UserError
 from library.lora.kohya_file import SAVE_DTYPES
-from library.lora.network import LoraNetwork, NetworkSpec
-from library.lora.weights import from_tensors, load_weights
-from library.models.conditioning import TextConditioner, sdxl_time_ids
-from library.models.loader import ModelBundle, load_models, plan_model
+from library.lora.metadata import TrainingFacts
+from library.lora.weights import from_tensors
 from library.train import checkpoint
-from library.train.apt_step import apt_forward, make_apt, observe
-from library.train.batches import Batch, BatchBuilder, MicroBatches, StepPlan, VaeEncoder, micro_batch_stream
-from library.train.diffusion import Diffusion, per_sample_mse, step_generator
-from library.train.optimizers import build_optimizer
-from library.train.output import Outputs
-from library.train.schedules import build_scheduler
-from library.train.setup import DTYPES, make_accelerator, set_attention
+from library.train.batches import MicroBatches, micro_batch_stream
+from library.train.builder import build_run
+from library.train.diffusion import step_generator
+from library.train.method import TrainingMethod
+from library.train.optimizers import optimizer_description
+from library.train.output import Outputs, RunHandles
+from library.train.prompts import load_prompts
+from library.train.sampling import Sampler
 from library.train.tracking import TimestepLossTable, Tracker, peak_memory_gib, trackers_for
-from library.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -39,144 +33,56 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        t = cfg.training
-        logging_dir = cfg.logging.logging_dir or str(Path(cfg.saving.output_dir) / "logs")
-        self.accelerator, self.precision = make_accelerator(cfg, trackers_for(cfg.logging.log_with), logging_dir)
-        acc = self.accelerator
-        self.device = acc.device
-        self.weight_dtype = DTYPES[self.precision]
-        if t.full_bf16 and self.precision != "bf16":
-            raise UserError('full_bf16 needs mixed_precision = "bf16" (this run uses "%s")' % self.precision)
-        plan = plan_model(cfg.model)
-        # The dataset is scanned (and every image decoded once) before any weights load.
-        self.data = TrainingData(cfg.dataset, native_resolution=plan.native_resolution,
-                                 default_batch_size=t.train_batch_size, seed=t.seed,
-                                 skip_bad_images=cfg.data.skip_bad_images)
-        if acc.is_main_process:
-            log_dataset(self.data)
-        self.plan = StepPlan(self.data, t.gradient_accumulation_steps, acc.num_processes, acc.process_index)
-        self.total_steps = (t.max_train_epochs * self.plan.steps_per_epoch if t.max_train_epochs
-                            else t.max_train_steps)
-        self.bundle: ModelBundle = load_models(cfg.model, plan)
-        self._check_buckets()
-        self._prepare_models()
-        self.diffusion = Diffusion(
-            self.bundle.scheduler_config, cfg.model.v_parameterization, zero_terminal_snr=t.zero_terminal_snr,
-            noise_offset=t.noise_offset, multires_iterations=t.multires_noise_iterations,
-            multires_discount=t.multires_noise_discount, ip_noise_gamma=t.ip_noise_gamma,
-            min_snr_gamma=t.min_snr_gamma, min_timestep=t.min_timestep, max_timestep=t.max_timestep)
-        if t.zero_terminal_snr and not cfg.model.v_parameterization:
-            log.warning("zero_terminal_snr without v_parameterization: an epsilon model cannot learn the last step")
-        self.validator = Validator(self.data.validation, t.validation_timesteps, t.seed)
-        self.outputs = Outputs(self, logging_dir)
-        self.timestep_table = TimestepLossTable(self.diffusion.num_timesteps)
+        run = build_run(cfg)
+        self.accelerator, self.precision = run.accelerator, run.precision
+        self.device = run.accelerator.device
+        self.data, self.plan, self.total_steps = run.data, run.plan, run.total_steps
+        self.bundle, self.network, self.batches = run.bundle, run.network, run.batches
+        self.optimizer, self.scheduler = run.optimizer, run.scheduler
+        self.denoiser, self.method, self.validator = run.denoiser, run.method, run.validator
+        # DDP wrappers whose gradient sync is postponed to the last micro-batch of a step.
+        self.synced = [run.unet] + ([m for m in run.denoiser.conditions.train_encoder.encoders] if run.trains_text
+                                    else [])
+        self.timestep_table = TimestepLossTable(self.denoiser.diffusion.num_timesteps)
+        self.sampler = make_sampler(cfg, self.data, self.bundle)
+        self.outputs = Outputs(cfg, self.accelerator, Tracker(self.accelerator, trackers_for(cfg.logging.log_with),
+                                                              cfg.saving.output_name, self.config_summary()),
+                               self.plan, self.total_steps, self.method, self.handles())
         self.step = 0
-        self.step_stats: dict[str, float] = {}
         self._stream = None
         self._stream_next = -1
         self.losses: list[float] = []
-        self.validation_history: list[tuple[int, float]] = []
         if cfg.saving.resume:
             self._resume(cfg.saving.resume)
 
-    # --- setup --------------------------------------------------------------------------------
-    def _check_buckets(self) -> None:
-        if self.bundle.is_sdxl:
-            for spec in self.data.specs:
-                if spec.enable_bucket and spec.bucket_reso_steps % 32:
-                    log.warning("bucket_reso_steps = %d is not a multiple of 32; SDXL may produce artefacts",
-                                spec.bucket_reso_steps)
-        factor = self.bundle.vae_scale_factor * 2 ** (len(self.bundle.unet.config.block_out_channels) - 1)
-        for w, h, _ in self.data.bucket_table():
-            if w % factor or h % factor:
-                raise UserError(f"bucket {w}x{h} is not divisible by {factor}, which this model needs; use "
-                                f"resolution and bucket_reso_steps multiples of {factor}")
+    def handles(self) -> RunHandles:
+        bundle = self.bundle
+        facts = TrainingFacts(
+            base_model_version=bundle.base_model_version, resolution=resolution_of(self.data, bundle), steps=0,
+            epochs=0, started_at=0.0, mixed_precision=self.precision, batches_per_epoch=self.plan.batches,
+            optimizer=optimizer_description(self.optimizer, self.cfg.optimizer.optimizer_args),
+            **dataset_summary(self.data), tag_frequency=tag_frequency(self.data))
+        return RunHandles(
+            lora_tensors=lambda: self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.saving.save_precision]),
+            write_state=lambda folder: checkpoint.write_state(folder, self.network.kohya_state_dict(), self.optimizer,
+                                                              self.scheduler, self.train_state()),
+            facts=facts, loss_table=self.timestep_table.render,
+            sample=self._sample if self.sampler is not None else None,
+            validate=self._validate if self.validator else None)
 
-    def _vae_dtype(self) -> torch.dtype:
-        choice = self.cfg.training.no_half_vae
-        if choice is None:  # the SDXL VAE overflows to NaN in fp16
-            choice = self.bundle.is_sdxl and self.precision == "fp16"
-        return torch.float32 if choice else self.weight_dtype
+    def _sample(self, n: int) -> list:
+        return self.sampler.run(self.bundle, self.bundle.unet, self.device, n, self.accelerator.autocast,
+                                self.network.set_enabled)
 
-    def _prepare_models(self) -> None:
-        cfg, b = self.cfg, self.bundle
-        net, t = cfg.network, cfg.training
-        self.train_te = not net.network_train_unet_only
-        b.unet.to(self.device, self.weight_dtype)
-        b.vae.to(self.device, self._vae_dtype())
-        for te in b.text_encoders:
-            te.to(self.device, self.weight_dtype)
-        set_attention(b.unet, t.attention, self.device)
-        torch.manual_seed(t.seed)  # LoRA initialisation
-        spec = NetworkSpec(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim,
-                           conv_alpha=net.conv_alpha_value, dropout=net.network_dropout,
-                           train_unet=True, train_text_encoders=self.train_te)
-        self.network = LoraNetwork(b.unet, b.text_encoders, b.arch, spec)
-        if t.full_bf16:
-            for p in self.network.parameters():
-                p.data = p.data.to(torch.bfloat16)
-        if net.network_weights:
-            weights = load_weights(net.network_weights, self.network.index)
-            self.network.load_modules(weights.modules, net.network_weights)
-            log.info("continuing from %s (%s layout)", net.network_weights, weights.style)
-        if t.gradient_checkpointing:
-            b.unet.enable_gradient_checkpointing()
-            if self.train_te:
-                for te in b.text_encoders:
-                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        b.unet.train()
-        for te in b.text_encoders:
-            te.train(self.train_te)
-        self.encoder = VaeEncoder(b.vae, self.device)
-        self.apt = make_apt(self) if t.apt else None
-        self.batches = BatchBuilder(self.data, self.encoder, t.prior_loss_weight, self._latent_cache())
-        groups = [{"params": list(self.network.parameters("unet")), "lr": cfg.optimizer.unet_lr or
-                   cfg.optimizer.learning_rate, "name": "unet"}]
-        if self.train_te:
-            for i, lr in enumerate(cfg.optimizer.text_encoder_lrs(len(b.text_encoders))):
-                groups.append({"params": list(self.network.parameters(f"te{i + 1}")), "lr": lr, "name": f"te{i + 1}"})
-        opt = cfg.optimizer
-        self.optimizer = build_optimizer(opt.optimizer_type, opt.optimizer_args, groups, opt.learning_rate)
-        models = [b.unet] + (b.text_encoders if self.train_te else [])
-        prepared = self.accelerator.prepare(*models, self.optimizer)
-        self.unet, self.optimizer = prepared[0], prepared[-1]
-        self.base_unet = b.unet  # unwrapped: for no-grad passes on one process (validation, sampling)
-        # Forward passes must go through the DDP wrappers so that gradients are synchronised.
-        encoders = list(prepared[1:-1]) if self.train_te else b.text_encoders
-        self.conditioner = TextConditioner(b.arch, b.tokenizers, encoders, t.clip_skip)
-        self.text_cache = self._text_cache()
-        self.scheduler = build_scheduler(opt.lr_scheduler, self.optimizer, self.total_steps, opt.lr_warmup_steps,
-                                         opt.lr_scheduler_num_cycles, opt.lr_scheduler_power)
-
-    def _latent_cache(self) -> LatentCache | None:
-        opts = self.cfg.data
-        if not (opts.cache_latents or opts.cache_latents_to_disk):
-            return None
-        cache = LatentCache(self.data, self.encoder, self.encoder.identity(), to_disk=opts.cache_latents_to_disk,
-                            cache_dir=opts.latent_cache_dir)
-        acc = self.accelerator
-        shared = opts.cache_latents_to_disk and acc.num_processes > 1
-        if shared and not acc.is_main_process:
-            acc.wait_for_everyone()  # the main process writes the disk entries first, the others read them
-        with tqdm(total=len(cache.wanted()), desc="caching latents", disable=not acc.is_main_process) as bar:
-            cache.fill(bar.update)
-        if shared and acc.is_main_process:
-            acc.wait_for_everyone()
-        if acc.is_main_process:
-            log.info("latent cache: %d encoded, %d reused from disk", cache.encoded, cache.hits)
-        self.bundle.vae.to("cpu")  # no longer needed on the device
-        return cache
-
-    def _text_cache(self) -> TextCache | None:
-        if not self.cfg.data.cache_text_encoder_outputs:
-            return None
-        cache = TextCache(self.data, self.conditioner.encode)
+    def _validate(self) -> dict[str, float]:
         with self.accelerator.autocast():
-            cache.fill()
-        for te in self.bundle.text_encoders:
-            te.to("cpu")
-        return cache
+            return self.validator.run(self.batches, self.denoiser)
 
+    def use_method(self, method: TrainingMethod) -> None:
+        """Switch the training method on the loaded model (benchmarks compare methods side by side)."""
+        self.method = self.outputs.method = method
+
+    # --- resume -------------------------------------------------------------------------------
     def _resume(self, where: str) -> None:
         out = Path(self.cfg.saving.output_dir)
         folder = checkpoint.find_latest_state(out, self.cfg.saving.output_name) if where == "latest" else Path(where)
@@ -191,62 +97,32 @@ class Trainer:
         if loaded.state.step >= self.total_steps:
             raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
                             f"(now {self.total_steps}) to continue")
+        self.method.load_state_dict(loaded.state.extra, str(folder))
         self.network.load_modules(from_tensors(loaded.lora, {}, str(folder), self.network.index).modules, str(folder))
         self.optimizer.load_state_dict(loaded.optimizer)
         self.scheduler.load_state_dict(loaded.scheduler)
+        scaler = self.accelerator.scaler
+        if scaler is not None and "grad_scaler" in loaded.state.extra:
+            scaler.load_state_dict(loaded.state.extra["grad_scaler"])
         checkpoint.set_rng_state(loaded.rng)
         self.step = loaded.state.step
-        epoch, _ = self.plan.micro_batches(self.step)
+        epoch, _ = self.plan.step_batches(self.step)
         if (epoch, self.plan.steps_per_epoch) != (loaded.state.epoch, loaded.state.extra.get("steps_per_epoch")):
             log.warning("%s: the dataset or batch settings changed since this state was saved; the data order "
                         "continues from step %d of the current settings", folder, self.step)
-        self.outputs.restore(loaded.state.extra)
         log.info("resumed from %s at step %d (epoch %d)", folder, self.step, epoch)
 
-    # --- one micro-batch ----------------------------------------------------------------------
-    def forward(self, batch: Batch, gen: torch.Generator, timesteps: torch.Tensor | None = None,
-                unet=None, weighted: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean loss, unweighted per-sample MSE (detached), timesteps) of one batch.
+    def train_state(self) -> checkpoint.TrainState:
+        epoch, micro = self.plan.step_batches(self.step)  # where the next step will read
+        extra = {"steps_per_epoch": self.plan.steps_per_epoch, **self.method.state_dict()}
+        if self.accelerator.scaler is not None:  # fp16: the loss scale must continue where it was
+            extra["grad_scaler"] = self.accelerator.scaler.state_dict()
+        return checkpoint.TrainState(
+            step=self.step, consumed=self.step * self.plan.accumulation * self.plan.world, epoch=epoch,
+            position=micro[0][0], network=checkpoint.describe_network(self.network), extra=extra)
 
-        The per-sample values stay unweighted so the loss-by-timestep table shows how well each
-        timestep is denoised, whatever loss weighting the user chose."""
-        latents = batch.latents.to(self.device)
-        if timesteps is None:
-            timesteps = self.diffusion.sample_timesteps(latents.shape[0], gen)
-        noise = self.diffusion.sample_noise(latents, gen)
-        noisy = self.diffusion.add_noise(latents, self.diffusion.input_noise(noise, gen), timesteps)
-        cond, kwargs = self.conditioning(batch)
-        pred = (unet or self.unet)(noisy, timesteps.to(self.device), cond.hidden_states, **kwargs).sample
-        target = self.diffusion.target(latents, noise, timesteps)
-        mask = batch.mask.to(self.device) if batch.mask is not None else None
-        raw = per_sample_mse(pred, target, mask)
-        per_sample = self.weigh(raw, batch, timesteps) if weighted else raw
-        return per_sample.mean(), raw.detach(), timesteps
-
-    def conditioning(self, batch: Batch):
-        """(text conditioning, extra UNet inputs) of a batch; the text encoders get gradients only
-        when they are trained and gradients are on."""
-        if self.text_cache is not None:
-            cond = self.text_cache.get(batch.captions).to(self.device)
-        else:
-            with torch.set_grad_enabled(self.train_te and torch.is_grad_enabled()):
-                cond = self.conditioner.encode(batch.captions)
-        kwargs = {}
-        if self.bundle.is_sdxl:
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": cond.pooled,
-                "time_ids": sdxl_time_ids(batch.time_ids, self.device, cond.hidden_states.dtype),
-            }
-        return cond, kwargs
-
-    def weigh(self, per_sample: torch.Tensor, batch: Batch, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses times the image weights (loss_weight, regularisation) and Min-SNR."""
-        per_sample = per_sample * batch.weights.to(self.device)
-        snr = self.diffusion.loss_weights(timesteps)
-        return per_sample if snr is None else per_sample * snr.to(self.device)
-
-    # --- the run ------------------------------------------------------------------------------
-    def micro_batches(self, step: int) -> list[list]:
+    # --- one optimizer step -------------------------------------------------------------------
+    def step_samples(self, step: int) -> list[list]:
         """The samples of each micro-batch of `step`, from the (possibly multi-process) loader."""
         if self._stream is None or self._stream_next != step:
             dataset = MicroBatches(self.data, self.plan, step, self.total_steps, self.batches.cache is None)
@@ -263,67 +139,69 @@ class Trainer:
         return out
 
     def train_step(self, step: int) -> tuple[float, float] | None:
-        """One optimizer step; returns (loss, grad norm), or None when a NaN step was skipped."""
-        try:
-            return self._train_step(step)
-        finally:
-            if self.apt is not None:
-                self.apt.stop_recording()
-
-    def _train_step(self, step: int) -> tuple[float, float] | None:
+        """One optimizer step; returns (loss, grad norm), or None when a step with a non-finite loss
+        was skipped."""
         acc, cfg = self.accelerator, self.cfg
-        epoch = self.plan.epoch_of(step)
-        micro = self.micro_batches(step)
+        micro = self.step_samples(step)
         total = 0.0
-        apt_results = []
+        results = []
         for m, samples in enumerate(micro):
             batch = self.batches.assemble(samples)
             gen = step_generator(cfg.training.seed, step, m, acc.process_index)
-            sync = m == len(micro) - 1
-            with (nullcontext() if sync else acc.no_sync(self.unet)), acc.autocast():
-                if self.apt is not None:
-                    result = apt_forward(self, self.apt, batch, gen)
-                    loss, per_sample, timesteps = result.loss, result.loss_theta, result.timesteps
-                    apt_results.append((result, batch))
-                else:
-                    loss, per_sample, timesteps = self.forward(batch, gen)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-            if acc.num_processes > 1:
-                bad = acc.reduce(bad, "sum")
-            if bad.item() > 0:
-                self.optimizer.zero_grad(set_to_none=True)
-                if cfg.training.skip_nan_steps:
-                    log.warning("loss is %s at step %d (epoch %d): step skipped", loss.item(), step + 1, epoch)
-                    return None
-                raise UserError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped without "
-                                "saving anything new. Lower the learning rate, use mixed_precision = \"bf16\" or "
-                                "\"no\", or set skip_nan_steps = true")
-            acc.backward(loss / len(micro))
-            self.timestep_table.update(per_sample.float().cpu(), timesteps)
-            total += loss.item() / len(micro)
-        for result, batch in apt_results:
-            observe(self, result, batch)
-        if self.apt is not None:
-            self.apt.end_step(step + 1)
-            self.step_stats = {k: sum(r.stats[k] for r, _ in apt_results) / len(apt_results)
-                               for k in apt_results[0][0].stats}
+            with ExitStack() as stack:
+                if m < len(micro) - 1:  # gradients are synchronised once, with the last micro-batch
+                    for model in self.synced:
+                        stack.enter_context(acc.no_sync(model))
+                try:
+                    with acc.autocast():
+                        result = self.denoiser.loss(batch, gen, self.method.step(batch, step))
+                    if not self._all_finite(result.loss):
+                        return self._skip_step(step, result.loss)
+                    acc.backward(result.loss / len(micro))
+                finally:
+                    self.method.after_backward()
+            self.timestep_table.update(result.per_sample.float().cpu(), result.timesteps)
+            total += result.loss.item() / len(micro)
+            results.append((result, batch))
+        self.method.end_step(step + 1, results)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.optimizer.max_grad_norm or float("inf")  # inf: measure without clipping
         grad_norm = float(acc.clip_grad_norm_(params, max_norm))
         self.optimizer.step()
-        self.scheduler.step()
+        # fp16: a step the loss scaler skipped (inf gradients) does not advance the schedule, as in
+        # accelerate's own scheduler wrapper.
+        if not getattr(self.optimizer, "step_was_skipped", False):
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
 
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")  # every process skips or stops together
+        return bad.item() == 0
+
+    def _skip_step(self, step: int, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        epoch = self.plan.epoch_of(step)
+        if not self.cfg.training.skip_nan_steps:
+            raise UserError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped without "
+                            "saving anything new. Lower the learning rate, use mixed_precision = \"bf16\" or "
+                            "\"no\", or set skip_nan_steps = true")
+        log.warning("loss is %s at step %d (epoch %d): step skipped", loss.item(), step + 1, epoch)
+        # The step counter moves on, so the learning-rate schedule must too: it is a function of the step.
+        self.scheduler.step()
+        return None
+
+    # --- the run ------------------------------------------------------------------------------
     def run(self) -> Path:
-        acc, cfg = self.accelerator, self.cfg
-        started = time.time()
-        self.outputs.begin(started)
+        acc = self.accelerator
+        self.outputs.begin(self.step, time.time())
         if self.step == 0:
             self.outputs.at_start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not acc.is_main_process)
-        samples_per_step = sum(len(ref.items) for _, ref in self.plan.micro_batches(self.step)[1]) * acc.num_processes
+        samples_per_step = sum(len(ref.items) for _, ref in self.plan.step_batches(self.step)[1]) * acc.num_processes
         try:
             self._train_loop(bar, samples_per_step)
         finally:
@@ -354,29 +232,28 @@ class Trainer:
                            "peak_memory_gib": peak_memory_gib(self.device), "epoch": self.plan.epoch_of(step)}
                 for group in self.optimizer.param_groups:
                     metrics[f"lr/{group.get('name', 'group')}"] = group["lr"] or 0.0
-                if self.apt is not None:
-                    metrics.update(self.step_stats)
-                    gamma = self.apt.indicator.gamma()
-                    ranges = bin_ranges(self.apt.indicator.bins, self.apt.indicator.num_timesteps)
-                    metrics.update({f"apt/gamma_t{lo:03d}": float(g) for (lo, _), g in zip(ranges, gamma)})
+                metrics.update(self.method.metrics())
                 self.outputs.tracker.log({**metrics, **self.timestep_table.scalars()}, step=self.step)
                 bar.set_postfix(loss=f"{loss:.4f}", avg=f"{ema:.4f}", epoch=self.plan.epoch_of(step))
             bar.update(1)
             self.outputs.after_step(step)
 
-    # --- state --------------------------------------------------------------------------------
-    def train_state(self) -> checkpoint.TrainState:
-        epoch, micro = self.plan.micro_batches(self.step)  # where the next step will read
-        return checkpoint.TrainState(
-            step=self.step, consumed=self.step * self.plan.accumulation * self.plan.world, epoch=epoch,
-            position=micro[0][0], network=checkpoint.describe_network(self.network),
-            extra={"steps_per_epoch": self.plan.steps_per_epoch, **self.outputs.state()})
-
-    def lora_tensors(self) -> dict[str, torch.Tensor]:
-        return self.network.kohya_state_dict(SAVE_DTYPES[self.cfg.saving.save_precision])
-
     def config_summary(self) -> dict:
         return {f"{table}.{k}": v for table, values in table_fields(self.cfg).items() for k, v in values.items()}
+
+
+def resolution_of(data, bundle) -> tuple[int, int]:
+    """The training resolution: the first dataset's, or the model's native one."""
+    size = data.specs[0].resolution or (bundle.native_resolution,) * 2
+    return tuple(size)
+
+
+def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
+    if not cfg.sampling.sample_prompts:
+        return None
+    return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
+                   cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
+                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base)
 
 
 def train(cfg: Config) -> Path:

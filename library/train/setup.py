@@ -33,8 +33,10 @@ def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(cfg.training.mixed_precision, cpu)
-    # Only LoRA weights get gradients and every one is used each step.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    # Only LoRA weights get gradients. In the UNet every one is used each step; in the text
+    # encoders the layers after the one the conditioning is taken from (SDXL's penultimate layer,
+    # clip_skip) get none, which DDP must be told about or it fails at the first backward.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.network.network_train_unet_only)
     project = ProjectConfiguration(project_dir=cfg.saving.output_dir, logging_dir=logging_dir)
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp], log_with=trackers or None,
                               project_config=project)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from library.train.batches import BatchBuilder
+from library.train.denoiser import Denoiser
 from library.train.diffusion import step_generator
 
 
@@ -18,18 +20,19 @@ class Validator:
         return bool(self.indices)
 
     @torch.no_grad()
-    def run(self, trainer) -> dict[str, float]:
-        """{"val/loss": mean over images and timesteps, "val/loss_t100": ..., ...}"""
+    def run(self, batches: BatchBuilder, denoiser: Denoiser) -> dict[str, float]:
+        """{"val/loss": mean over images and timesteps, "val/loss_t100": ..., ...}: the training
+        step's own loss path on the unwrapped model (validation runs on the main process only)."""
         sums = {t: 0.0 for t in self.timesteps}
         for k in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[k:k + self.batch_size]
-            batch = trainer.batches.build_fixed(chunk)
+            batch = batches.build_fixed(chunk)
             for t in self.timesteps:
                 gen = step_generator(self.seed, 10_000_000 + t, k)
                 timesteps = torch.full((len(chunk),), t, dtype=torch.long)
-                _, per_sample, _ = trainer.forward(batch, gen, timesteps=timesteps, unet=trainer.base_unet,
-                                                   weighted=False)
-                sums[t] += per_sample.sum().item()
+                result = denoiser.loss(batch, gen, timesteps=timesteps, unet=denoiser.frozen_unet, weighted=False,
+                                       frozen_text=True)
+                sums[t] += result.per_sample.sum().item()
         n = len(self.indices)
         out = {f"val/loss_t{t:03d}": s / n for t, s in sums.items()}
         out["val/loss"] = sum(out.values()) / len(self.timesteps)

@@ -27,11 +27,23 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+class MainProcessOnly(logging.Filter):
+    """Under `accelerate launch` with N processes, every process runs the same code: each info and
+    warning line would appear N times. Only the main process (global rank 0) prints them; errors
+    are printed by every process, since they may differ. accelerate's own `get_logger` does this
+    too, but refuses to log before an accelerate state exists, and the library's modules also serve
+    the tools, which have none; the launcher's RANK variable is what accelerate itself reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or os.environ.get("RANK", "0") == "0"
+
+
 def setup_logging(main_process: bool = True) -> None:
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.addFilter(MainProcessOnly())
         root.addHandler(handler)
     logging.getLogger("library").setLevel(logging.INFO if main_process else logging.WARNING)
     for name in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub"):

@@ -1,0 +1,222 @@
+"""APT as a training method: the hooks it adds to the shared training step.
+
+Per micro-batch, once the timesteps are drawn: gamma of each sample's bin and the augmentation it
+calls for (training images only); then, before the trained pass, the reference pass: the same
+UNet with every adapter switched off (UNet and text encoders), without gradients, on the same
+noisy input, with the base text encoders' conditioning; the trained pass records what RS and AA
+compare; the loss weights (1 - gamma) apply to training images only, regularisation images keep
+prior_loss_weight exactly as without APT. After the step the indicator is updated from both
+passes' losses, gathered from every process, skipping non-finite values.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from library.apt import augment as aug
+from library.apt.controller import AptController
+from library.apt.indicator import bin_ranges
+from library.errors import UserError
+from library.train.batches import Batch, VaeEncoder
+from library.train.denoiser import Denoiser, NoisyInputs, StepLoss
+from library.train.diffusion import per_sample_mse
+from library.train.method import MethodStep, TrainingMethod
+
+log = logging.getLogger(__name__)
+
+
+def black_fill(encoder: VaeEncoder, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+    """Per-channel latent of a black image: what a zoomed-out image's border encodes to."""
+    black = -torch.ones(1, 3, size[1], size[0])
+    return encoder(black)[0].float().mean(dim=(1, 2)).cpu()
+
+
+class AptStep(MethodStep):
+    def __init__(self, method: "AptMethod", batch: Batch):
+        self.method = method
+        self.batch = batch
+        self.gamma = torch.zeros(len(batch.records))
+        self.draw: aug.AugmentDraw | None = None
+        self.loss_ref: torch.Tensor | None = None
+        self._stats: dict[str, float] = {}
+
+    def augment(self, latents, mask, timesteps, gen):
+        apt = self.method.apt
+        # Regularisation images are the prior: never augmented, never down-weighted.
+        self.gamma = torch.where(self.batch.is_reg, 0.0, apt.indicator.gamma_at(timesteps))
+        self.draw = apt.draw(self.gamma, gen)
+        if self.draw is None or not bool(self.draw.apply.any()):
+            return latents, mask
+        fill_black = apt.opts.augment_fill == "black"
+        if apt.opts.augment_space == "pixel" and self.batch.pixels is not None:
+            pixels = aug.apply(self.batch.pixels, self.draw, -1.0 if fill_black else 0.0)
+            chosen = self.draw.apply.nonzero().flatten().to(latents.device)
+            latents = latents.clone()
+            latents[chosen] = self.method.encoder(pixels[chosen.cpu()]).to(latents.device, latents.dtype)
+        else:
+            latents = aug.apply(latents, self.draw, apt.fill if fill_black else 0.0)
+        if mask is not None:
+            mask = aug.apply(mask, self.draw, 0.0)  # the uncovered border is not part of the subject
+        return latents, mask
+
+    def before_prediction(self, inputs: NoisyInputs) -> None:
+        method = self.method
+        method.apt.recorder.clear()
+        with method.adapters_off(), torch.no_grad(), method.apt.recorder.recording("ref"):
+            # With the text encoders trained, the reference conditioning is the base encoders'.
+            cond = method.denoiser.conditions(self.batch, frozen=True)[0] if method.trains_text else None
+            pred = method.denoiser.predict(inputs, unet=method.denoiser.frozen_unet, cond=cond)
+        self.loss_ref = per_sample_mse(pred, inputs.target, inputs.mask)
+
+    @contextmanager
+    def prediction(self):
+        # Left on after the forward: see AptController.stop_recording.
+        self.method.apt.recorder.active = "tuned"
+        yield
+
+    def sample_weights(self) -> torch.Tensor:
+        return self.method.apt.loss_weights(self.gamma)
+
+    def extra_loss(self, per_sample: torch.Tensor) -> torch.Tensor:
+        apt = self.method.apt
+        input_ids = self.method.denoiser.conditions.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
+        terms = apt.regularisers(input_ids)
+        total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
+        finite = bool(torch.isfinite(total))
+        if not finite:
+            # A non-finite reference (its recordings are the targets) must not poison the step.
+            self.method.count_skipped("regularisers")
+            total = torch.zeros((), device=per_sample.device)
+        weights = self.sample_weights()
+        self._stats = {
+            "apt/loss_theta": per_sample.detach().mean().item(),
+            "apt/loss_ref": self.loss_ref.float().mean().item(),
+            "apt/l_mu": terms.l_mu.detach().item() if finite else 0.0,
+            "apt/l_sigma": terms.l_sigma.detach().item() if finite else 0.0,
+            "apt/l_attn": terms.l_attn.detach().item() if finite else 0.0,
+            "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
+            "apt/loss_weight": float(weights.mean()),
+        }
+        return total
+
+    def stats(self) -> dict[str, float]:
+        return self._stats
+
+
+class AptMethod(TrainingMethod):
+    def __init__(self, apt: AptController, denoiser: Denoiser, encoder: VaeEncoder,
+                 set_adapters: Callable[[bool], None], trains_text: bool, includes_reg: bool,
+                 gather: Callable[[torch.Tensor], torch.Tensor], settings: dict):
+        self.apt = apt
+        self.denoiser = denoiser
+        self.encoder = encoder
+        self.set_adapters = set_adapters
+        self.trains_text = trains_text
+        self.includes_reg = includes_reg
+        self.gather = gather
+        self.settings = settings
+        self.skipped = {"indicator": 0, "regularisers": 0}
+        self._steps: list[AptStep] = []  # the micro-batches of the step in progress
+        self.last_stats: dict[str, float] = {}  # mean APT statistics of the last finished step
+        self._step = -1
+
+    @contextmanager
+    def adapters_off(self):
+        self.set_adapters(False)
+        try:
+            yield
+        finally:
+            self.set_adapters(True)
+
+    def count_skipped(self, what: str) -> None:
+        self.skipped[what] += 1
+        log.warning("APT: non-finite reference values; %s update skipped (%d so far in this run)", what,
+                    self.skipped[what])
+
+    def step(self, batch: Batch, step: int) -> AptStep:
+        if step != self._step:  # a new step (a skipped one leaves its micro-batches behind)
+            self._steps, self._step = [], step
+        micro = AptStep(self, batch)
+        self._steps.append(micro)
+        return micro
+
+    def after_backward(self) -> None:
+        self.apt.stop_recording()
+
+    def end_step(self, step: int, losses: list[tuple[StepLoss, Batch]]) -> None:
+        results = [r for r, _ in losses]
+        self.last_stats = {k: sum(r.stats[k] for r in results) / len(results) for k in results[0].stats}
+        rows = []
+        for micro, (result, batch) in zip(self._steps, losses):
+            keep = ~batch.is_reg if not self.includes_reg else torch.ones_like(batch.is_reg)
+            rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
+                                     micro.loss_ref.float().cpu(), keep.float()]).T)
+        self._steps = []
+        gathered = self.gather(torch.cat(rows)) if rows else torch.zeros(0, 4)
+        gathered = gathered[gathered[:, 3] > 0]  # padding rows and excluded samples have keep = 0
+        finite = torch.isfinite(gathered[:, 1:3]).all(1)
+        if not bool(finite.all()):
+            self.count_skipped("indicator")
+        gathered = gathered[finite]
+        if len(gathered):
+            self.apt.observe(gathered[:, 0].long(), gathered[:, 1], gathered[:, 2])
+        self.apt.end_step(step)
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.last_stats)
+        ind = self.apt.indicator
+        out.update({f"apt/gamma_t{lo:03d}": float(g)
+                    for (lo, _), g in zip(bin_ranges(ind.bins, ind.num_timesteps), ind.gamma())})
+        out.update({f"apt/skipped_{k}_updates": float(v) for k, v in self.skipped.items()})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"apt": self.apt.state_dict()}
+
+    def load_state_dict(self, extra: dict, source: str) -> None:
+        if "apt" not in extra:
+            log.warning("%s: the state has no APT indicator (saved without apt); it starts from zero", source)
+            return
+        try:
+            self.apt.load_state_dict(extra["apt"])
+        except ValueError as exc:
+            raise UserError(f"{source}: cannot continue APT: {exc}; use the [apt] settings the state was "
+                            "saved with, or start a new run") from None
+
+    def metadata(self) -> dict[str, str]:
+        ind = self.apt.indicator
+        return {"apt_enabled": "True", "apt_settings": json.dumps(self.settings),
+                "apt_indicator": json.dumps([round(float(g), 6) for g in ind.gamma()]),
+                "apt_indicator_bins": json.dumps([list(r) for r in bin_ranges(ind.bins, ind.num_timesteps)])}
+
+    def write_reports(self, folder: Path, title: str) -> None:
+        h, n = self.apt.history, self.apt.indicator.num_timesteps
+        if not h.steps:
+            return
+        from library.apt.plot import write_csv, write_png
+
+        write_csv(folder / "apt_indicator.csv", h.steps, h.gammas, n)
+        write_png(folder / "apt_indicator.png", h.steps, h.gammas, n, title=f"APT overfitting indicator: {title}")
+
+
+def make_apt(opts, bundle, unet, denoiser: Denoiser, encoder: VaeEncoder, fill: torch.Tensor,
+             set_adapters: Callable[[bool], None], trains_text: bool, xformers: bool,
+             gather: Callable[[torch.Tensor], torch.Tensor], settings: dict) -> AptMethod:
+    """APT for a run whose network is injected and whose attention kernel is chosen (the recording
+    processors replace the chosen layers' processors)."""
+    exclude = []
+    if opts.aa_exclude_token:
+        exclude = bundle.tokenizers[0](opts.aa_exclude_token, add_special_tokens=False).input_ids
+        if not exclude:
+            raise UserError(f"[apt] aa_exclude_token: {opts.aa_exclude_token!r} gives no tokens")
+    apt = AptController(opts, unet, int(bundle.scheduler_config.get("num_train_timesteps", 1000)), xformers=xformers,
+                        eos_id=bundle.tokenizers[0].eos_token_id, exclude_ids=exclude)
+    apt.fill = fill
+    log.info("APT on: %d RS layers, %d AA layers, augmentation %s", len(apt.layers["rs"]), len(apt.layers["aa"]),
+             f"in {opts.augment_space} space" if opts.augment else "off")
+    return AptMethod(apt, denoiser, encoder, set_adapters, trains_text, opts.indicator_includes_reg, gather, settings)

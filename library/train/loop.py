@@ -108,10 +108,7 @@ class Trainer:
             te.to(self.device, self.weight_dtype)
         set_attention(b.unet, t.attention, self.device)
         torch.manual_seed(t.seed)  # LoRA initialisation
-        spec = NetworkSpec(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim,
-                           conv_alpha=net.conv_alpha_value, dropout=net.network_dropout,
-                           train_unet=True, train_text_encoders=self.train_te)
-        self.network = LoraNetwork(b.unet, b.text_encoders, b.arch, spec)
+        self.network = LoraNetwork(b.unet, b.text_encoders, b.arch, NetworkSpec.from_options(net, self.train_te))
         if t.full_bf16:
             for p in self.network.parameters():
                 p.data = p.data.to(torch.bfloat16)

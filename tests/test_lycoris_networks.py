@@ -1,0 +1,132 @@
+"""DoRA, LoHa and LoKr networks: trained end to end (with APT), written in LyCORIS's layout and
+checked with the `lycoris-lora` package's own merging code, the independent loader for these files."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.config import build_config
+from library.errors import UserError
+from library.lora.index import NameIndex
+from library.lora.network import LoraNetwork, NetworkSpec
+from library.lora.weights import load_weights
+from library.models.loader import load_models
+from library.config.options import ModelOptions
+from library.train.loop import Trainer
+from tests.helpers import tiny_config
+
+lycoris_utils = pytest.importorskip("lycoris.utils")  # requirements-dev.txt installs it
+
+TYPES = ("dora", "loha", "lokr")
+SUFFIXES = {
+    "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},  # w2 whole or split, by layer size
+}
+
+
+def components_of(bundle) -> dict[str, torch.nn.Module]:
+    return {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
+
+
+def lycoris_merge(bundle, tensors: dict[str, torch.Tensor]) -> int:
+    """Merge a file into a freshly loaded model with lycoris.utils.merge; returns the module count.
+
+    lycoris walks `named_modules()` and forms kohya names from the paths; each layer is presented
+    under the path its kohya name spells (SGM paths for SDXL, `text_model.` for the text encoders,
+    which transformers 5 no longer has), so the names are those of the file, not recomputed here."""
+    index = NameIndex.for_model(bundle)
+    comps = components_of(bundle)
+    lookup = {c: dict(m.named_modules()) for c, m in comps.items()}
+    holders = {c: torch.nn.Module() for c in comps}
+    for name in {k.split(".", 1)[0] for k in tensors}:
+        target = index.targets[name]
+        mods = lookup[target.component]
+        layer = mods.get(target.path) or mods[target.path.removeprefix("text_model.")]
+        prefix = "lora_unet_" if target.component == "unet" else ("lora_te_" if bundle.arch != "sdxl" else
+                                                                    f"lora_{target.component}_")
+        holders[target.component].add_module(name.removeprefix(prefix), layer)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        lycoris_utils.merge([holders[c] for c in comps if c != "unet"], holders["unet"], dict(tensors), 1.0)
+    return int(re.search(r"(\d+) Modules been merged", out.getvalue())[1])
+
+
+def peft_merged(network: LoraNetwork) -> dict[str, torch.Tensor]:
+    """Each trained layer's weight as peft's own merge computes it (then unmerged again)."""
+    out = {}
+    with torch.no_grad():
+        for name, (_, layer) in network.layers.items():
+            layer.merge(adapter_names=["default"])
+            out[name] = layer.get_base_layer().weight.detach().float().clone()
+            layer.unmerge()
+    return out
+
+
+def layer_weights(bundle, names) -> dict[str, torch.Tensor]:
+    index = NameIndex.for_model(bundle)
+    comps = components_of(bundle)
+    lookup = {c: dict(m.named_modules()) for c, m in comps.items()}
+    out = {}
+    for name in names:
+        t = index.targets[name]
+        layer = lookup[t.component].get(t.path) or lookup[t.component][t.path.removeprefix("text_model.")]
+        out[name] = layer.weight.detach().float()
+    return out
+
+
+def train(tmp_path, model_path, images, network: dict, *overrides):
+    cfg_path = tiny_config(tmp_path, model_path, images)
+    options = [("save_precision", "float"), ("learning_rate", "5e-3"), ("max_train_steps", "1"),
+               ("train_batch_size", "1"), ("log_with", "none"), *[(k, str(v)) for k, v in network.items()],
+               *overrides]
+    trainer = Trainer(build_config(str(cfg_path), options))
+    return trainer, trainer.run()
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("network_type", TYPES)
+def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, tiny_models, images, arch,
+                                                                     network_type):
+    # alpha = rank: lycoris-lora 4.1.3's merge_to applies alpha / rank twice to LoHa and LoKr
+    # (get_weight already scales, get_diff_weight scales again; its forward and the WebUIs scale
+    # once). With scale 1 the merge is exact; test_lycoris_forward_* checks other alphas.
+    network = {"network_type": network_type, "network_dim": 4, "network_alpha": 4.0}
+    if arch == "sd15":  # LoCon convolutions and the text encoder on one of the two models
+        network.update(conv_dim=2, conv_alpha=2.0, network_train_unet_only="false")
+    trainer, path = train(tmp_path, tiny_models[arch], images, network, ("apt", "true"))
+    assert len(trainer.losses) == 1 and all(torch.isfinite(torch.tensor(trainer.losses)))
+    tensors = load_file(str(path))
+    names = set(trainer.network.layers)
+    assert {k.split(".", 1)[0] for k in tensors} == names
+    assert {k.split(".", 1)[1] for k in tensors} == SUFFIXES[network_type]
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "lycoris.kohya"
+    args = json.loads(meta["ss_network_args"])
+    assert args["algo"] == {"dora": "lora", "loha": "loha", "lokr": "lokr"}[network_type]
+    assert args.get("dora_wd") == ("True" if network_type == "dora" else None)
+    if arch == "sd15":
+        assert args["conv_dim"] == "2" and args["conv_alpha"] == "2.0"
+        assert any(".".join(k.split(".")[:1]).endswith("conv1") for k in tensors)
+        assert any(k.startswith("lora_te_") for k in tensors)
+
+    expected = peft_merged(trainer.network)
+    fresh = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models[arch])))
+    base = {k: v.clone() for k, v in layer_weights(fresh, names).items()}
+    assert lycoris_merge(fresh, tensors) == len(names)
+    merged = layer_weights(fresh, names)
+    ours = load_weights(path)
+    assert ours.network_type == network_type
+    for name in sorted(names):
+        assert not torch.equal(expected[name], base[name]), name  # every module was trained
+        torch.testing.assert_close(merged[name], expected[name], atol=2e-6, rtol=1e-5, msg=name)
+        # our reader (used by merge_lora and sample_lora) agrees as well
+        torch.testing.assert_close(ours.modules[name].apply(base[name]), expected[name], atol=2e-6, rtol=1e-5)

@@ -26,6 +26,7 @@ lycoris_utils = pytest.importorskip("lycoris.utils")  # requirements-dev.txt ins
 
 TYPES = ("dora", "loha", "lokr")
 SUFFIXES = {
+    "lora": {"lora_down.weight", "lora_up.weight", "alpha"},
     "dora": {"lora_down.weight", "lora_up.weight", "alpha", "dora_scale"},
     "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
     "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"},  # w2 whole or split, by layer size
@@ -100,8 +101,27 @@ def train(tmp_path, model_path, images, network: dict, *overrides):
     return trainer, trainer.run()
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
-@pytest.mark.parametrize("network_type", TYPES)
+def reference_equals_base(trainer, fresh) -> None:
+    """APT's reference pass (adapters switched off through LoraNetwork.set_enabled) predicts
+    exactly what the base model predicts, and the adapters are on again afterwards."""
+    with torch.no_grad():
+        for p in trainer.network.parameters():  # every adapter parameter changes the prediction
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    gen = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
+    t = torch.tensor([500])
+    unet = trainer.bundle.unet
+    with torch.no_grad():
+        tuned = unet(latents, t, context).sample
+        reference = trainer.apt.reference(lambda: unet(latents, t, context).sample)
+        base = fresh.unet(latents, t, context).sample
+        again = unet(latents, t, context).sample
+    assert close(reference, base, 1e-6)
+    assert float((tuned - base).abs().max()) > 1e-3
+    assert torch.equal(again, tuned)
+
+
+@pytest.mark.parametrize("network_type,arch", [(t, a) for t in TYPES for a in ("sd15", "sdxl")] + [("lora", "sd15")])
 def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, tiny_models, images, arch,
                                                                      network_type):
     # alpha = rank: lycoris-lora 4.1.3's merge_to applies alpha / rank twice to LoHa and LoKr
@@ -118,9 +138,9 @@ def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, ti
     assert {k.split(".", 1)[1] for k in tensors} == SUFFIXES[network_type]
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_network_module"] == "lycoris.kohya"
     args = json.loads(meta["ss_network_args"])
-    assert args["algo"] == {"dora": "lora", "loha": "loha", "lokr": "lokr"}[network_type]
+    assert meta["ss_network_module"] == ("networks.lora" if network_type == "lora" else "lycoris.kohya")
+    assert args.get("algo") == {"lora": None, "dora": "lora", "loha": "loha", "lokr": "lokr"}[network_type]
     assert args.get("dora_wd") == ("True" if network_type == "dora" else None)
     if arch == "sd15":
         assert args["conv_dim"] == "2" and args["conv_alpha"] == "2.0"
@@ -138,8 +158,11 @@ def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, ti
         assert not torch.equal(expected[name], base[name]), name  # every module was trained
         assert close(merged[name], expected[name]), name
         assert close(ours.modules[name].apply(base[name]), expected[name]), name  # our reader agrees as well
+    if arch == "sd15":
+        reference_equals_base(trainer, load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models[arch]))))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     """Equal within fp32 rounding of weights of size ~1 (one comparison, cheaper than assert_close)."""
     return a.shape == b.shape and float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+

@@ -6,6 +6,8 @@ import contextlib
 import io
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +17,15 @@ from safetensors.torch import load_file
 from library.config import build_config
 from library.errors import UserError
 from library.lora.index import NameIndex
+from library.lora.kohya_file import write_lora
 from library.lora.network import LoraNetwork, NetworkSpec
 from library.lora.weights import load_weights
 from library.models.loader import load_models
 from library.config.options import ModelOptions
 from library.train.loop import Trainer
 from tests.helpers import tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 lycoris_utils = pytest.importorskip("lycoris.utils")  # requirements-dev.txt installs it
 
@@ -35,9 +40,10 @@ SUFFIXES = {
 
 @pytest.fixture(autouse=True)
 def _keep_thread_count():
-    """The runs here use cpu_threads = 1 (tiny models: thread hand-offs cost more than they save
-    on a shared machine); the rest of the session keeps its own setting."""
+    """One thread here (and cpu_threads = 1 in the runs): on tiny models thread hand-offs cost more
+    than they save on a shared machine. The rest of the session keeps its own setting."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
@@ -166,3 +172,87 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     """Equal within fp32 rounding of weights of size ~1 (one comparison, cheaper than assert_close)."""
     return a.shape == b.shape and float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
 
+
+
+def random_network(model_path, network_type: str, seed: int = 0, **spec):
+    """A tiny model with a network of `network_type` whose every parameter is random (alpha != rank)."""
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model_path)))
+    settings = dict(dim=4, alpha=3.0, conv_dim=2, conv_alpha=1.5, train_text_encoders=True, network_type=network_type)
+    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, NetworkSpec(**{**settings, **spec}))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return bundle, network
+
+
+@pytest.mark.parametrize("network_type", ("lora",) + TYPES)
+def test_lycoris_forward_of_our_file_matches_ours_with_alpha_other_than_rank(tiny_models, network_type):
+    """LyCORIS's own modules, built from the file's tensors, compute the same layer output as our
+    reader's merged weight: linear and 1x1/3x3 convolution layers, text encoder, LoKr split and whole."""
+    from lycoris.modules import get_module, make_module
+
+    bundle, network = random_network(tiny_models["sd15"], network_type)
+    tensors = {k: v.float() for k, v in network.kohya_state_dict().items()}
+    ours = load_weights_from(tensors, network)
+    picked = ["lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_down_blocks_1_resnets_0_conv1",
+              "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj",
+              "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
+              "lora_te_text_model_encoder_layers_1_self_attn_q_proj"]
+    if network_type == "lokr":
+        shapes = {n: (ours.modules[n].rank is None) for n in picked}
+        assert set(shapes.values()) == {True, False}  # both LoKr forms (w2 whole, w2 split) among them
+    gen = torch.Generator().manual_seed(1)
+    for name in picked:
+        _, layer = network.layers[name]
+        base = layer.get_base_layer()
+        kind, params = get_module(tensors, name)
+        module = make_module(kind, params, name, base)
+        assert module is not None, name
+        x = torch.randn(2, base.in_channels, 6, 6, generator=gen) if isinstance(base, torch.nn.Conv2d) \
+            else torch.randn(2, 3, base.in_features, generator=gen)
+        with torch.no_grad():
+            theirs = module(x)
+            weight = ours.modules[name].apply(base.weight)
+            if isinstance(base, torch.nn.Conv2d):
+                mine = torch.nn.functional.conv2d(x, weight, base.bias, base.stride, base.padding)
+            else:
+                mine = torch.nn.functional.linear(x, weight, base.bias)
+            peft = layer(x)
+        assert close(theirs, mine, 1e-5), name
+        assert close(peft, mine, 1e-5), name
+
+
+def load_weights_from(tensors, network):
+    from library.lora.weights import from_tensors
+
+    return from_tensors(tensors, {}, "test", network.index)
+
+
+def test_merge_lora_into_a_checkpoint_equals_lycoris_merge(tiny_models, tmp_path):
+    """tools/merge_lora.py with a LoKr, a LoHa and a DoRA file (in this order) writes what
+    lycoris's merge of the same files gives: SDXL single file with both text encoders (TE2's q/k/v
+    are one stacked weight there), DoRA's magnitude orientation included."""
+    import merge_lora
+
+    fresh = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models["sdxl"])))
+    files, names = [], set()
+    for seed, network_type in enumerate(("lokr", "loha", "dora")):
+        _, network = random_network(tiny_models["sdxl"], network_type, seed, alpha=4.0, conv_alpha=2.0)
+        path = tmp_path / f"{network_type}.safetensors"
+        write_lora(path, network.kohya_state_dict(torch.float32), {"ss_base_model_version": "sdxl_base_v1-0"})
+        tensors = load_file(str(path))
+        if network_type == "dora":  # LyCORIS's orientation: one magnitude per output channel
+            for name, (_, layer) in network.layers.items():
+                weight = layer.get_base_layer().weight
+                assert tensors[f"{name}.dora_scale"].shape == (weight.shape[0],) + (1,) * (weight.ndim - 1), name
+        assert lycoris_merge(fresh, tensors) == len(network.layers)
+        files.append(str(path))
+        names |= set(network.layers)
+    assert any(n.startswith("lora_te2_") and n.endswith("q_proj") for n in names)
+    out = tmp_path / "merged.safetensors"
+    assert merge_lora.main(["--model", str(tiny_models["sdxl_single"]), "--lora", *files, "--out", str(out)]) == 0
+    merged = layer_weights(load_models(ModelOptions(pretrained_model_name_or_path=str(out))), names)
+    expected = layer_weights(fresh, names)
+    for name in names:
+        assert close(merged[name], expected[name]), name

@@ -59,8 +59,7 @@ LINEAR_FACTOR = {"lora": ("lora_up.weight",), "dora": ("lora_up.weight",), "loha
                  "lokr": ("lokr_w2", "lokr_w2_b")}
 
 
-def _find_module(model: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module] | None:
-    modules = dict(model.named_modules())
+def _find_module(modules: dict[str, torch.nn.Module], path: str) -> tuple[str, torch.nn.Module] | None:
     for candidate in (path, path.removeprefix("text_model.")):
         if candidate in modules:
             return candidate, modules[candidate]
@@ -141,8 +140,9 @@ class LoraNetwork:
 
     def _inject(self, component: str, model: torch.nn.Module, targets: list[LoraTarget]) -> None:
         resolved: dict[str, LoraTarget] = {}
+        before = dict(model.named_modules())  # once: a lookup per target walked the model each time
         for target in targets:
-            found = _find_module(model, target.path)
+            found = _find_module(before, target.path)
             if found is None or not isinstance(found[1], (torch.nn.Linear, torch.nn.Conv2d)):
                 raise UserError(f"{component}: module {target.path} ({target.name}) is missing or not Linear/Conv2d; "
                                 "the model does not have the expected architecture")

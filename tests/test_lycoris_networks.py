@@ -256,3 +256,78 @@ def test_merge_lora_into_a_checkpoint_equals_lycoris_merge(tiny_models, tmp_path
     expected = layer_weights(fresh, names)
     for name in names:
         assert close(merged[name], expected[name]), name
+
+
+# --- configuration: kohya's spelling and bad input -------------------------------------------------
+
+def network_config(tmp_path, tiny_models, **network):
+    from tests.helpers import write_config
+
+    tables = {"model": {"pretrained_model_name_or_path": str(tiny_models["sd15"])}, "network": network}
+    return build_config(str(write_config(tmp_path / "c.toml", tables)), [], need_dataset=False).network
+
+
+def test_kohya_lycoris_network_args_are_mapped(tmp_path, tiny_models):
+    net = network_config(tmp_path, tiny_models, network_module="lycoris.kohya", network_dim=8,
+                         network_args=["algo=lokr", "factor=4", "conv_dim=4", "conv_alpha=1", "use_tucker=False"])
+    assert (net.network_type, net.lokr_factor, net.conv_dim, net.conv_alpha) == ("lokr", 4, 4, 1.0)
+    net = network_config(tmp_path, tiny_models, network_module="lycoris.kohya",
+                         network_args=["algo=locon", "dora_wd=True"])
+    assert net.network_type == "dora"
+    assert network_config(tmp_path, tiny_models, network_module="lycoris.kohya",
+                          network_args=["algo=loha"]).network_type == "loha"
+    assert network_config(tmp_path, tiny_models, network_type="loha").network_type == "loha"
+    assert network_config(tmp_path, tiny_models).network_type == "lora"
+
+
+@pytest.mark.parametrize("network,message", [
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]},
+     "[network] network_args: algo=ia3 is not supported; valid: lora, locon, loha, lokr"),
+    ({"network_args": ["algo=loha"]}, 'network_args: algo needs network_module = "lycoris.kohya"'),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "dora_wd=True"]},
+     "dora_wd=True works with algo=lora/locon only"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "decompose_both=True"]},
+     "network_args: decompose_both=True is not supported"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "rank_scale=2"]},
+     "network_args: unknown network argument 'rank_scale'; valid: algo, dora_wd"),
+    ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr"], "network_type": "loha"},
+     "network_args: sets network_type = 'lokr' but"),
+    ({"network_type": "lokr", "lokr_factor": 0}, "[network] lokr_factor: 0 is only valid with"),
+    ({"network_type": "lora", "lokr_factor": 4}, "[network] lokr_factor: 4 is only valid with"),
+    ({"network_type": "loha", "network_dropout": 0.1}, "[network] network_dropout: loha has no dropout"),
+    ({"network_type": "boft"}, "[network] network_type: expected one of 'lora', 'dora', 'loha', 'lokr'"),
+])
+def test_bad_network_settings_are_one_line_errors(tmp_path, tiny_models, network, message):
+    with pytest.raises(UserError) as err:
+        network_config(tmp_path, tiny_models, **network)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("factor,message", [
+    (3, "[network] lokr_factor: 3 does not divide the 32 inputs of lora_unet_down_blocks_0_attentions_0_proj_in"),
+    (8, "[network] lokr_factor: 8 is above the square root of the 32 inputs of lora_unet_down_blocks_0_attentions_0"),
+])
+def test_a_lokr_factor_that_does_not_fit_a_layer_is_refused(tiny_models, factor, message):
+    with pytest.raises(UserError) as err:
+        random_network(tiny_models["sd15"], "lokr", lokr_factor=factor)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    _, network = random_network(tiny_models["sd15"], "lokr", lokr_factor=4)  # 4 divides every size (32..256)
+    assert {m.file_tensors()["lokr_w1"].shape[0] for m in network.file_modules().values()} == {4}
+
+
+def test_network_weights_keep_the_weight_change_and_refuse_another_type(tiny_models, tmp_path):
+    """Continuing from a file: a different alpha is absorbed exactly (LoKr: whole and split w2);
+    a file of another type is a clear error."""
+    _, source = random_network(tiny_models["sd15"], "lokr", seed=3)
+    weights = load_weights_from(source.kohya_state_dict(torch.float32), source)
+    bundle, target = random_network(tiny_models["sd15"], "lokr", seed=4, alpha=1.0, conv_alpha=0.5)
+    target.load_modules(weights.modules, "source.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    loaded = target.file_modules()
+    assert {m.rank is None for m in loaded.values()} == {True, False}
+    for name, (_, layer) in target.layers.items():
+        weight = torch.randn(layer.get_base_layer().weight.shape, generator=gen)
+        assert close(loaded[name].apply(weight), weights.modules[name].apply(weight)), name
+    _, loha = random_network(tiny_models["sd15"], "loha")
+    with pytest.raises(UserError, match=r"is a lokr module; network_type is 'loha'; set network_type = \"lokr\""):
+        loha.load_modules(weights.modules, "source.safetensors")

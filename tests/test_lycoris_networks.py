@@ -331,3 +331,69 @@ def test_network_weights_keep_the_weight_change_and_refuse_another_type(tiny_mod
     _, loha = random_network(tiny_models["sd15"], "loha")
     with pytest.raises(UserError, match=r"is a lokr module; network_type is 'loha'; set network_type = \"lokr\""):
         loha.load_modules(weights.modules, "source.safetensors")
+
+
+# --- tools ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lycoris_files(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lycoris")
+    out = {}
+    for network_type in TYPES:
+        _, network = random_network(tiny_models["sd15"], network_type)
+        out[network_type] = root / f"{network_type}.safetensors"
+        write_lora(out[network_type], network.kohya_state_dict(torch.float32), {"ss_base_model_version": "sd_v1"})
+    return out
+
+
+def run(tool, argv, capsys) -> tuple[int, str, str]:
+    from library.utils.toolmain import run_tool
+
+    code = run_tool(tool.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_resize_extract_and_lora_merging_refuse_other_types(lycoris_files, tiny_models, tmp_path, capsys):
+    import extract_lora
+    import merge_lora
+    import resize_lora
+
+    code, _, err = run(resize_lora, [lycoris_files["loha"], tmp_path / "r.safetensors", "--rank", "2"], capsys)
+    assert code == 2 and err.strip() == (f"error: {lycoris_files['loha']}: a loha file; resize_lora handles plain "
+                                         "LoRA (lora_down/lora_up) only")
+    code, _, err = run(extract_lora, ["--base", tiny_models["sd15_single"], "--tuned", tiny_models["sd15_single"],
+                                      "--rank", "4", "--out", tmp_path / "e.safetensors", "--network_type", "lokr"],
+                       capsys)
+    assert code == 2 and err.startswith("error: --network_type lokr: extract_lora handles plain LoRA only")
+    code, _, err = run(merge_lora, ["--lora", lycoris_files["dora"], "--out", tmp_path / "m.safetensors"], capsys)
+    assert code == 2 and "a dora file; merging LoRAs into one LoRA (without --model) handles plain LoRA" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_convert_and_inspect_understand_lycoris_files(lycoris_files, tmp_path, capsys):
+    import convert_lora
+    import inspect_lora
+
+    for network_type, path in lycoris_files.items():
+        out = tmp_path / f"{network_type}.safetensors"
+        code, _, _ = run(convert_lora, [path, out, "--to", "kohya", "--save_precision", "fp16"], capsys)
+        assert code == 0
+        before, after = load_file(str(path)), load_file(str(out))
+        assert before.keys() == after.keys() and all(after[k].dtype == torch.float16 for k in after)
+        assert all(torch.equal(before[k].half(), after[k]) for k in before)
+        code, _, err = run(convert_lora, [path, tmp_path / "d.safetensors", "--to", "diffusers"], capsys)
+        assert code == 2 and f"a {network_type} file; --to diffusers (the PEFT layout) handles plain LoRA" in err
+        code, report, _ = run(inspect_lora, [path, "--json"], capsys)
+        rep = json.loads(report)
+        assert code == 0 and rep["network_type"] == network_type and rep["modules"] == 289
+        assert rep["modules_per_prefix"] == {"lora_te": 12, "lora_unet": 277}
+        verdicts = rep["compatibility"]
+        assert verdicts["comfyui"]["loads"]
+        if network_type == "dora":  # diffusers' own converter accepts kohya DoRA files
+            assert verdicts["diffusers"]["loads"] and not verdicts["a1111"]["loads"]
+            assert "normalises per input channel" in verdicts["a1111"]["problems"][0]
+        else:
+            assert verdicts["a1111"]["loads"] and not verdicts["diffusers"]["loads"]
+    code, text, _ = run(inspect_lora, [lycoris_files["lokr"], "--no_diffusers_check"], capsys)
+    assert "network:       lokr" in text and "whole (" in text  # LoKr modules with both factors whole

@@ -282,7 +282,7 @@ def test_kohya_lycoris_network_args_are_mapped(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("network,message", [
     ({"network_module": "lycoris.kohya", "network_args": ["algo=ia3"]},
-     "[network] network_args: algo=ia3 is not supported; valid: lora, locon, loha, lokr"),
+     "[network] network_args: algo=ia3 is not supported; valid: lora, locon, dora, loha, lokr"),
     ({"network_args": ["algo=loha"]}, 'network_args: algo needs network_module = "lycoris.kohya"'),
     ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "dora_wd=True"]},
      "dora_wd=True works with algo=lora/locon only"),

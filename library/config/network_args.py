@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from library.errors import UserError
 
 # LyCORIS algorithm names -> our network_type (LyCORIS's "lora" and "locon" are the same module).
-ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+ALGORITHMS = {"lora": "lora", "locon": "lora", "dora": "dora", "loha": "loha", "lokr": "lokr"}
 # argument -> (option, parser)
 MAPPED = {"conv_dim": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), "factor": ("lokr_factor", int),
           "dropout": ("network_dropout", float)}
@@ -59,7 +59,7 @@ def apply_network_args(net: Any, explicit: Mapping[str, str], where_args: str) -
                             "(with dora_wd=True for DoRA)")
         changes["network_type"] = ALGORITHMS[algo.lower()]
     if dora:
-        if changes.get("network_type", "lora") != "lora":
+        if changes.get("network_type", "lora") not in ("lora", "dora"):
             raise UserError(f"{where_args}: dora_wd=True works with algo=lora/locon only (peft has no DoRA for "
                             f"{changes['network_type']})")
         changes["network_type"] = "dora"

@@ -233,6 +233,10 @@ class LoraNetwork:
                     raise UserError(f"{source}: {name}: dora_scale is per input channel (LyCORIS wd_on_output="
                                     "False); peft's DoRA trains one magnitude per output channel")
                 params = _peft_params(layer)
+                ours = self._file_module(name)
+                if mod.rank != ours.rank:
+                    raise UserError(f"{source}: {name}: rank {mod.rank or 'whole'} does not match the configured "
+                                    f"rank {ours.rank or 'whole'}; set network_dim/conv_dim to the file's ranks")
                 tensors = {k: v for k, v in mod.file_tensors().items() if k != "alpha"}
                 if set(tensors) != set(params):
                     raise UserError(f"{source}: {name}: holds {', '.join(sorted(tensors))}, the network being "

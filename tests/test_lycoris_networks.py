@@ -397,3 +397,41 @@ def test_convert_and_inspect_understand_lycoris_files(lycoris_files, tmp_path, c
             assert verdicts["a1111"]["loads"] and not verdicts["diffusers"]["loads"]
     code, text, _ = run(inspect_lora, [lycoris_files["lokr"], "--no_diffusers_check"], capsys)
     assert "network:       lokr" in text and "whole (" in text  # LoKr modules with both factors whole
+
+
+# --- reading the other forms LyCORIS writes -----------------------------------------------------------
+
+@pytest.mark.parametrize("algo,settings", [
+    ("loha", {"use_tucker": True}),
+    ("lokr", {"use_tucker": True, "factor": 4}),
+    ("lokr", {"decompose_both": True, "factor": 4}),
+    ("locon", {"weight_decompose": True, "wd_on_out": False}),  # DoRA, older per-input orientation
+    ("loha", {"weight_decompose": True}),                       # DoRA on LoHa ("DoHa")
+])
+def test_reader_merges_lycoris_files_of_other_forms_as_lycoris_does(algo, settings):
+    """Files LyCORIS writes with other options (Tucker factors, LoKr with both factors split,
+    per-input DoRA magnitudes, DoRA on LoHa): our reader's merged weight equals LyCORIS's."""
+    from lycoris.modules import LoConModule, LohaModule, LokrModule
+
+    from library.lora.lycoris import build_module
+    from library.lora.weights import LoraModule
+
+    cls = {"locon": LoConModule, "loha": LohaModule, "lokr": LokrModule}[algo]
+    torch.manual_seed(0)
+    for layer in (torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Linear(16, 32)):
+        if settings.get("use_tucker") and isinstance(layer, torch.nn.Linear):
+            continue  # Tucker factors exist for spatial kernels only
+        # lora_dim = alpha: lycoris's merge_to applies alpha / rank twice to LoHa/LoKr (see above)
+        module = cls("lora_unet_x", layer, 1.0, lora_dim=2, alpha=2, **settings)
+        with torch.no_grad():
+            for p in module.parameters():
+                if p is not layer.weight and p is not layer.bias:
+                    p.copy_(torch.randn_like(p) * 0.3)
+            expected, _ = module.get_merged_weight(1.0, layer.weight.shape, "cpu")
+        parts = {k: v.detach() for k, v in module.custom_state_dict().items()}
+        if settings.get("use_tucker"):
+            assert any(k.endswith("_t2") for k in parts)
+        ours = build_module(parts, "lora_unet_x", "test", lambda got, alpha: LoraModule(
+            got["lora_down.weight"], got["lora_up.weight"], alpha))
+        assert ours.kind == ("dora" if settings.get("weight_decompose") else algo.replace("locon", "lora"))
+        assert close(ours.apply(layer.weight), expected.float()), (algo, settings, type(layer).__name__)

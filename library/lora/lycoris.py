@@ -133,7 +133,7 @@ class LokrModule(DeltaModule):
         w1, w2 = self.factors()
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
-        return torch.kron(w1, w2) * self.scale
+        return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale
 
     def file_tensors(self, dtype=None):
         return _cast({"lokr_w1": self.w1, "lokr_w1_a": self.w1a, "lokr_w1_b": self.w1b, "lokr_w2": self.w2,

@@ -22,7 +22,7 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "none")
 FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "rank_dropout": ("0", "0.0"),
          "module_dropout": ("0", "0.0"), "train_norm": _FALSE, "bypass_mode": _FALSE, "rs_lora": _FALSE,
          "full_matrix": _FALSE, "unbalanced_factorization": _FALSE, "wd_on_output": _TRUE,
-         "preset": ("full", "attn-mlp")}
+         "preset": ("full",)}
 DORA_KEYS = ("dora_wd", "use_dora")
 
 

@@ -18,9 +18,8 @@ from library.models import shipped
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def full_size_table(tree_name: str) -> list[str]:
-    """'name kind in out [kernel]' for every module of the full-size architecture (conv included),
-    with the module shapes read from meta-device models built from the shipped configs."""
+def full_size_models(tree_name: str):
+    """(arch, UNet, text encoders) of a shipped full-size architecture on the meta device (no weights)."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -32,6 +31,13 @@ def full_size_table(tree_name: str) -> list[str]:
         encoders = [CLIPTextModel(CLIPTextConfig.from_pretrained(str(tree / "text_encoder")))]
         if arch == "sdxl":
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(tree / "text_encoder_2"))))
+    return arch, unet, encoders
+
+
+def full_size_table(tree_name: str) -> list[str]:
+    """'name kind in out [kernel]' for every module of the full-size architecture (conv included),
+    with the module shapes read from meta-device models built from the shipped configs."""
+    arch, unet, encoders = full_size_models(tree_name)
     models = {"unet": dict(unet.named_modules())}
     for i, te in enumerate(encoders):
         models[f"te{i + 1}"] = dict(te.named_modules())
@@ -108,3 +114,38 @@ def test_sshs_model_hash_is_the_data_section_sha256(tmp_path, tiny_models):
     write_lora(path, tensors, {"ss_output_name": "other name"})  # the hash ignores the metadata
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["sshs_model_hash"] == digest
+
+
+# --- DoRA, LoHa, LoKr (LyCORIS's layout) ----------------------------------------------------------
+
+GOLDEN_SPEC = dict(dim=8, alpha=4.0, conv_dim=4, conv_alpha=2.0, train_text_encoders=True)
+
+
+def lycoris_shape_table(tree_name: str, network_type: str) -> tuple[dict[str, str], dict[str, dict]]:
+    """The tensors every module of a full-size file of `network_type` holds, as the network writes
+    them (peft layers on meta-device models): ({layer class: "suffix shape ..."}, {name: shapes})."""
+    from library.lora.network import LoraNetwork, NetworkSpec
+
+    arch, unet, encoders = full_size_models(tree_name)
+    network = LoraNetwork(unet, encoders, arch, NetworkSpec(network_type=network_type, **GOLDEN_SPEC))
+    modules = dict(line.split(" ", 1) for line in (GOLDEN / f"{tree_name}_lora_modules.txt").read_text().splitlines())
+    classes, shapes = {}, {}
+    for name, module in network.file_modules().items():
+        shapes[name] = {k: list(v.shape) for k, v in sorted(module.file_tensors().items())}
+        row = " ".join(f"{k}{v}".replace(" ", "") for k, v in shapes[name].items())
+        assert classes.setdefault(modules[name], row) == row, name  # one layout per layer class
+    return classes, shapes
+
+
+@pytest.mark.parametrize("network_type", ["dora", "loha", "lokr"])
+def test_full_size_lycoris_tables_are_golden(network_type):
+    """Every tensor name and shape of full-size SD1.5 and SDXL files (network_dim 8, alpha 4,
+    conv_dim 4, conv_alpha 2, text encoders on): the golden file lists each layer class of the
+    module tables once, so together they spell out every tensor."""
+    golden = (GOLDEN / f"{network_type}_shapes.txt").read_text().splitlines()
+    for tree_name in ("sd15", "sdxl"):
+        classes, shapes = lycoris_shape_table(tree_name, network_type)
+        assert sorted(f"{tree_name} {cls} | {row}" for cls, row in classes.items()) == \
+            [line for line in golden if line.startswith(f"{tree_name} ")]
+        names = [r.split()[0] for r in (GOLDEN / f"{tree_name}_lora_modules.txt").read_text().splitlines()]
+        assert sorted(shapes) == names

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Convert a LoRA between kohya's layout (WebUIs) and the PEFT/diffusers layout.
 
+DoRA, LoHa and LoKr files (LyCORIS's layout) convert --to kohya only (renaming, dtype).
+
     python tools/convert_lora.py my_lora.safetensors my_lora_peft.safetensors --to diffusers
     python tools/convert_lora.py other.safetensors fixed.safetensors --to kohya
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.resolve() == args.input.resolve():
         raise UserError(f"{args.output}: the output would overwrite the input; choose another name")
     weights = load_weights(args.input)
+    if args.to == "diffusers":
+        weights.require_plain_lora(str(args.input), "--to diffusers (the PEFT layout)")
     if weights.unknown:
         print(f"warning: {len(weights.unknown)} tensors match no known layer and are dropped "
               f"(e.g. {weights.unknown[0]})", file=sys.stderr)

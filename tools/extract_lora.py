@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min_diff", type=float, default=1e-6,
                     help="skip layers whose largest absolute weight difference is below this (default 1e-6)")
     ap.add_argument("--save_precision", choices=["float", "fp16", "bf16"], default="fp16")
+    ap.add_argument("--network_type", default="lora", help="only lora: an SVD of each layer's difference")
     args = ap.parse_args(argv)
 
     import torch
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.weights import LoraWeights, save_kohya
     from library.models.loader import load_models
 
+    if args.network_type != "lora":
+        raise UserError(f"--network_type {args.network_type}: extract_lora handles plain LoRA only (DoRA, LoHa and "
+                        "LoKr cannot be fitted by an SVD of the weight difference)")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError("--rank and --conv_rank must be at least 1")
     base = load_models(ModelOptions(pretrained_model_name_or_path=str(args.base)))

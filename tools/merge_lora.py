@@ -6,8 +6,9 @@
     python tools/merge_lora.py --lora a.safetensors:0.7 b.safetensors:0.3 --rank 32 --out ab.safetensors
     python tools/merge_lora.py --lora a.safetensors b.safetensors --concat --out ab.safetensors
 
-With --model the weights W + multiplier * alpha/rank * up @ down are written into a copy of the
-model, in its own format: a single-file .safetensors stays a single file (every other key kept
+With --model the weights W + multiplier * alpha/rank * up @ down (for DoRA, LoHa and LoKr files
+the weight LyCORIS's formulas give, see docs/webui.md) are written into a copy of the model, in
+its own format: a single-file .safetensors stays a single file (every other key kept
 as it was), a diffusers folder stays a folder. Without --model the LoRAs become one LoRA: exactly
 by concatenating ranks (--concat), or by SVD of the summed weight changes to --rank.
 """
@@ -85,6 +86,8 @@ def merge_loras_only(specs: list[str], out: Path, rank: int | None, concat: bool
     from library.lora.weights import save_kohya
 
     loras = load_loras(specs)
+    for (weights, _), spec in zip(loras, specs):
+        weights.require_plain_lora(spec, "merging LoRAs into one LoRA (without --model)")
     names = {n for w, _ in loras for n in w.modules}
     with tqdm(total=len(names), desc="merging") as bar:
         merged = merge_loras(loras, "concat" if concat else "svd", rank, bar.update)

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dynamic == "sv_ratio" and args.param < 1:
         raise UserError(f"--param: sv_ratio takes a ratio of at least 1, got {args.param}")
     weights = load_weights(args.input)
+    weights.require_plain_lora(str(args.input), "resize_lora")
     with tqdm(total=len(weights.modules), desc="resizing", disable=args.quiet) as bar:
         resized, report = resize(weights, args.rank, args.dynamic, args.param, bar.update)
     if not args.quiet:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
+from library.config.network_args import apply_network_args
 from library.config.options import (
     AptOptions, DataOptions, FLAT_TABLES, LAYER_ALIASES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions,
     OptimizerOptions, SamplingOptions, SavingOptions, TrainingOptions,
@@ -22,6 +23,7 @@ from library.config.schema import CoercionError, OptionInfo, check_bounds, close
 from library.errors import UserError
 
 DATASET_TABLES = ("general", "datasets")
+NETWORK_OPTION_NAMES = tuple(options_of(NetworkOptions, "network"))
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -177,6 +179,17 @@ def _cross_checks(values: dict, source: str) -> None:
     train: TrainingOptions = values["training"]
     if net.conv_alpha is not None and net.conv_dim is None:
         raise UserError(f"{source}: [network] conv_alpha: set conv_dim too (conv_alpha alone trains nothing)")
+    for key, bad in (("conv_dim", net.conv_dim is not None and net.conv_dim < 1),
+                     ("conv_alpha", net.conv_alpha is not None and net.conv_alpha <= 0),
+                     ("network_dropout", not 0 <= net.network_dropout < 1)):
+        if bad:  # values that came through network_args skip the option bounds
+            raise UserError(f"{source}: [network] {key}: {getattr(net, key)} is out of range")
+    if net.lokr_factor != -1 and (net.network_type != "lokr" or net.lokr_factor < 1):
+        raise UserError(f"{source}: [network] lokr_factor: {net.lokr_factor} is only valid with network_type = "
+                        "\"lokr\", as -1 (automatic) or a factor >= 1")
+    if net.network_dropout and net.network_type in ("loha", "lokr"):
+        raise UserError(f"{source}: [network] network_dropout: {net.network_type} has no dropout on its input "
+                        "(peft's LoHa/LoKr layers); set it to 0")
     if train.min_timestep >= train.max_timestep:
         raise UserError(f"{source}: [training] min_timestep ({train.min_timestep}) must be below max_timestep "
                         f"({train.max_timestep})")
@@ -229,6 +242,9 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
         values[table] = _build_table(cls, table, "", settings, source)
     for table, cls in NAMED_TABLES.items():
         values[table] = _build_table(cls, table, f"{table}.", settings, source)
+    if values["network"].network_args:
+        explicit = {k: s.where for k, s in settings.items() if k in NETWORK_OPTION_NAMES}
+        values["network"] = apply_network_args(values["network"], explicit, settings["network_args"].where)
     _cross_checks(values, source)
     _resolve_inputs(values, settings, base_dir)
 

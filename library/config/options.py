@@ -32,7 +32,16 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    network_module: Literal["networks.lora"] = option("networks.lora", "network type; only LoRA is supported")
+    network_type: Literal["lora", "dora", "loha", "lokr"] = option(
+        "lora", "adapter: lora (LoRA/LoCon), dora (LoRA with a trained magnitude per output channel), loha "
+                "(Hadamard product) or lokr (Kronecker product); files in LyCORIS's layout, which WebUIs load",
+        kohya=False)
+    network_module: Literal["networks.lora", "lycoris.kohya"] = option(
+        "networks.lora", "kohya's spelling of the network: networks.lora, or lycoris.kohya with "
+                         "network_args = [\"algo=loha\", ...] (mapped to network_type and the options here)")
+    network_args: tuple[str, ...] = option(
+        (), 'kohya\'s "key=value" network arguments: algo (lora, locon, dora, loha, lokr), conv_dim, conv_alpha, '
+            "factor, dora_wd / use_dora, dropout; each mapped to the option of the same meaning")
     network_dim: int = option(16, "LoRA rank of the linear layers", ge=1)
     network_alpha: Optional[float] = option(
         None, "LoRA alpha (scale = alpha / dim); unset = network_dim, i.e. scale 1. Written to the file as trained",
@@ -41,6 +50,9 @@ class NetworkOptions:
     conv_dim: Optional[int] = option(
         None, "also train LoRA on ResNet, down- and upsampler convolutions (LoCon) with this rank", ge=1)
     conv_alpha: Optional[float] = option(None, "alpha of the convolution LoRA; unset = conv_dim", gt=0)
+    lokr_factor: int = option(
+        -1, "LoKr: split each layer's input and output size as factor x (size / factor); -1 picks the most "
+            "balanced split per layer. The factor must divide every trained layer's sizes", kohya=False)
     network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
     network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
 

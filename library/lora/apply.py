@@ -26,13 +26,15 @@ def original_key(arch: str, target: LoraTarget, unet_config) -> tuple[str, int |
     return base + _OPEN_CLIP[module] + ".weight", None
 
 
-def _add(weight: torch.Tensor, delta: torch.Tensor, block: int | None) -> torch.Tensor:
+def _add(weight: torch.Tensor, module, mult: float, block: int | None) -> torch.Tensor:
+    """`weight` with `module` merged at `mult` (the q, k or v rows `block` of a stacked weight),
+    in the weight's dtype. Modules merge against the base weight: DoRA's rescaling depends on it."""
     out = weight.float().clone()
     if block is None:
-        out += delta.reshape(out.shape)
+        out = module.apply(out, mult)
     else:
         d = out.shape[0] // 3
-        out[block * d:(block + 1) * d] += delta
+        out[block * d:(block + 1) * d] = module.apply(out[block * d:(block + 1) * d], mult)
     return out.to(weight.dtype)
 
 
@@ -47,7 +49,7 @@ def merge_into_original(state: dict[str, torch.Tensor], loras: list[tuple[LoraWe
             if key not in state:
                 missing.append(key)
                 continue
-            state[key] = _add(state[key], mod.delta() * mult, block)
+            state[key] = _add(state[key], mod, mult, block)
             if progress:
                 progress(1)
     return missing
@@ -73,7 +75,7 @@ def merge_into_modules(components: dict[str, torch.nn.Module], loras: list[tuple
                 if layer is None:
                     missing.append(name)
                     continue
-                layer.weight.copy_(_add(layer.weight, mod.delta() * mult, None))
+                layer.weight.copy_(_add(layer.weight, mod, mult, None))
                 if progress:
                     progress(1)
     return missing
@@ -104,7 +106,7 @@ class MergedLoras:
                     key = (target.component, target.path)
                     self.layers[key] = layer
                     base = merged.get(key, layer.weight.detach().float().cpu())
-                    merged[key] = _add(base, mod.delta().float().cpu() * mult, None)
+                    merged[key] = _add(base, mod, mult, None)
                     if progress:
                         progress(1)
         self.weights = {False: {k: layer.weight.detach().float().cpu().clone() for k, layer in self.layers.items()},

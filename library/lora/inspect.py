@@ -40,10 +40,16 @@ def _verdicts(tensors: dict, weights: LoraWeights | None, error: str | None) -> 
     if error:
         for loader in problems:
             problems[loader].append(error)
-    foreign = [k for k in kohya_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    foreign = [k for k in kohya_keys if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha",
+                                                        ".dora_scale"))]
     if foreign:
-        problems["diffusers"].append(f"{len(foreign)} tensors other than lora_down/lora_up/alpha "
+        problems["diffusers"].append(f"{len(foreign)} tensors other than lora_down/lora_up/alpha/dora_scale "
                                      f"(e.g. {foreign[0]}): diffusers' kohya converter raises on them")
+    if any(k.endswith(".dora_scale") for k in kohya_keys):
+        problems["a1111"].append("DoRA: A1111 1.10's built-in loader normalises per input channel only; a "
+                                 "per-output dora_scale (LyCORIS's default, ours) merges wrongly there (Forge loads it)")
+        notes["comfyui"].append("DoRA per output channel: ComfyUI divides by the norm of the original weight, "
+                                "LyCORIS by that of the merged weight; results differ slightly")
     if peft_keys and not kohya_keys:
         problems["a1111"].append("PEFT/diffusers key layout: A1111 expects kohya names "
                                  "(convert with tools/convert_lora.py --to kohya)")
@@ -110,8 +116,10 @@ def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, 
         if rejected:
             verdicts["diffusers"]["problems"].append(rejected)
             verdicts["diffusers"]["loads"] = False
-    per_prefix = Counter(_prefix(k) for k in tensors if k.endswith(("lora_down.weight", "lora_A.weight")))
-    ranks = Counter(m.rank for m in weights.modules.values()) if weights else Counter()
+    per_prefix = Counter(_prefix(weights.index.peft_key(n) if weights.style == "peft" else n)
+                         for n in weights.modules) if weights else Counter()
+    # LoKr with both factors whole has no rank
+    ranks = Counter("whole" if m.rank is None else m.rank for m in weights.modules.values()) if weights else Counter()
     alphas = Counter(m.alpha for m in weights.modules.values()) if weights else Counter()
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in tensors.values())
     return {
@@ -122,7 +130,8 @@ def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, 
         "unet_naming": unet_naming(sorted({k.split(".", 1)[0] for k in tensors if k.startswith("lora_")})),
         "modules": len(weights.modules) if weights else 0,
         "modules_per_prefix": dict(sorted(per_prefix.items())),
-        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "network_type": weights.network_type if weights else None,
+        "ranks": {str(k): v for k, v in sorted(ranks.items(), key=lambda kv: (kv[0] == "whole", 0 if kv[0] == "whole" else kv[0]))},
         "alphas": {repr(k): v for k, v in sorted(alphas.items())},
         "dtypes": dict(dtypes),
         "tensors": len(tensors),

@@ -1,8 +1,8 @@
 """Write and read LoRA .safetensors files in kohya's layout.
 
 The file holds only `<name>.lora_down.weight`, `<name>.lora_up.weight` and `<name>.alpha`
-tensors (any other tensor makes diffusers' kohya converter fail); everything else goes into the
-string metadata. `sshs_model_hash` is the SHA-256 of the data section (the bytes after the
+tensors (any other tensor makes diffusers' kohya converter fail), or for DoRA/LoHa/LoKr networks
+LyCORIS's tensors (library.lora.lycoris); everything else goes into the string metadata. `sshs_model_hash` is the SHA-256 of the data section (the bytes after the
 header), so it does not depend on the metadata that contains it.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from library.errors import UserError
+from library.lora.lycoris import FILE_SUFFIXES
 from library.utils.atomic import atomic_write_bytes
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -27,7 +28,7 @@ def data_section(blob: bytes) -> bytes:
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The file's bytes, with `sshs_model_hash` (and the other values of `metadata`) in the header."""
-    bad = [k for k in tensors if not k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))]
+    bad = [k for k in tensors if k.partition(".")[2] not in FILE_SUFFIXES]
     if bad:
         raise ValueError(f"not a kohya LoRA tensor name: {bad[0]}")
     bare = save(tensors)

@@ -1,8 +1,11 @@
-"""peft LoRA layers on the UNet (and optionally the text encoders), addressed by the name tables.
+"""peft adapter layers (LoRA, DoRA, LoHa, LoKr) on the UNet (and optionally the text encoders),
+addressed by the name tables.
 
-peft provides the layers (Linear and Conv2d LoRA, alpha/rank scaling, dropout, enable/disable);
-this module decides where they go, keeps the mapping to kohya names, and moves weights in and out
-in kohya's layout (`lora_down` = peft `lora_A`, `lora_up` = peft `lora_B`).
+peft provides the layers (their weights, alpha/rank scaling, dropout, enable/disable); this module
+decides where they go, keeps the mapping to kohya names, and moves weights in and out in the file
+layout WebUIs load: kohya's for LoRA (`lora_down` = peft `lora_A`, `lora_up` = peft `lora_B`),
+LyCORIS's for the others (library.lora.lycoris). Every type goes through the same path; a small
+table says which peft config builds it and how its parameters are named in files.
 """
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import cast_adapter_dtype
+from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 
 from library.errors import UserError
 from library.lora.index import NameIndex
+from library.lora.lycoris import DORA_SUFFIX, build_module
 from library.lora.names import LoraTarget, text_encoder_targets, unet_targets
+from library.lora.weights import LoraModule
 
 ADAPTER = "default"
 
@@ -32,6 +36,15 @@ class NetworkSpec:
     dropout: float = 0.0
     train_unet: bool = True
     train_text_encoders: bool = False
+    network_type: str = "lora"    # lora, dora, loha or lokr
+    lokr_factor: int = -1
+
+    @classmethod
+    def from_options(cls, net, train_text_encoders: bool) -> "NetworkSpec":
+        """From the [network] options (library.config.options.NetworkOptions)."""
+        return cls(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim, conv_alpha=net.conv_alpha_value,
+                   dropout=net.network_dropout, train_unet=True, train_text_encoders=train_text_encoders,
+                   network_type=net.network_type, lokr_factor=net.lokr_factor)
 
     def rank_alpha(self, target: LoraTarget) -> tuple[int, float]:
         if target.conv3x3:
@@ -39,22 +52,82 @@ class NetworkSpec:
         return self.dim, self.alpha
 
 
-def _find_module(model: torch.nn.Module, path: str) -> tuple[str, torch.nn.Module] | None:
-    modules = dict(model.named_modules())
+# peft parameter names that differ from the file's tensor names (the others are the same).
+PEFT_TO_FILE = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight", "lora_magnitude_vector": DORA_SUFFIX}
+# The factor each type's weight change is linear in: a scale (alpha / rank) is moved into it.
+LINEAR_FACTOR = {"lora": ("lora_up.weight",), "dora": ("lora_up.weight",), "loha": ("hada_w2_b",),
+                 "lokr": ("lokr_w2", "lokr_w2_b")}
+
+
+def _find_module(modules: dict[str, torch.nn.Module], path: str) -> tuple[str, torch.nn.Module] | None:
     for candidate in (path, path.removeprefix("text_model.")):
         if candidate in modules:
             return candidate, modules[candidate]
     return None
 
 
+def _sizes(module: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return module.in_features, module.out_features
+
+
+def peft_config(spec: NetworkSpec, targets: list[str], rank_pattern: dict, alpha_pattern: dict):
+    """The peft config of the network type; every adapter starts with a zero weight change."""
+    common = dict(r=spec.dim, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if spec.network_type in ("lora", "dora"):
+        return LoraConfig(lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True, bias="none",
+                          use_dora=spec.network_type == "dora", **common)
+    if spec.network_type == "loha":
+        # use_effective_conv2d=False: 3x3 kernels flattened into hada_w*_b, LyCORIS's default layout
+        return LoHaConfig(alpha=spec.alpha, init_weights=True, use_effective_conv2d=False, **common)
+    if spec.network_type == "lokr":
+        # LyCORIS's defaults: w1 whole, w2 split when the rank is small; w2 (not w1) starts at zero.
+        return LoKrConfig(alpha=spec.alpha, init_weights="lycoris", use_effective_conv2d=False, decompose_both=False,
+                          decompose_factor=spec.lokr_factor, **common)
+    raise UserError(f"[network] network_type: {spec.network_type!r} is not one of lora, dora, loha, lokr")
+
+
+def check_lokr_factor(factor: int, name: str, module: torch.nn.Module) -> None:
+    """peft and LyCORIS split a size as (factor, size / factor) only when factor divides it, and
+    order the two parts alike only when factor <= size / factor; anything else would train a
+    layout LyCORIS's loader rebuilds differently, so it is refused."""
+    if factor == -1:
+        return
+    for side, size in zip(("inputs", "outputs"), _sizes(module)):
+        if size % factor:
+            raise UserError(f"[network] lokr_factor: {factor} does not divide the {size} {side} of {name}; use a "
+                            "factor of every layer size, or -1 (automatic)")
+        if factor * factor > size:
+            raise UserError(f"[network] lokr_factor: {factor} is above the square root of the {size} {side} of "
+                            f"{name} (LyCORIS's loader would split it the other way round); use at most "
+                            f"{int(size ** 0.5)}, or -1 (automatic)")
+
+
+def _peft_params(layer: BaseTunerLayer) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters of one layer, by file tensor name."""
+    out = {}
+    for attr in layer.adapter_layer_names:
+        container = getattr(layer, attr, None)
+        if container is None or ADAPTER not in container:
+            continue
+        param = container[ADAPTER]
+        out[PEFT_TO_FILE.get(attr, attr)] = param.weight if isinstance(param, torch.nn.Module) else param
+    return out
+
+
+def _lora_module(parts: dict, alpha: float | None) -> LoraModule:
+    return LoraModule(parts["lora_down.weight"], parts["lora_up.weight"], alpha)
+
+
 class LoraNetwork:
-    """The LoRA layers injected into a loaded model bundle."""
+    """The adapter layers (LoRA, DoRA, LoHa or LoKr) injected into a loaded model bundle."""
 
     def __init__(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], arch: str, spec: NetworkSpec):
         self.spec = spec
         self.arch = arch
         self.components: dict[str, torch.nn.Module] = {}
-        self.layers: dict[str, tuple[LoraTarget, LoraLayer]] = {}
+        self.layers: dict[str, tuple[LoraTarget, BaseTunerLayer]] = {}
         self.index = NameIndex.build(arch, unet.config, [te.config.num_hidden_layers for te in text_encoders])
         if spec.train_unet:
             self._inject("unet", unet, unet_targets(unet.config, arch, spec.conv_dim is not None))
@@ -67,11 +140,14 @@ class LoraNetwork:
 
     def _inject(self, component: str, model: torch.nn.Module, targets: list[LoraTarget]) -> None:
         resolved: dict[str, LoraTarget] = {}
+        before = dict(model.named_modules())  # once: a lookup per target walked the model each time
         for target in targets:
-            found = _find_module(model, target.path)
+            found = _find_module(before, target.path)
             if found is None or not isinstance(found[1], (torch.nn.Linear, torch.nn.Conv2d)):
                 raise UserError(f"{component}: module {target.path} ({target.name}) is missing or not Linear/Conv2d; "
                                 "the model does not have the expected architecture")
+            if self.spec.network_type == "lokr":
+                check_lokr_factor(self.spec.lokr_factor, target.name, found[1])
             resolved[found[0]] = target
         rank_pattern, alpha_pattern = {}, {}
         for path, target in resolved.items():
@@ -79,16 +155,14 @@ class LoraNetwork:
             if (rank, alpha) != (self.spec.dim, self.spec.alpha):
                 rank_pattern[re.escape(path)] = rank
                 alpha_pattern[re.escape(path)] = alpha
-        config = LoraConfig(r=self.spec.dim, lora_alpha=self.spec.alpha, lora_dropout=self.spec.dropout,
-                            target_modules=sorted(resolved), rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                            init_lora_weights=True, bias="none")
+        config = peft_config(self.spec, sorted(resolved), rank_pattern, alpha_pattern)
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-        # LoRA weights train in fp32 even when the frozen base weights are fp16/bf16.
+        # Adapter weights train in fp32 even when the frozen base weights are fp16/bf16.
         cast_adapter_dtype(model, ADAPTER, autocast_adapter_dtype=True)
         modules = dict(model.named_modules())
         for path, target in resolved.items():
             layer = modules[path]
-            assert isinstance(layer, LoraLayer), path
+            assert isinstance(layer, BaseTunerLayer), path
             self.layers[target.name] = (target, layer)
         self.components[component] = model
 
@@ -96,47 +170,89 @@ class LoraNetwork:
     def parameters(self, component: str | None = None) -> Iterator[torch.nn.Parameter]:
         for target, layer in self.layers.values():
             if component is None or target.component == component:
-                yield layer.lora_A[ADAPTER].weight
-                yield layer.lora_B[ADAPTER].weight
+                yield from _peft_params(layer).values()
 
     def trainable_components(self) -> list[str]:
         return list(self.components)
 
-    # --- enable / disable (the APT reference pass runs the same model with LoRA off) ---------
+    # --- enable / disable (the APT reference pass runs the same model with the adapters off) --
     def set_enabled(self, enabled: bool) -> None:
         for _, layer in self.layers.values():  # every injected layer, without walking the models
             layer.enable_adapters(enabled)
 
-    # --- kohya layout -------------------------------------------------------------------------
+    # --- file layout --------------------------------------------------------------------------
+    def _file_module(self, name: str):
+        """One layer's adapter as the module written to files (library.lora.lycoris / weights)."""
+        target, layer = self.layers[name]
+        parts = {k: p.detach() for k, p in _peft_params(layer).items()}
+        if DORA_SUFFIX in parts:  # peft: (out,) or (1, out, 1, 1); files: (out, 1[, 1, 1])
+            weight = layer.get_base_layer().weight
+            parts[DORA_SUFFIX] = parts[DORA_SUFFIX].reshape(weight.shape[0], *[1] * (weight.ndim - 1))
+        parts["alpha"] = torch.tensor(float(self.spec.rank_alpha(target)[1]))
+        module = build_module(parts, name, "network", _lora_module)
+        # peft scales by alpha / rank; where the file's scale differs (LoKr with both factors
+        # whole: scale 1), the difference goes into the factor the weight change is linear in.
+        ratio = layer.scaling[ADAPTER] / module.scale
+        if ratio != 1.0:
+            key = _linear_key(parts, self.spec.network_type)
+            parts[key] = parts[key] * ratio
+            module = build_module(parts, name, "network", _lora_module)
+        return module
+
+    def file_modules(self) -> dict:
+        """Every layer's module in the file layout (tensors on the layers' device)."""
+        return {name: self._file_module(name) for name in sorted(self.layers)}
+
     def kohya_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The file's tensors: kohya's LoRA layout, LyCORIS's for DoRA/LoHa/LoKr."""
         out = {}
-        for name, (target, layer) in sorted(self.layers.items()):
-            rank, alpha = self.spec.rank_alpha(target)
-            down = layer.lora_A[ADAPTER].weight.detach()
-            up = layer.lora_B[ADAPTER].weight.detach()
-            out[f"{name}.lora_down.weight"] = down.to(dtype or down.dtype).cpu().contiguous()
-            out[f"{name}.lora_up.weight"] = up.to(dtype or up.dtype).cpu().contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
+        for name, module in self.file_modules().items():
+            for suffix, tensor in module.file_tensors().items():
+                out[f"{name}.{suffix}"] = tensor.to(dtype or tensor.dtype).cpu().contiguous()
         return out
 
     def load_modules(self, modules: dict, source: str) -> None:
-        """Copy weights from read LoRA modules (library.lora.weights), keyed by our kohya names.
+        """Copy weights from read modules (library.lora.weights), keyed by our kohya names.
 
-        Ranks must match what is being trained; a different alpha is absorbed into lora_up so the
-        file's effective weight change is kept exactly.
+        Ranks and factor shapes must match what is being trained; a different alpha is absorbed
+        into the factor the weight change is linear in, so the file's weight change is kept exactly.
         """
         missing = sorted(set(self.layers) - set(modules))
         if missing:
             raise UserError(f"{source}: has no weights for {len(missing)} of the {len(self.layers)} modules being "
                             f"trained (first: {missing[0]}); it was trained with other targets (conv_dim or text "
                             "encoder?)")
+        kind = self.spec.network_type
         with torch.no_grad():
             for name, (target, layer) in self.layers.items():
                 mod = modules[name]
-                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-                if mod.down.shape != a.shape or mod.up.shape != b.shape:
-                    raise UserError(f"{source}: {name}: rank {mod.down.shape[0]} does not match the configured rank "
-                                    f"{a.shape[0]}; set network_dim/conv_dim to the file's ranks")
-                _, alpha = self.spec.rank_alpha(target)
-                a.copy_(mod.down.to(a.dtype))
-                b.copy_((mod.up.float() * (mod.alpha / alpha)).to(b.dtype))
+                if mod.kind != kind:
+                    raise UserError(f"{source}: {name} is a {mod.kind} module; network_type is {kind!r}; set "
+                                    f"network_type = \"{mod.kind}\" to continue from this file")
+                if kind == "dora" and not mod.per_output(layer.get_base_layer().weight):
+                    raise UserError(f"{source}: {name}: dora_scale is per input channel (LyCORIS wd_on_output="
+                                    "False); peft's DoRA trains one magnitude per output channel")
+                params = _peft_params(layer)
+                ours = self._file_module(name)
+                if mod.rank != ours.rank:
+                    raise UserError(f"{source}: {name}: rank {mod.rank or 'whole'} does not match the configured "
+                                    f"rank {ours.rank or 'whole'}; set network_dim/conv_dim to the file's ranks")
+                tensors = {k: v for k, v in mod.file_tensors().items() if k != "alpha"}
+                if set(tensors) != set(params):
+                    raise UserError(f"{source}: {name}: holds {', '.join(sorted(tensors))}, the network being "
+                                    f"trained {', '.join(sorted(params))}; set network_dim/conv_dim (and lokr_factor) "
+                                    "to the file's")
+                ratio = mod.scale / layer.scaling[ADAPTER]
+                linear = _linear_key(tensors, kind)
+                for key, param in params.items():
+                    value = tensors[key]
+                    if value.numel() != param.numel() or (key != DORA_SUFFIX and value.shape != param.shape):
+                        raise UserError(f"{source}: {name}: {key} has shape {tuple(value.shape)}, the network being "
+                                        f"trained {tuple(param.shape)}; set network_dim/conv_dim (and lokr_factor) "
+                                        "to the file's")
+                    value = value.float() * ratio if key == linear else value
+                    param.copy_(value.reshape(param.shape).to(param.dtype, copy=True))
+
+
+def _linear_key(parts: dict, kind: str) -> str:
+    return next(k for k in LINEAR_FACTOR[kind] if k in parts)

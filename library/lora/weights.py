@@ -1,8 +1,9 @@
 """LoRA weights in memory, read from any common file layout and written to kohya's or PEFT's.
 
 Readers accept: kohya files (SDXL with SGM or diffusers paths, SD1.x with diffusers or SGM paths),
-PEFT/diffusers files (`unet.<path>.lora_A.weight`, alpha from `lora_adapter_metadata`), diffusers'
-older attention-processor files, and files without alpha (alpha = rank, i.e. scale 1).
+with LyCORIS's DoRA, LoHa and LoKr modules too (library.lora.lycoris); PEFT/diffusers files
+(`unet.<path>.lora_A.weight`, alpha from `lora_adapter_metadata`), diffusers' older
+attention-processor files, and files without alpha (alpha = rank, i.e. scale 1).
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ import torch
 from library.errors import UserError
 from library.lora.index import NameIndex, shipped_index
 from library.lora.kohya_file import read_lora, write_lora
+from library.lora.lycoris import FILE_SUFFIXES, DeltaModule, build_module
 from library.utils.atomic import atomic_write_bytes
 
 
 @dataclass
-class LoraModule:
+class LoraModule(DeltaModule):
     down: torch.Tensor   # (r, in) or (r, in, kh, kw)
     up: torch.Tensor     # (out, r) or (out, r, 1, 1)
     alpha: float
+    kind = "lora"
 
     @property
     def rank(self) -> int:
@@ -39,11 +42,20 @@ class LoraModule:
         out = (up.flatten(1) @ down.flatten(1)) * self.scale
         return out.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else out
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        d = dtype or self.up.dtype
+        return {"lora_down.weight": self.down.to(d).contiguous(), "lora_up.weight": self.up.to(d).contiguous(),
+                "alpha": torch.tensor(float(self.alpha), dtype=d)}
+
 
 @dataclass
 class LoraWeights:
     index: NameIndex
-    modules: dict[str, LoraModule]
+    modules: dict[str, DeltaModule]   # LoraModule, or LyCORIS's DoraModule/LohaModule/LokrModule
     metadata: dict[str, str] = field(default_factory=dict)
     style: str = "kohya"
     unknown: list[str] = field(default_factory=list)
@@ -54,14 +66,24 @@ class LoraWeights:
 
     def dtype(self) -> torch.dtype | None:
         first = next(iter(self.modules.values()), None)
-        return None if first is None else first.up.dtype
+        return None if first is None else first.dtype
+
+    @property
+    def network_type(self) -> str:
+        """lora, dora, loha, lokr, or the types joined with "+" for a file that mixes them."""
+        return "+".join(sorted({m.kind for m in self.modules.values()})) or "lora"
+
+    def require_plain_lora(self, source: str, what: str) -> None:
+        if self.network_type != "lora":
+            raise UserError(f"{source}: a {self.network_type} file; {what} handles plain LoRA "
+                            "(lora_down/lora_up) only")
 
 
 # --- reading -----------------------------------------------------------------------------------
 
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _OLD_DIFFUSERS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(" + "|".join(re.escape(s) for s in FILE_SUFFIXES) + ")$")
 
 
 def _base_version(metadata: dict) -> str | None:
@@ -75,24 +97,33 @@ def _base_version(metadata: dict) -> str | None:
     return None
 
 
+def _input_width(tensors: dict[str, torch.Tensor], wanted) -> int | None:
+    """Input size of the first module whose key satisfies `wanted`, from whichever factors it has
+    (LoRA down, LoHa's w1_b, the product of LoKr's two input factors)."""
+    for key, value in tensors.items():
+        if not wanted(key):
+            continue
+        if key.endswith(("lora_down.weight", "lora_A.weight", ".down.weight", "hada_w1_b")):
+            return value.shape[1]
+        m = re.match(r"^(.+)\.lokr_w1(_b)?$", key)
+        if m:
+            w2 = tensors.get(f"{m[1]}.lokr_w2", tensors.get(f"{m[1]}.lokr_w2_b"))
+            if w2 is not None:
+                return value.shape[1] * w2.shape[1]
+    return None
+
+
 def guess_index(tensors: dict[str, torch.Tensor], metadata: dict, source: str) -> NameIndex:
     """The architecture a file was trained for, from its keys, shapes and metadata."""
     keys = list(tensors)
-    cross = None
-    for key in keys:
-        if "attn2" in key and "to_k" in key and ("lora_down" in key or "lora_A" in key or ".down." in key):
-            cross = tensors[key].shape[1]
-            break
+    cross = _input_width(tensors, lambda k: "attn2" in k and "to_k" in k)
     arch = None
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         arch = "sdxl"
     arch = arch or _base_version(metadata)
     te_width = None
     if cross is None:
-        for key in keys:
-            if "q_proj" in key and ("lora_down" in key or "lora_A" in key):
-                te_width = tensors[key].shape[1]
-                break
+        te_width = _input_width(tensors, lambda k: "q_proj" in k)
     index = shipped_index(arch, cross, te_width) or shipped_index(None, cross, te_width)
     if index is None:
         raise UserError(f"{source}: cannot tell which model this LoRA is for (cross-attention width {cross}); "
@@ -125,8 +156,6 @@ def _alpha_from_config(config: dict, path: str, rank: int) -> float:
 def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
                  index: NameIndex | None = None) -> LoraWeights:
     index = index or guess_index(tensors, metadata, source)
-    if any(k.endswith("dora_scale") for k in tensors):
-        raise UserError(f"{source}: a DoRA file (dora_scale tensors); only plain LoRA is supported")
     parts: dict[str, dict] = {}
     unknown: list[str] = []
     styles = set()
@@ -139,15 +168,14 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
                 unknown.append(key)
                 continue
             styles.add("kohya" if name == m[1] else "kohya (other path names)")
-            slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m[2]]
-            parts.setdefault(name, {})[slot] = value
+            parts.setdefault(name, {})[m[2]] = value
             continue
         m = _PEFT.match(key) or _OLD_DIFFUSERS.match(key)
         if m and m.re is _PEFT:
-            module, slot = m[1], {"lora_A": "down", "lora_B": "up"}[m[2]]
+            module, slot = m[1], {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight"}[m[2]]
         elif m:
             suffix = "to_out.0" if m[2] == "to_out" else m[2]
-            module, slot = f"{m[1]}.{suffix}", m[3]
+            module, slot = f"{m[1]}.{suffix}", f"lora_{m[3]}.weight"
         elif key.endswith(".alpha"):
             module, slot = key[: -len(".alpha")], "alpha"
         else:
@@ -162,20 +190,22 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
         parts[name].setdefault("_peft", module)
     modules = {}
     for name, got in parts.items():
-        if "down" not in got or "up" not in got:
-            raise UserError(f"{source}: module {name} has {'no lora_up' if 'down' in got else 'no lora_down'} "
-                            "weight; the file is incomplete")
-        rank = got["down"].shape[0]
-        if "alpha" in got:
-            alpha = float(got["alpha"])
-        elif "_peft" in got:
-            component, _, path = got["_peft"].partition(".")
-            alpha = _alpha_from_config(peft_configs.get(component, {}), path, rank)
-        else:
-            alpha = float(rank)  # old files without alpha: scale 1, as every loader does
-        modules[name] = LoraModule(got["down"], got["up"], alpha)
+        def lora_module(got: dict, alpha: float | None, name=name) -> LoraModule:
+            if "lora_down.weight" not in got or "lora_up.weight" not in got:
+                raise UserError(f"{source}: module {name} has "
+                                f"{'no lora_up' if 'lora_down.weight' in got else 'no lora_down'} weight; the file "
+                                "is incomplete")
+            down = got["lora_down.weight"]
+            if alpha is None and "_peft" in got:
+                component, _, path = got["_peft"].partition(".")
+                alpha = _alpha_from_config(peft_configs.get(component, {}), path, down.shape[0])
+            # old files without alpha: scale 1 (alpha = rank), as every loader does
+            return LoraModule(down, got["lora_up.weight"], float(down.shape[0]) if alpha is None else alpha)
+
+        modules[name] = build_module(got, name, source, lora_module)
     if not modules:
-        raise UserError(f"{source}: no LoRA modules found (expected lora_down/lora_up or lora_A/lora_B tensors)")
+        raise UserError(f"{source}: no LoRA modules found (expected lora_down/lora_up, lora_A/lora_B, or LyCORIS's "
+                        "hada_*/lokr_* tensors)")
     return LoraWeights(index, modules, dict(metadata), " + ".join(sorted(styles)), unknown)
 
 
@@ -187,13 +217,13 @@ def load_weights(path: str | Path, index: NameIndex | None = None) -> LoraWeight
 # --- writing -----------------------------------------------------------------------------------
 
 def kohya_tensors(weights: LoraWeights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, mod in sorted(weights.modules.items()):
-        d = dtype or mod.up.dtype
-        out[f"{name}.lora_down.weight"] = mod.down.to(d).contiguous()
-        out[f"{name}.lora_up.weight"] = mod.up.to(d).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(mod.alpha), dtype=d)
-    return out
+    """kohya's layout (LyCORIS's for DoRA/LoHa/LoKr modules)."""
+    return module_tensors(weights.modules, dtype)
+
+
+def module_tensors(modules: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return {f"{name}.{suffix}": t for name, mod in sorted(modules.items())
+            for suffix, t in mod.file_tensors(dtype).items()}
 
 
 def save_kohya(weights: LoraWeights, path: str | Path, metadata: dict | None = None,
@@ -204,6 +234,9 @@ def save_kohya(weights: LoraWeights, path: str | Path, metadata: dict | None = N
 def peft_tensors(weights: LoraWeights, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, str]]:
     """PEFT/diffusers layout; per-module ranks and alphas go into `lora_adapter_metadata`, which
     diffusers' load_lora_weights reads (without it alpha != rank would be lost)."""
+    if weights.network_type != "lora":
+        raise UserError(f"the PEFT/diffusers layout holds plain LoRA only, not {weights.network_type}; keep kohya's "
+                        "layout, which the WebUIs load")
     tensors = {}
     configs: dict[str, dict] = {}
     for name, mod in sorted(weights.modules.items()):

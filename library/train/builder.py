@@ -166,9 +166,7 @@ def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, 
 def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraNetwork:
     net, training = cfg.network, cfg.training
     torch.manual_seed(training.seed)  # LoRA initialisation
-    spec = NetworkSpec(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim, conv_alpha=net.conv_alpha_value,
-                       dropout=net.network_dropout, train_unet=True, train_text_encoders=trains_text)
-    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, spec)
+    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, NetworkSpec.from_options(net, trains_text))
     if training.full_bf16:
         for p in network.parameters():
             p.data = p.data.to(torch.bfloat16)

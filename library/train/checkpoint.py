@@ -175,4 +175,5 @@ def existing_numbers(output_dir: Path, output_name: str, kind: str) -> list[int]
 def describe_network(network: Any) -> dict:
     spec = network.spec
     return {"dim": spec.dim, "alpha": spec.alpha, "conv_dim": spec.conv_dim, "conv_alpha": spec.conv_alpha,
-            "text_encoders": spec.train_text_encoders, "modules": len(network.layers)}
+            "text_encoders": spec.train_text_encoders, "modules": len(network.layers),
+            **({"type": spec.network_type, "lokr_factor": spec.lokr_factor} if spec.network_type != "lora" else {})}

@@ -1,0 +1,85 @@
+"""kohya's network spelling (`network_module` + `network_args`) mapped onto our network options.
+
+kohya users pick LyCORIS networks with `network_module = "lycoris.kohya"` and
+`network_args = ["algo=loha", "conv_dim=4", ...]`. Each argument we support becomes the option
+of the same meaning; an argument that would change training in a way we do not implement is an
+error, never silently dropped. Arguments that only restate the default ("use_tucker=False") pass.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping
+
+from library.errors import UserError
+
+# LyCORIS algorithm names -> our network_type (LyCORIS's "lora" and "locon" are the same module).
+ALGORITHMS = {"lora": "lora", "locon": "lora", "dora": "dora", "loha": "loha", "lokr": "lokr"}
+# argument -> (option, parser)
+MAPPED = {"conv_dim": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), "factor": ("lokr_factor", int),
+          "dropout": ("network_dropout", float)}
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "none")
+# Accepted only at these values: the behaviour we implement.
+FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "rank_dropout": ("0", "0.0"),
+         "module_dropout": ("0", "0.0"), "train_norm": _FALSE, "bypass_mode": _FALSE, "rs_lora": _FALSE,
+         "full_matrix": _FALSE, "unbalanced_factorization": _FALSE, "wd_on_output": _TRUE,
+         "preset": ("full",)}
+DORA_KEYS = ("dora_wd", "use_dora")
+
+
+def parse_pairs(args: tuple[str, ...], where: str) -> dict[str, str]:
+    out = {}
+    for item in args:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f'{where}: expected "key=value" strings, got {item!r}')
+        out[key.strip().lower()] = value.strip().strip("\"'")
+    return out
+
+
+def _bool(value: str, where: str, key: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise UserError(f"{where}: {key}: expected True or False, got {value!r}")
+
+
+def apply_network_args(net: Any, explicit: Mapping[str, str], where_args: str) -> Any:
+    """`net` (NetworkOptions) with its network_args mapped; `explicit` = {option: where} of the
+    options the user set directly, which must agree with the arguments."""
+    pairs = parse_pairs(net.network_args, where_args)
+    if net.network_module == "networks.lora" and "algo" in pairs:
+        raise UserError(f'{where_args}: algo needs network_module = "lycoris.kohya" (networks.lora is plain LoRA)')
+    changes: dict[str, Any] = {}
+    algo = pairs.pop("algo", None)
+    dora = any(_bool(pairs.pop(k), where_args, k) for k in DORA_KEYS if k in pairs)
+    if algo is not None:
+        if algo.lower() not in ALGORITHMS:
+            raise UserError(f"{where_args}: algo={algo} is not supported; valid: {', '.join(ALGORITHMS)} "
+                            "(with dora_wd=True for DoRA)")
+        changes["network_type"] = ALGORITHMS[algo.lower()]
+    if dora:
+        if changes.get("network_type", "lora") not in ("lora", "dora"):
+            raise UserError(f"{where_args}: dora_wd=True works with algo=lora/locon only (peft has no DoRA for "
+                            f"{changes['network_type']})")
+        changes["network_type"] = "dora"
+    for key, value in pairs.items():
+        if key in MAPPED:
+            option, parse = MAPPED[key]
+            try:
+                changes[option] = parse(value)
+            except ValueError:
+                kind = "an integer" if parse is int else "a number"
+                raise UserError(f"{where_args}: {key}: expected {kind}, got {value!r}") from None
+        elif key in FIXED:
+            if value.lower() not in FIXED[key]:
+                raise UserError(f"{where_args}: {key}={value} is not supported (accepted: {key}="
+                                f"{FIXED[key][0]})")
+        else:
+            valid = ["algo", *DORA_KEYS, *MAPPED, *FIXED]
+            raise UserError(f"{where_args}: unknown network argument {key!r}; valid: {', '.join(valid)}")
+    for option, value in changes.items():
+        if option in explicit and getattr(net, option) != value:
+            raise UserError(f"{where_args}: sets {option} = {value!r} but {explicit[option]} = "
+                            f"{getattr(net, option)!r}; keep one of them")
+    return replace(net, **changes) if changes else net

@@ -29,8 +29,8 @@ from library.train.diffusion import Diffusion, per_sample_mse, step_generator
 from library.train.optimizers import build_optimizer
 from library.train.output import Outputs
 from library.train.schedules import build_scheduler
-from library.train.setup import DTYPES, make_accelerator, set_attention
-from library.train.tracking import TimestepLossTable, Tracker, peak_memory_gib, trackers_for
+from library.train.setup import DTYPES, make_accelerator, set_attention, vae_dtype
+from library.train.tracking import PeakMemory, TimestepLossTable, Tracker, trackers_for
 from library.train.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -93,10 +93,7 @@ class Trainer:
                                 f"resolution and bucket_reso_steps multiples of {factor}")
 
     def _vae_dtype(self) -> torch.dtype:
-        choice = self.cfg.training.no_half_vae
-        if choice is None:  # the SDXL VAE overflows to NaN in fp16
-            choice = self.bundle.is_sdxl and self.precision == "fp16"
-        return torch.float32 if choice else self.weight_dtype
+        return vae_dtype(self.cfg.training.no_half_vae, self.bundle.is_sdxl, self.precision)
 
     def _prepare_models(self) -> None:
         cfg, b = self.cfg, self.bundle
@@ -153,7 +150,7 @@ class Trainer:
         if not (opts.cache_latents or opts.cache_latents_to_disk):
             return None
         cache = LatentCache(self.data, self.encoder, self.encoder.identity(), to_disk=opts.cache_latents_to_disk,
-                            cache_dir=opts.latent_cache_dir)
+                            cache_dir=opts.latent_cache_dir, batch_size=opts.vae_batch_size)
         acc = self.accelerator
         shared = opts.cache_latents_to_disk and acc.num_processes > 1
         if shared and not acc.is_main_process:
@@ -339,9 +336,11 @@ class Trainer:
 
     def _train_loop(self, bar, samples_per_step: int) -> None:
         ema = None
+        memory = PeakMemory(self.device)
         while self.step < self.total_steps:
             step = self.step
             tick = time.time()
+            memory.start_step()
             result = self.train_step(step)
             self.step = step + 1
             if result is not None:
@@ -351,7 +350,7 @@ class Trainer:
                 seconds = time.time() - tick
                 metrics = {"loss": loss, "loss_avg": ema, "grad_norm": grad_norm, "s_per_it": seconds,
                            "samples_per_s": samples_per_step / max(seconds, 1e-9),
-                           "peak_memory_gib": peak_memory_gib(self.device), "epoch": self.plan.epoch_of(step)}
+                           **memory.scalars(), "epoch": self.plan.epoch_of(step)}
                 for group in self.optimizer.param_groups:
                     metrics[f"lr/{group.get('name', 'group')}"] = group["lr"] or 0.0
                 if self.apt is not None:

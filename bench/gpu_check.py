@@ -47,6 +47,8 @@ from pathlib import Path
 STARTED = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.helpers import make_images, write_config  # noqa: E402  (plain PIL and text; no test code runs)
 INTERPRETER_START_S = 5  # before STARTED: the interpreter and this module's imports
 
 
@@ -87,8 +89,8 @@ RANK = 16
 # Estimated seconds (GPU: an H200 with a warm page cache; tiny: 2 busy CPU cores). A training run's
 # estimate covers the process start, model load, caching, warm-up and measured steps and the save.
 ESTIMATES = {
-    False: {"start": 20, "build-sd15": 25, "build-sdxl": 60, "train-sd15": 40, "train-sdxl": 70,
-            "apt": 1.3, "sample": 60, "reread": 45},
+    False: {"start": 15, "build-sd15": 15, "build-sdxl": 35, "train-sd15": 30, "train-sdxl": 45,
+            "apt": 1.4, "sample": 40, "reread": 30},
     True: {"start": 5, "build-sd15": 3, "build-sdxl": 3, "train-sd15": 15, "train-sdxl": 15,
            "apt": 1.5, "sample": 15, "reread": 5},
 }
@@ -147,39 +149,6 @@ def build_model(arch: str, tiny: bool, folder: Path) -> None:
         torch.cuda.empty_cache()
 
 
-def make_dataset(folder: Path, count: int, size: int) -> Path:
-    """`count` images of coloured shapes on gradient backgrounds, with captions."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    colours = ["red", "blue", "green", "yellow", "purple", "orange"]
-    rgb = [(220, 40, 40), (40, 80, 220), (40, 180, 60), (230, 210, 40), (150, 60, 200), (240, 140, 30)]
-    ramp = np.linspace(0, 1, size, dtype=np.float32)
-    for i in range(count):
-        top, bottom = rng.integers(60, 250, 3), rng.integers(20, 200, 3)
-        background = top[None, None] * (1 - ramp[:, None, None]) + bottom[None, None] * ramp[:, None, None]
-        img = Image.fromarray(np.broadcast_to(background, (size, size, 3)).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        c = i % len(colours)
-        x0, y0 = (int(v) for v in rng.integers(size // 8, size // 2, 2))
-        extent = int(rng.integers(size // 4, size // 2))
-        shape = "ball" if i % 2 == 0 else "box"
-        (draw.ellipse if shape == "ball" else draw.rectangle)((x0, y0, x0 + extent, y0 + extent), fill=rgb[c])
-        img.save(folder / f"img{i:02d}.png")
-        (folder / f"img{i:02d}.txt").write_text(f"a photo of a {colours[c]} {shape}, gradient background")
-    return folder
-
-
-def toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a TOML basic string
-
-
 def write_train_config(run: Run, folder: Path, model: Path, images: Path, tiny: bool, steps: int) -> Path:
     a = ARCHS[run.arch]
     tables = {
@@ -193,15 +162,8 @@ def write_train_config(run: Run, folder: Path, model: Path, images: Path, tiny: 
         "saving": {"output_dir": folder / "output", "output_name": run.name, "save_precision": "fp16"},
         "logging": {"log_with": "tensorboard", "logging_dir": folder / "logs"},
     }
-    lines = []
-    for table, values in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    lines += ["[[datasets]]", f"resolution = {a['resolution'][tiny]}", "[[datasets.subsets]]",
-              f"image_dir = {toml_value(images)}"]
-    path = folder / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    dataset = {"resolution": a["resolution"][tiny], "subsets": [{"image_dir": images}]}
+    return write_config(folder / "config.toml", tables, [dataset])
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -306,8 +268,8 @@ class Check:
         kept, dropped = plan(runnable, self.args.budget_s, self.tiny)
         for r in dropped:
             self.finish(r, "dropped", error=f"budget: {self.args.budget_s:.0f} s does not cover it (estimates)")
-        self.images = make_dataset(self.work / "images", 8 if not self.tiny else 4,
-                                   1024 if not self.tiny else 64)
+        size = 64 if self.tiny else 1024
+        self.images = make_images(self.work / "images", 4 if self.tiny else 8, (size, size))
         for r in kept:
             left = self.args.budget_s - self.elapsed()
             if estimate(r, self.tiny) + (0 if r.arch in self.models else ESTIMATES[self.tiny][f"build-{r.arch}"]) > left:
@@ -469,11 +431,12 @@ def comparisons(results: dict[str, Result]) -> list[str]:
     for arch, precision in (("sd15", "bf16"), ("sd15", "fp16"), ("sdxl", "bf16")):
         plain, apt = ok(f"{arch}-plain-{precision}"), ok(f"{arch}-apt-{precision}")
         if plain and apt and plain.s_per_step and apt.s_per_step:
-            lines.append(f"{arch} {precision}: APT/plain step time {apt.s_per_step / plain.s_per_step:.2f}x, "
-                         f"peak memory {apt.peak_gib - plain.peak_gib:+.2f} GiB")
+            memory = (f", peak memory {apt.peak_gib - plain.peak_gib:+.2f} GiB"
+                      if apt.peak_gib is not None and plain.peak_gib is not None else "")
+            lines.append(f"{arch} {precision}: APT/plain step time {apt.s_per_step / plain.s_per_step:.2f}x{memory}")
     for kind in ("plain", "apt"):
         sdpa, xf = ok(f"sdxl-{kind}-bf16"), ok(f"sdxl-{kind}-bf16-xformers")
-        if sdpa and xf and sdpa.mean_loss:
+        if sdpa and xf and sdpa.mean_loss and xf.mean_loss is not None and sdpa.s_per_step and xf.s_per_step:
             lines.append(f"sdxl {kind}: xformers/SDPA mean loss {100 * (xf.mean_loss / sdpa.mean_loss - 1):+.2f}%, "
                          f"step time {xf.s_per_step / sdpa.s_per_step:.2f}x")
     return lines

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flag = "no" if args.precision == "fp32" else args.precision
-    precision = resolve_precision(flag, device.type == "cpu", "--precision")
+    precision = resolve_precision(flag, device.type == "cpu", "--precision", full="fp32")
     bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
                                       v_parameterization=args.v_parameterization))
     loras = load_loras(args.lora, NameIndex.for_model(bundle))

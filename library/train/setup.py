@@ -21,16 +21,16 @@ def native_bf16() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_precision(requested: str, cpu: bool, option: str = "mixed_precision =") -> str:
+def resolve_precision(requested: str, cpu: bool, option: str = "mixed_precision =", full: str = "no") -> str:
     """"auto" -> "bf16" on GPUs with native bf16, "fp16" (with loss scaling) on older GPUs, "no" on CPUs.
-    `option` names the setting in errors (the config key, or a tool's flag)."""
+    `option` names the setting in errors (the config key, or a tool's flag), `full` its fp32 value."""
     gpu = not cpu and torch.cuda.is_available()
     if requested == "auto":
         if not gpu:
             return "no"
         return "bf16" if native_bf16() else "fp16"
     if requested == "fp16" and not gpu:
-        raise UserError(f'{option} "fp16" needs a CUDA GPU (CPUs have no fp16 half precision); use "bf16" or "no"')
+        raise UserError(f'{option} "fp16" needs a CUDA GPU (CPUs have no fp16 autocast); use "bf16" or "{full}"')
     if requested == "bf16" and gpu and not native_bf16():
         raise UserError(f'{option} "bf16" is not supported natively by this GPU (it would be emulated, several '
                         'times slower); use "fp16"')

@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -200,18 +201,28 @@ def train_metrics(scalars: dict, warmup: int, expected_steps: int) -> dict:
     timed = [v for step, v in scalars.get("s_per_it", []) if step > warmup]
     peaks = [v for _, v in scalars.get("peak_memory_gib", [])]
     finite = [v for v in losses if math.isfinite(v)]
-    return {"steps": len(losses), "losses_finite": len(losses) == expected_steps and len(finite) == len(losses),
+    finite_all = len(losses) == expected_steps and len(finite) == len(losses) if losses else None
+    return {"steps": len(losses), "losses_finite": finite_all,
             "s_per_step": statistics.median(timed) if timed else None, "peak_gib": max(peaks) if peaks else None,
             "mean_loss": statistics.fmean(finite) if finite else None}
 
 
-def error_line(log: str) -> str:
-    """The one-line error of a failed process: the trainer's `error: ...` line, else the last line
-    (a traceback's exception)."""
+EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def error_line(log: str, code: int | None = None) -> str:
+    """The one-line error of a failed process: the trainer's `error: ...` line, else the last
+    exception line of a traceback (not accelerate launch's own CalledProcessError about the child),
+    else the last line."""
     lines = [line.strip() for line in log.replace("\r", "\n").splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("error:"):
             return line[:300]
+    for line in reversed(lines):
+        if EXCEPTION.match(line) and not line.startswith("subprocess.CalledProcessError"):
+            return line[:300]
+    if code is not None and code < 0:
+        return f"killed by signal {-code} (out of host memory?)"
     return (lines[-1] if lines else "no output")[:300]
 
 
@@ -340,7 +351,7 @@ class Check:
         if code is None:
             self.finish(run, "timeout", error=f"stopped after {self.timeout() + 5:.0f} s: the budget ran out")
         else:
-            self.finish(run, "failed", error=error_line(log))
+            self.finish(run, "failed", error=error_line(log, code))
         return None
 
     def do_train(self, run: Run) -> None:

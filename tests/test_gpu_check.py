@@ -44,6 +44,11 @@ def test_error_line():
         "error: a.toml: [optimizer] learning_rate: bad"
     assert gpu_check.error_line("Traceback (most recent call last):\n  File x\nRuntimeError: CUDA out of memory\n") \
         == "RuntimeError: CUDA out of memory"
+    launched = ("Traceback (most recent call last):\n  File t\ntorch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB\n"
+                "Traceback (most recent call last):\n  File launch.py\nsubprocess.CalledProcessError: Command "
+                "'['python', 'train_apt_lora.py']' returned non-zero exit status 1.\n")
+    assert gpu_check.error_line(launched) == "torch.OutOfMemoryError: CUDA out of memory. Tried 2 GiB"
+    assert gpu_check.error_line("caching latents: 10%\n", -9) == "killed by signal 9 (out of host memory?)"
 
 
 def test_every_training_config_of_the_matrix_is_valid(tmp_path):
@@ -114,7 +119,7 @@ def test_tiny_check_runs_and_survives_a_failed_run(tmp_path, capsys, monkeypatch
         if run.name not in chosen:
             assert (row["status"], row["error"]) == ("skipped", "not in --only")
         elif run.name == "sd15-apt-bf16":
-            assert row["status"] == "failed"
+            assert row["status"] == "failed" and row["steps"] == 0 and row["losses_finite"] is None
             assert row["error"].startswith("error: ") and "learning_rate" in row["error"]
         else:
             assert row["status"] == "ok", row

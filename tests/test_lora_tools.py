@@ -347,4 +347,4 @@ def test_sample_lora_errors_are_one_line(trained, tmp_path, capsys):
     assert "missing.txt: no such file" in capsys.readouterr().err
     assert run_tool(sample_lora.main, ["--model", str(folder), "--lora", str(path), "--prompts", "a cat",
                                        "--out", str(tmp_path), "--precision", "fp16"]) == 2
-    assert "half precision needs a CUDA GPU" in capsys.readouterr().err
+    assert '--precision "fp16" needs a CUDA GPU' in capsys.readouterr().err

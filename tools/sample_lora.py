@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae", help="a separate VAE file or folder")
     ap.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v)")
     ap.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                    help="auto: fp16 on a CUDA GPU (bf16 where supported), fp32 on the CPU")
+                    help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
+    ap.add_argument("--no_half_vae", action="store_true",
+                    help="keep the VAE in fp32 (always so for the SDXL VAE under fp16, which overflows)")
     args = ap.parse_args(argv)
 
     from library.errors import UserError
@@ -73,28 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.specs import load_loras, parse_lora
     from library.models.loader import load_models
     from library.train.sampling import Sampler
+    from library.train.setup import DTYPES, resolve_precision, vae_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if dtype != torch.float32 and device.type == "cpu":
-        raise UserError(f"--precision {args.precision}: half precision needs a CUDA GPU; use fp32 on the CPU")
+    flag = "no" if args.precision == "fp32" else args.precision
+    precision = resolve_precision(flag, device.type == "cpu", "--precision", full="fp32")
     bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
                                       v_parameterization=args.v_parameterization))
     loras = load_loras(args.lora, NameIndex.for_model(bundle))
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
-    for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
-        module.to(device, torch.float32).eval()
+    # Merged on the CPU in fp32 (the loaded models' dtype), then moved once in the run's dtype: an
+    # fp32 SDXL on the GPU before halving would need about twice the memory.
     with tqdm(total=sum(len(w.modules) for w, _ in loras), desc="merging") as bar:
         merged = MergedLoras(components, loras, bar.update)
     if merged.missing:
         raise UserError(f"{args.model}: has no layer for {merged.missing[0]} (and {len(merged.missing) - 1} more) "
                         "that the LoRA changes; is the LoRA for this architecture?")
-    if dtype != torch.float32:  # merged in fp32, run in half precision (the SDXL VAE stays fp32)
-        for module in [bundle.unet, *bundle.text_encoders]:
-            module.to(dtype)
+    for module in [bundle.unet, *bundle.text_encoders]:
+        module.to(device=device, dtype=DTYPES[precision]).eval()
+    # The sampler decodes in the VAE's own dtype, so an fp32 VAE beside a half-precision UNet works.
+    bundle.vae.to(device=device, dtype=vae_dtype(args.no_half_vae or None, bundle.is_sdxl, precision)).eval()
     size = bundle.native_resolution
     default_size = (args.size[0], args.size[-1]) if args.size else (size, size)
     name = args.name or parse_lora(args.lora[0])[0].stem

@@ -69,8 +69,10 @@ class NetworkOptions:
 
 @dataclass(frozen=True)
 class OptimizerOptions:
-    optimizer_type: Literal["AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "SGD"] = option(
-        "AdamW", "optimizer; AdamW8bit/Lion8bit need bitsandbytes, Lion lion-pytorch, Prodigy prodigyopt")
+    optimizer_type: Literal["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion",
+                            "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGD"] = option(
+        "AdamW", "optimizer; AdamW8bit, Lion8bit and the Paged* ones (state in paged GPU memory) need bitsandbytes, "
+                 "Lion lion-pytorch, Prodigy prodigyopt")
     optimizer_args: Union[tuple[str, ...], dict] = option(
         (), 'extra optimizer arguments: "key=value" strings as in kohya (["weight_decay=0.01", "betas=(0.9,0.99)"]) '
             "or a table ({ weight_decay = 0.01 })")
@@ -130,6 +132,9 @@ class TrainingOptions:
     max_data_loader_n_workers: int = option(
         2, "background processes decoding images ahead of the GPU (0 = in the main process; unused with cached "
            "latents)", ge=0)
+    ddp_timeout: int = option(
+        180, "minutes a process waits for the others (multi-GPU) before the job fails; long enough for the main "
+             "process's disk caching, sample rounds and saves (accelerate's default is 10 minutes)", ge=1)
     cpu_threads: int = option(
         0, "torch threads per process when training on the CPU (0 = the cores divided among the processes on "
            "this machine; accelerate launch alone would start one thread)", ge=0, kohya=False)
@@ -154,6 +159,9 @@ class DataOptions:
     cache_latents_to_disk: bool = option(
         False, "keep the latent cache on disk between runs (implies cache_latents); entries are keyed on the image, "
                "its bucket and crop, and the VAE, so stale entries are never used")
+    vae_batch_size: int = option(
+        1, "images per VAE call while caching latents; more is a little faster but needs more GPU memory (SDXL at "
+           "1024 px: several GiB per image in fp32, on top of the model already on the GPU)", ge=1)
     latent_cache_dir: Optional[str] = option(
         None, "folder for the disk latent cache; unset = a .latent_cache folder inside each image folder", kohya=False)
     cache_text_encoder_outputs: bool = option(

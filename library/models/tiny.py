@@ -1,7 +1,9 @@
-"""Tiny random-weight SD1.5 / SDXL pipelines built from the shipped `tiny_*` config trees.
+"""Random-weight SD1.5 / SDXL pipelines built from the shipped config trees: tiny ones for tests,
+full-size ones for the GPU check (bench/gpu_check.py).
 
-Same block structure as the real architectures (so LoRA name tables, single-file conversion and
-SDXL conditioning are exercised for real) at widths that make a training step take milliseconds.
+The tiny trees have the same block structure as the real architectures (so LoRA name tables,
+single-file conversion and SDXL conditioning are exercised for real) at widths that make a
+training step take milliseconds.
 """
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ TINY_TREES = {"sd15": "tiny_sd15", "sdxl": "tiny_sdxl"}
 
 def build_tiny_pipeline(arch: str, seed: int = 0):
     """A diffusers pipeline with random weights, deterministic for a given seed."""
+    return build_random_pipeline(TINY_TREES[arch], arch, seed)
+
+
+def build_random_pipeline(tree: str, arch: str, seed: int = 0, device: str = "cpu"):
+    """A pipeline of a shipped config tree (tiny or full-size) with random weights, built on
+    `device` (a full-size SDXL initialises in seconds on a GPU, minutes on a CPU)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -25,11 +33,15 @@ def build_tiny_pipeline(arch: str, seed: int = 0):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    root = shipped.tree(TINY_TREES[arch])
+    root = shipped.tree(tree)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(shipped.read_json(root / "unet" / "config.json"))
-    vae = AutoencoderKL.from_config(shipped.read_json(root / "vae" / "config.json"))
-    te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(shipped.read_json(root / "unet" / "config.json"))
+        vae = AutoencoderKL.from_config(shipped.read_json(root / "vae" / "config.json"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
+        te2 = None
+        if arch != "sd15":
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(root / "text_encoder_2")))
     tok1 = shipped.load_tokenizer(root / "tokenizer")
     if arch == "sd15":
         scheduler = PNDMScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
@@ -37,7 +49,6 @@ def build_tiny_pipeline(arch: str, seed: int = 0):
             vae=vae, text_encoder=te1, tokenizer=tok1, unet=unet, scheduler=scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(root / "text_encoder_2")))
     tok2 = shipped.load_tokenizer(root / "tokenizer_2")
     scheduler = EulerDiscreteScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
     return StableDiffusionXLPipeline(

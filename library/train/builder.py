@@ -31,7 +31,7 @@ from library.train.diffusion import Diffusion
 from library.train.method import TrainingMethod
 from library.train.optimizers import build_optimizer
 from library.train.schedules import build_scheduler
-from library.train.setup import DTYPES, make_accelerator, set_attention
+from library.train.setup import DTYPES, make_accelerator, set_attention, vae_dtype
 from library.train.tracking import trackers_for
 from library.train.validation import Validator
 
@@ -81,7 +81,7 @@ def build_run(cfg: Config) -> TrainingRun:
     bundle = load_models(cfg.model, model_plan)
     check_buckets(bundle, data)
     trains_text = not cfg.network.network_train_unet_only
-    place_models(bundle, acc.device, DTYPES[precision], vae_dtype(cfg, bundle, precision))
+    place_models(bundle, acc.device, DTYPES[precision], vae_dtype(training.no_half_vae, bundle.is_sdxl, precision))
     set_attention(bundle.unet, training.attention, acc.device)
     network = inject_network(cfg, bundle, trains_text)
 
@@ -149,13 +149,6 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
                             f"resolution and bucket_reso_steps multiples of {factor}")
 
 
-def vae_dtype(cfg: Config, bundle: ModelBundle, precision: str) -> torch.dtype:
-    choice = cfg.training.no_half_vae
-    if choice is None:  # the SDXL VAE overflows to NaN in fp16
-        choice = bundle.is_sdxl and precision == "fp16"
-    return torch.float32 if choice else DTYPES[precision]
-
-
 def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype) -> None:
     bundle.unet.to(device, dtype)
     bundle.vae.to(device, vae)
@@ -199,7 +192,7 @@ def latent_cache(cfg: Config, data: TrainingData, encoder: VaeEncoder, acc, bund
     if not (opts.cache_latents or opts.cache_latents_to_disk):
         return None
     cache = LatentCache(data, encoder, encoder.identity(), to_disk=opts.cache_latents_to_disk,
-                        cache_dir=opts.latent_cache_dir)
+                        cache_dir=opts.latent_cache_dir, batch_size=opts.vae_batch_size)
     shared = opts.cache_latents_to_disk and acc.num_processes > 1
     if shared and not acc.is_main_process:
         acc.wait_for_everyone()  # the main process writes the disk entries first, the others read them

@@ -25,7 +25,7 @@ from library.train.optimizers import optimizer_description
 from library.train.output import Outputs, RunHandles
 from library.train.prompts import load_prompts
 from library.train.sampling import Sampler
-from library.train.tracking import TimestepLossTable, Tracker, peak_memory_gib, trackers_for
+from library.train.tracking import PeakMemory, TimestepLossTable, Tracker, trackers_for
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,11 @@ class Trainer:
 
     def _train_loop(self, bar, samples_per_step: int) -> None:
         ema = None
+        memory = PeakMemory(self.device)
         while self.step < self.total_steps:
             step = self.step
             tick = time.time()
+            memory.start_step()
             result = self.train_step(step)
             self.step = step + 1
             if result is not None:
@@ -229,7 +231,7 @@ class Trainer:
                 seconds = time.time() - tick
                 metrics = {"loss": loss, "loss_avg": ema, "grad_norm": grad_norm, "s_per_it": seconds,
                            "samples_per_s": samples_per_step / max(seconds, 1e-9),
-                           "peak_memory_gib": peak_memory_gib(self.device), "epoch": self.plan.epoch_of(step)}
+                           **memory.scalars(), "epoch": self.plan.epoch_of(step)}
                 for group in self.optimizer.param_groups:
                     metrics[f"lr/{group.get('name', 'group')}"] = group["lr"] or 0.0
                 metrics.update(self.method.metrics())

@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 OPTIMIZERS: dict[str, tuple[str, str, str | None, dict]] = {
     "AdamW": ("torch.optim", "AdamW", None, {}),
     "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes", {}),
+    # kohya's paged variants: optimizer state in CUDA unified memory, paged out to the host when the
+    # GPU runs short (on a CPU bitsandbytes runs them unpaged).
+    "PagedAdamW": ("bitsandbytes.optim", "PagedAdamW", "bitsandbytes", {}),
+    "PagedAdamW8bit": ("bitsandbytes.optim", "PagedAdamW8bit", "bitsandbytes", {}),
+    "PagedAdamW32bit": ("bitsandbytes.optim", "PagedAdamW32bit", "bitsandbytes", {}),
     "Lion": ("lion_pytorch", "Lion", "lion-pytorch", {}),
     "Lion8bit": ("bitsandbytes.optim", "Lion8bit", "bitsandbytes", {}),
+    "PagedLion8bit": ("bitsandbytes.optim", "PagedLion8bit", "bitsandbytes", {}),
     "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt", {}),
     # kohya's recommended Adafactor settings for LoRA: a fixed learning rate, no parameter scaling.
     "Adafactor": ("transformers.optimization", "Adafactor", None,

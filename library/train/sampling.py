@@ -59,6 +59,31 @@ def build_pipeline(bundle, unet, scheduler):
     return pipe
 
 
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents from a pipeline (output_type="latent") -> images, decoded by the VAE in its own dtype
+    with autocast off.
+
+    The pipelines decode inside whatever autocast the caller set, so an fp32 VAE (no_half_vae, the
+    SDXL VAE under fp16) would silently run in half precision; and without autocast they hand
+    half-precision latents to an fp32 VAE, which fails. Decoding here avoids both."""
+    vae = pipe.vae
+    param = next(vae.parameters())
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    with torch.autocast(param.device.type, enabled=False):
+        latents = latents.to(param.device, param.dtype)
+        if mean is not None and std is not None:
+            shape = (1, -1, 1, 1)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        pixels = vae.decode(latents).sample
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
 @contextmanager
 def on_device(modules: list[torch.nn.Module], device):
     """Temporarily move modules (the VAE or text encoders parked on the CPU by caching) to `device`."""
@@ -137,9 +162,10 @@ class Sampler:
                     height = p.height or self.default_size[1]
                     def generate():
                         gen = torch.Generator(device="cpu").manual_seed(seed)
-                        return pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
-                                    height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
-                                    generator=gen).images[0]
+                        latents = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
+                                       height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
+                                       generator=gen, output_type="latent").images
+                        return decode(pipe, latents)[0]
 
                     if self.compare_base and set_lora is not None:
                         set_lora(False)

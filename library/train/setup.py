@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 
@@ -14,22 +15,39 @@ log = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def resolve_precision(requested: str, cpu: bool) -> str:
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 natively (Ampere and newer). Plain is_bf16_supported() also
+    counts emulated bf16 (T4, V100, RTX 20xx), which runs several times slower than fp16 there."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(requested: str, cpu: bool, option: str = "mixed_precision =", full: str = "no") -> str:
+    """"auto" -> "bf16" on GPUs with native bf16, "fp16" (with loss scaling) on older GPUs, "no" on CPUs.
+    `option` names the setting in errors (the config key, or a tool's flag), `full` its fp32 value."""
+    gpu = not cpu and torch.cuda.is_available()
     if requested == "auto":
-        if cpu or not torch.cuda.is_available():
+        if not gpu:
             return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if requested == "fp16" and (cpu or not torch.cuda.is_available()):
-        raise UserError('mixed_precision = "fp16" needs a CUDA GPU (CPUs have no fp16 autocast); '
-                        'use "bf16" or "no"')
-    if requested == "bf16" and not cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError('mixed_precision = "bf16" is not supported by this GPU; use "fp16"')
+        return "bf16" if native_bf16() else "fp16"
+    if requested == "fp16" and not gpu:
+        raise UserError(f'{option} "fp16" needs a CUDA GPU (CPUs have no fp16 autocast); use "bf16" or "{full}"')
+    if requested == "bf16" and gpu and not native_bf16():
+        raise UserError(f'{option} "bf16" is not supported natively by this GPU (it would be emulated, several '
+                        'times slower); use "fp16"')
     return requested
+
+
+def vae_dtype(no_half_vae: bool | None, is_sdxl: bool, precision: str) -> torch.dtype:
+    """The VAE's dtype: fp32 when asked (no_half_vae) and, unless told otherwise, for the SDXL VAE
+    under fp16, where it overflows to NaN; else the run's precision."""
+    if no_half_vae is None:
+        no_half_vae = is_sdxl and precision == "fp16"
+    return torch.float32 if no_half_vae else DTYPES[precision]
 
 
 def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
     cpu = not torch.cuda.is_available()
     precision = resolve_precision(cfg.training.mixed_precision, cpu)
@@ -37,9 +55,12 @@ def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     # encoders the layers after the one the conditioning is taken from (SDXL's penultimate layer,
     # clip_skip) get none, which DDP must be told about or it fails at the first backward.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=not cfg.network.network_train_unet_only)
+    # The other processes wait at a collective while the main process alone caches to disk, samples
+    # or saves; accelerate's 10-minute default would kill long rounds of that as a hang.
+    group = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.training.ddp_timeout))
     project = ProjectConfiguration(project_dir=cfg.saving.output_dir, logging_dir=logging_dir)
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp], log_with=trackers or None,
-                              project_config=project)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp, group],
+                              log_with=trackers or None, project_config=project)
     if cpu:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         set_cpu_threads(cfg.training.cpu_threads, local)

@@ -25,10 +25,29 @@ def trackers_for(log_with: str) -> list[str]:
     return names
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+class PeakMemory:
+    """Peak memory of each optimizer step and the highest of those over the run.
+
+    On a GPU the allocator's peak is reset when a step starts, so model loading, caching, sample
+    rounds and validation between steps do not count as training memory (an all-time peak would
+    report them for the rest of the run). On a CPU only the process's all-time peak RSS exists."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.run_peak = 0.0
+
+    def start_step(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def scalars(self) -> dict[str, float]:
+        """{"peak_memory_gib": this step's peak, "peak_memory_run_gib": the highest step peak so far}."""
+        if self.device.type == "cuda":
+            step = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        else:
+            step = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kilobytes on Linux
+        self.run_peak = max(self.run_peak, step)
+        return {"peak_memory_gib": step, "peak_memory_run_gib": self.run_peak}
 
 
 class TimestepLossTable:

@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.ops import factorise
     from library.lora.weights import LoraWeights, save_kohya
     from library.models.loader import load_models
+    from library.utils.writable import writable_file
 
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError("--rank and --conv_rank must be at least 1")
+    writable_file(args.out, "--out")
     base = load_models(ModelOptions(pretrained_model_name_or_path=str(args.base)))
     tuned = load_models(ModelOptions(pretrained_model_name_or_path=str(args.tuned)))
     if base.arch != tuned.arch:

@@ -49,14 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare_base", action="store_true", help="also the base model's image for each seed")
     ap.add_argument("--vae", help="a separate VAE file or folder")
     ap.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v)")
+    ap.add_argument("--allow_partial", action="store_true",
+                    help="use a LoRA of which only some modules fit the model (the others are reported and left out)")
     ap.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="auto: fp16 on a CUDA GPU (bf16 where supported), fp32 on the CPU")
     args = ap.parse_args(argv)
 
     from library.errors import UserError
+    from library.utils.writable import writable_dir
 
     if not args.model.exists():
         raise UserError(f"--model {args.model}: no such file or folder")
+    writable_dir(args.out, "--out")
     from library.train.prompts import normalise_sampler
 
     sampler_name = normalise_sampler(args.sampler, "--sampler")
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.config.options import ModelOptions
     from library.lora.apply import MergedLoras
-    from library.lora.index import NameIndex
+    from library.lora.compat import model_target
     from library.lora.specs import load_loras, parse_lora
     from library.models.loader import load_models
     from library.train.sampling import Sampler
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--precision {args.precision}: half precision needs a CUDA GPU; use fp32 on the CPU")
     bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
                                       v_parameterization=args.v_parameterization))
-    loras = load_loras(args.lora, NameIndex.for_model(bundle))
+    loras = load_loras(args.lora, model_target(bundle, f"--model {args.model.name}"), args.allow_partial)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         module.to(device, torch.float32).eval()

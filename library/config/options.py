@@ -43,6 +43,9 @@ class NetworkOptions:
     conv_alpha: Optional[float] = option(None, "alpha of the convolution LoRA; unset = conv_dim", gt=0)
     network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
     network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
+    network_weights_partial: bool = option(
+        False, "let network_weights start only the layers it fits (others start fresh); unset = a file that does "
+               "not fit every trained layer is refused", kohya=False)
 
     @property
     def alpha(self) -> float:

@@ -119,19 +119,22 @@ class LoraNetwork:
             out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype or torch.float32)
         return out
 
-    def load_modules(self, modules: dict, source: str) -> None:
+    def load_modules(self, modules: dict, source: str, allow_missing: bool = False) -> None:
         """Copy weights from read LoRA modules (library.lora.weights), keyed by our kohya names.
 
         Ranks must match what is being trained; a different alpha is absorbed into lora_up so the
-        file's effective weight change is kept exactly.
+        file's effective weight change is kept exactly. With `allow_missing` the layers the file has
+        no weights for keep their fresh initialisation.
         """
         missing = sorted(set(self.layers) - set(modules))
-        if missing:
+        if missing and not allow_missing:
             raise UserError(f"{source}: has no weights for {len(missing)} of the {len(self.layers)} modules being "
                             f"trained (first: {missing[0]}); it was trained with other targets (conv_dim or text "
                             "encoder?)")
         with torch.no_grad():
             for name, (target, layer) in self.layers.items():
+                if name not in modules:
+                    continue
                 mod = modules[name]
                 a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
                 if mod.down.shape != a.shape or mod.up.shape != b.shape:

@@ -59,6 +59,10 @@ class LoraWeights:
 
 # --- reading -----------------------------------------------------------------------------------
 
+class NoLoraModules(UserError):
+    """No tensor of the file is a LoRA module of the given architecture."""
+
+
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _OLD_DIFFUSERS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -165,6 +169,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
         if "down" not in got or "up" not in got:
             raise UserError(f"{source}: module {name} has {'no lora_up' if 'down' in got else 'no lora_down'} "
                             "weight; the file is incomplete")
+        if got["down"].ndim < 2 or got["up"].ndim < 2 or ("alpha" in got and got["alpha"].numel() != 1):
+            raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
+                            f"{tuple(got['down'].shape)}, up {tuple(got['up'].shape)}); the file is damaged")
         rank = got["down"].shape[0]
         if "alpha" in got:
             alpha = float(got["alpha"])
@@ -175,7 +182,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
             alpha = float(rank)  # old files without alpha: scale 1, as every loader does
         modules[name] = LoraModule(got["down"], got["up"], alpha)
     if not modules:
-        raise UserError(f"{source}: no LoRA modules found (expected lora_down/lora_up or lora_A/lora_B tensors)")
+        raise NoLoraModules(f"{source}: no LoRA modules found (expected lora_down/lora_up or lora_A/lora_B tensors)")
     return LoraWeights(index, modules, dict(metadata), " + ".join(sorted(styles)), unknown)
 
 

@@ -19,10 +19,10 @@ from library.data.text_cache import TextCache
 from library.errors import UserError
 from library.lora.kohya_file import SAVE_DTYPES
 from library.lora.network import LoraNetwork, NetworkSpec
-from library.lora.weights import from_tensors, load_weights
+from library.lora.compat import network_target, read_checked
 from library.models.conditioning import TextConditioner, sdxl_time_ids
 from library.models.loader import ModelBundle, load_models, plan_model
-from library.train import checkpoint
+from library.train import checkpoint, resume
 from library.train.apt_step import apt_forward, make_apt, observe
 from library.train.batches import Batch, BatchBuilder, MicroBatches, StepPlan, VaeEncoder, micro_batch_stream
 from library.train.diffusion import Diffusion, per_sample_mse, step_generator
@@ -116,8 +116,9 @@ class Trainer:
             for p in self.network.parameters():
                 p.data = p.data.to(torch.bfloat16)
         if net.network_weights:
-            weights = load_weights(net.network_weights, self.network.index)
-            self.network.load_modules(weights.modules, net.network_weights)
+            weights, _ = read_checked(net.network_weights, network_target(self.network, "the network being trained"),
+                                      net.network_weights_partial, "network_weights_partial = true")
+            self.network.load_modules(weights.modules, net.network_weights, allow_missing=net.network_weights_partial)
             log.info("continuing from %s (%s layout)", net.network_weights, weights.style)
         if t.gradient_checkpointing:
             b.unet.enable_gradient_checkpointing()
@@ -178,29 +179,14 @@ class Trainer:
         return cache
 
     def _resume(self, where: str) -> None:
-        out = Path(self.cfg.saving.output_dir)
-        folder = checkpoint.find_latest_state(out, self.cfg.saving.output_name) if where == "latest" else Path(where)
-        if folder is None:
-            raise UserError(f'resume = "latest": no state folder of {self.cfg.saving.output_name} in {out} '
-                            "(states are written when save_state = true)")
-        loaded = checkpoint.read_state(folder)
-        mine = checkpoint.describe_network(self.network)
-        if loaded.state.network != mine:
-            raise UserError(f"{folder}: the state was saved for another network ({loaded.state.network}); "
-                            f"this config trains {mine}")
-        if loaded.state.step >= self.total_steps:
-            raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
-                            f"(now {self.total_steps}) to continue")
-        self.network.load_modules(from_tensors(loaded.lora, {}, str(folder), self.network.index).modules, str(folder))
-        self.optimizer.load_state_dict(loaded.optimizer)
-        self.scheduler.load_state_dict(loaded.scheduler)
-        checkpoint.set_rng_state(loaded.rng)
-        self.step = loaded.state.step
+        folder, state = resume.restore(where, Path(self.cfg.saving.output_dir), self.cfg.saving.output_name,
+                                       self.network, self.optimizer, self.scheduler, self.total_steps)
+        self.step = state.step
         epoch, _ = self.plan.micro_batches(self.step)
-        if (epoch, self.plan.steps_per_epoch) != (loaded.state.epoch, loaded.state.extra.get("steps_per_epoch")):
+        if (epoch, self.plan.steps_per_epoch) != (state.epoch, state.extra.get("steps_per_epoch")):
             log.warning("%s: the dataset or batch settings changed since this state was saved; the data order "
                         "continues from step %d of the current settings", folder, self.step)
-        self.outputs.restore(loaded.state.extra)
+        self.outputs.restore(state.extra)
         log.info("resumed from %s at step %d (epoch %d)", folder, self.step, epoch)
 
     # --- one micro-batch ----------------------------------------------------------------------

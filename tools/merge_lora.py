@@ -30,14 +30,12 @@ def merge_into_single_file(model: Path, specs: list[str], out: Path, allow_parti
     from library.config.options import ModelOptions
     from library.errors import UserError
     from library.lora.apply import merge_into_original
-    from library.lora.compat import single_file_target
+    from library.lora.compat import plan_target
     from library.models.loader import plan_model
-    from library.models.single_file import read_safetensors_header
     from library.utils.atomic import atomic_write_bytes
 
     plan = plan_model(ModelOptions(pretrained_model_name_or_path=str(model)))
-    target = single_file_target(plan, read_safetensors_header(model), f"--model {model.name}")
-    loras = load_loras(specs, target, allow_partial)
+    loras = load_loras(specs, plan_target(plan, f"--model {model.name}"), allow_partial)
     with safe_open(str(model), "pt") as fh:
         metadata = fh.metadata() or {}
     state = load_file(str(model))
@@ -57,11 +55,12 @@ def merge_into_folder(model: Path, specs: list[str], out: Path, allow_partial: b
     from library.config.options import ModelOptions
     from library.errors import UserError
     from library.lora.apply import merge_into_modules
-    from library.lora.compat import model_target
-    from library.models.loader import load_models
+    from library.lora.compat import plan_target
+    from library.models.loader import load_models, plan_model
 
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)))
-    loras = load_loras(specs, model_target(bundle, f"--model {model.name}"), allow_partial)
+    plan = plan_model(ModelOptions(pretrained_model_name_or_path=str(model)))
+    loras = load_loras(specs, plan_target(plan, f"--model {model.name}"), allow_partial)  # before the model loads
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)), plan)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     with tqdm(total=sum(len(w.modules) for w, _ in loras), desc="merging") as bar:
         missing = merge_into_modules(components, loras, bar.update)

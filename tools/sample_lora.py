@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.config.options import ModelOptions
     from library.lora.apply import MergedLoras
-    from library.lora.compat import model_target
+    from library.lora.compat import plan_target
     from library.lora.specs import load_loras, parse_lora
-    from library.models.loader import load_models
+    from library.models.loader import load_models, plan_model
     from library.train.sampling import Sampler
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     if dtype != torch.float32 and device.type == "cpu":
         raise UserError(f"--precision {args.precision}: half precision needs a CUDA GPU; use fp32 on the CPU")
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
-                                      v_parameterization=args.v_parameterization))
-    loras = load_loras(args.lora, model_target(bundle, f"--model {args.model.name}"), args.allow_partial)
+    opts = ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
+                        v_parameterization=args.v_parameterization)
+    plan = plan_model(opts)
+    loras = load_loras(args.lora, plan_target(plan, f"--model {args.model.name}"), args.allow_partial)
+    bundle = load_models(opts, plan)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     for module in [bundle.unet, bundle.vae, *bundle.text_encoders]:
         module.to(device, torch.float32).eval()

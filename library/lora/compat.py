@@ -81,14 +81,16 @@ def _shapes_of(index: NameIndex, components: dict) -> dict:
     return shapes
 
 
-def model_target(bundle, label: str) -> Target:
-    """A loaded model bundle (library.models.loader.ModelBundle)."""
-    index = NameIndex.for_model(bundle)
-    components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
-    return Target(f"{label} ({arch_name(bundle.arch)})", bundle.arch, index, _shapes_of(index, components))
+def plan_target(plan, label: str) -> Target:
+    """The model a ModelPlan describes (library.models.loader), from its configs: checked before it loads."""
+    if plan.single_file:
+        from library.models.single_file import read_safetensors_header
+
+        return _header_target(plan, read_safetensors_header(plan.path), label)
+    return config_target(str(plan.config_tree), plan.arch, f"{label} ({arch_name(plan.arch)})")
 
 
-def single_file_target(plan, header: dict, label: str) -> Target:
+def _header_target(plan, header: dict, label: str) -> Target:
     """An original-format checkpoint, from its safetensors header (no tensor is read)."""
     from library.lora.apply import original_key
 
@@ -115,22 +117,29 @@ def network_target(network, label: str) -> Target:
 
 
 @lru_cache(maxsize=None)
-def tree_target(name: str) -> Target:
-    """A shipped architecture (full-size or tiny), its layer shapes from configs on the meta device."""
+def config_target(folder: str, arch: str, label: str) -> Target:
+    """A model with the configs in the diffusers-layout `folder`, its layer shapes from modules built on
+    the meta device (no memory, no weights)."""
     import json
 
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    family, folder = shipped.SHIPPED_TREES[name], shipped.tree(name)
-    index = NameIndex.for_tree(family, folder)
+    tree = Path(folder)
+    index = NameIndex.for_tree(arch, tree)
     with init_empty_weights():
-        components = {"unet": UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))}
-        for i, sub in enumerate(["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])):
-            components[f"te{i + 1}"] = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder / sub)))
+        components = {"unet": UNet2DConditionModel.from_config(shipped.read_json(tree / "unet" / "config.json"))}
+        for i, sub in enumerate(["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])):
+            components[f"te{i + 1}"] = CLIPTextModel(CLIPTextConfig(**shipped.read_json(tree / sub / "config.json")))
+    return Target(label, arch, index, _shapes_of(index, components))
+
+
+def tree_target(name: str) -> Target:
+    """A shipped architecture (full-size or tiny)."""
+    family = shipped.SHIPPED_TREES[name]
     tiny = " (tiny test model)" if name.startswith("tiny") else ""
-    return Target(f"{arch_name(family)}{tiny}", family, index, _shapes_of(index, components))
+    return config_target(str(shipped.tree(name)), family, f"{arch_name(family)}{tiny}")
 
 
 # --- checking ----------------------------------------------------------------------------------

@@ -400,13 +400,14 @@ def test_resume_end_to_end_from_the_older_state(run_dir, tmp_path):
     run = fresh_copy(run_dir, tmp_path)
     out = run / "out"
     corrupt(out / "lora-state", "lora")
-    good = digest(out / "lora.safetensors")
+    good = load_file(str(out / "lora.safetensors"))
     code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--save_state", "true",
                              *TRAIN])
     assert code == 0 and "Traceback" not in err, err
     assert "WARNING" in err and "lora-state/lora.safetensors" in err and "at step 1" in err
     assert checkpoint.read_state(out / "lora-state").state.step == 2  # the damaged state rewritten by step 2 again
-    assert digest(out / "lora.safetensors") == good  # the same step retrained: the same weights
+    again = load_file(str(out / "lora.safetensors"))  # the same step retrained: the same weights
+    assert all(torch.allclose(again[k], good[k], atol=1e-6) for k in good)
 
 
 def test_a_state_saved_on_a_gpu_loads_on_the_cpu(run_dir, trainer, tmp_path):
@@ -447,16 +448,16 @@ def test_sigkill_during_saves_leaves_only_complete_files(tiny_models, tmp_path):
     """Killed at a random moment of a run that saves after every step: every file under a final name
     is complete, and the resume reaches the step count."""
     images = make_images(tmp_path / "images", 2)
-    cfg = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=8)
+    cfg = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=4)
     base = [sys.executable, "train_apt_lora.py", "--config", str(cfg), *TRAIN]
     out = tmp_path / "out"
     proc = subprocess.Popen(base + ["--save_every_n_steps", "1", "--save_state", "true"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not (out / "lora-step00000002-state").exists():
+        while time.time() < deadline and proc.poll() is None and not (out / "lora-step00000001-state").exists():
             time.sleep(0.01)
-        time.sleep(random.Random().uniform(0, 0.4))  # somewhere in the next steps and saves
+        time.sleep(random.Random().uniform(0, 0.3))  # somewhere in the next step or its saves
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -469,5 +470,5 @@ def test_sigkill_during_saves_leaves_only_complete_files(tiny_models, tmp_path):
     assert code == 0, err
     assert "taking over the lock" in err and "resumed from" in err
     with safe_open(str(out / "lora.safetensors"), "pt") as fh:
-        assert fh.metadata()["ss_steps"] == "8"
+        assert fh.metadata()["ss_steps"] == "4"
     assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]

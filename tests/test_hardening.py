@@ -294,15 +294,19 @@ def test_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_taken_o
     finally:
         sleeper.kill()
         sleeper.wait()
-    good = run / "out" / "lora.safetensors"
     assert lock.is_file() and checkpoint.read_state(run / "out" / "lora-state").state.step == 2
+    # the sleeper has gone: its lock is stale; and the newest state is damaged: the run falls back
+    corrupt(run / "out" / "lora-state", "lora")
     code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--max_train_steps", "3",
                              "--save_state", "true", *TRAIN])
-    assert code == 0, err
-    assert f"taking over the lock of pid {sleeper.pid}" in err and "resumed from" in err
+    assert code == 0 and "Traceback" not in err, err
+    assert f"taking over the lock of pid {sleeper.pid}" in err
+    assert "WARNING" in err and "lora-state/lora.safetensors" in err and "at step 1" in err
+    assert "resumed from" in err and "lora-step00000001-state at step 1" in err
     assert not lock.exists()  # released at exit
-    assert load_file(str(good)).keys() and json.loads(
-        (run / "out" / "lora-state" / "state.json").read_text())["step"] == 3
+    assert checkpoint.read_state(run / "out" / "lora-state").state.step == 3  # the damaged state replaced
+    with safe_open(str(run / "out" / "lora.safetensors"), "pt") as fh:
+        assert fh.metadata()["ss_steps"] == "3"
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -394,20 +398,6 @@ def test_resume_with_no_intact_state_is_one_error_and_changes_nothing(run_dir, t
     assert_one_line_error(code, err, "no intact training state of lora")
     assert "lora-state/optimizer.pt" in err and "lora-step00000001-state/state.json" in err
     assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == hashes
-
-
-def test_resume_end_to_end_from_the_older_state(run_dir, tmp_path):
-    run = fresh_copy(run_dir, tmp_path)
-    out = run / "out"
-    corrupt(out / "lora-state", "lora")
-    good = load_file(str(out / "lora.safetensors"))
-    code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--save_state", "true",
-                             *TRAIN])
-    assert code == 0 and "Traceback" not in err, err
-    assert "WARNING" in err and "lora-state/lora.safetensors" in err and "at step 1" in err
-    assert checkpoint.read_state(out / "lora-state").state.step == 2  # the damaged state rewritten by step 2 again
-    again = load_file(str(out / "lora.safetensors"))  # the same step retrained: the same weights
-    assert all(torch.allclose(again[k], good[k], atol=1e-6) for k in good)
 
 
 def test_a_state_saved_on_a_gpu_loads_on_the_cpu(run_dir, trainer, tmp_path):

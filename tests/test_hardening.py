@@ -20,15 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from library.config import build_config
-from library.config.options import ModelOptions
 from library.errors import UserError
 from library.lora.kohya_file import write_lora
-from library.lora.network import ADAPTER, LoraNetwork, NetworkSpec
-from library.models.loader import load_models
+from library.lora.network import NetworkSpec
 from library.train import checkpoint, resume
 from library.utils.runlock import LOCK_NAME
 from library.utils.toolmain import run_tool
-from tests.helpers import make_images, run_main, tiny_config
+from tests.helpers import make_images, random_lora, run_main, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -49,13 +47,7 @@ def digest(path: Path) -> str:
 
 def tiny_lora(model: Path, path: Path, spec: NetworkSpec, seed: int = 0) -> Path:
     """A LoRA written by the project's own writer from a tiny model, random non-zero weights."""
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)))
-    torch.manual_seed(seed)
-    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, spec)
-    with torch.no_grad():
-        for _, layer in network.layers.values():
-            for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
-                w.copy_(torch.randn_like(w) * 0.1)
+    bundle, network = random_lora(model, spec, seed, 0.1)
     write_lora(path, network.kohya_state_dict(torch.float32), {"ss_base_model_version": bundle.base_model_version})
     return path
 

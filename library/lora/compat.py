@@ -120,8 +120,6 @@ def network_target(network, label: str) -> Target:
 def config_target(folder: str, arch: str, label: str) -> Target:
     """A model with the configs in the diffusers-layout `folder`, its layer shapes from modules built on
     the meta device (no memory, no weights)."""
-    import json
-
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -163,9 +163,10 @@ def test_partial_lora_is_used_only_when_allowed(corpus, tiny_models, tmp_path, c
     assert report["fits"].startswith(f"{report['modules']} of ") and report["unknown_tensors"]
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "not_lora", "sd15"])
+@pytest.mark.parametrize("kind", ["truncated", "random", "not_lora", "sd15", "sdxl_model"])
 def test_extract_refuses_bad_models(corpus, tiny_models, tmp_path, capsys, kind):
-    bad = corpus[kind]  # "sd15": a LoRA file given as a model
+    # "sd15": a LoRA file given as a model; "sdxl_model": a model of the other architecture
+    bad = tiny_models["sdxl_single"] if kind == "sdxl_model" else corpus[kind]
     out = tmp_path / "x.safetensors"
     out.write_bytes(b"good")
     for argv in (["--base", str(bad), "--tuned", str(tiny_models["sd15_single"])],
@@ -377,6 +378,16 @@ def test_resume_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tm
     # an explicitly named damaged state is an error, not a silent switch to another one
     with pytest.raises(UserError, match=f"{name}.*cannot be resumed from"):
         restore(trainer, out, str(out / "lora-state"))
+
+
+def test_resume_refuses_a_state_of_another_optimizer_or_network(run_dir, trainer):
+    sgd = torch.optim.SGD([{"params": g["params"], "lr": 0.1} for g in trainer.optimizer.param_groups])
+    with pytest.raises(UserError, match=r"saved by the optimizer torch\.optim\.adamw\.AdamW; this config uses "
+                                        r"torch\.optim\.sgd\.SGD"):
+        resume.restore("latest", run_dir / "out", "lora", trainer.network, sgd, trainer.scheduler, 3)
+    with pytest.raises(UserError, match="already at step 2; raise max_train_steps"):
+        resume.restore("latest", run_dir / "out", "lora", trainer.network, trainer.optimizer.optimizer,
+                       trainer.scheduler, 2)
 
 
 def test_resume_with_no_intact_state_is_one_error_and_changes_nothing(run_dir, tmp_path):

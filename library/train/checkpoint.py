@@ -96,7 +96,8 @@ def write_state(folder: Path, lora: dict[str, torch.Tensor], optimizer, schedule
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = rng_state()
     torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
-    meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng)}
+    meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng),
+            "optimizer_class": optimizer_class(optimizer)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     for path in tmp.iterdir():
         with open(path, "rb") as fh:
@@ -116,6 +117,12 @@ class LoadedState:
     optimizer: dict
     scheduler: dict
     rng: dict
+    optimizer_class: str | None = None  # None in states written before it was recorded
+
+
+def optimizer_class(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+    return f"{type(inner).__module__}.{type(inner).__name__}"
 
 
 class DamagedState(UserError):
@@ -187,7 +194,8 @@ def read_state(folder: Path) -> LoadedState:
     optimizer = _torch_file(folder / "optimizer.pt")
     if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("state"), dict):
         raise DamagedState(folder / "optimizer.pt", "not an optimizer state (no param_groups/state)")
-    return LoadedState(state, lora, optimizer, _torch_file(folder / "scheduler.pt"), rng)
+    return LoadedState(state, lora, optimizer, _torch_file(folder / "scheduler.pt"), rng,
+                       meta.get("optimizer_class"))
 
 
 def _state_step(folder: Path) -> int | None:

@@ -21,11 +21,15 @@ from library.train.checkpoint import DamagedState, LoadedState, TrainState
 log = logging.getLogger(__name__)
 
 
-def _check_run(folder: Path, loaded: LoadedState, network, total_steps: int) -> None:
+def _check_run(folder: Path, loaded: LoadedState, network, optimizer, total_steps: int) -> None:
     mine = checkpoint.describe_network(network)
     if loaded.state.network != mine:
         raise UserError(f"{folder}: the state was saved for another network ({loaded.state.network}); "
                         f"this config trains {mine}")
+    ours = checkpoint.optimizer_class(optimizer)
+    if loaded.optimizer_class not in (None, ours):
+        raise UserError(f"{folder}: the state was saved by the optimizer {loaded.optimizer_class}; this config uses "
+                        f"{ours}; resume with the same optimizer_type")
     if loaded.state.step >= total_steps:
         raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
                         f"(now {total_steps}) to continue")
@@ -88,7 +92,7 @@ def restore(where: str, output_dir: Path, output_name: str, network, optimizer, 
     for folder in candidates:
         try:
             loaded = checkpoint.read_state(folder)
-            _check_run(folder, loaded, network, total_steps)
+            _check_run(folder, loaded, network, optimizer, total_steps)
             _apply(folder, loaded, network, optimizer, scheduler)
         except DamagedState as exc:
             if not latest:

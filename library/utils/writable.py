@@ -30,12 +30,16 @@ def writable_dir(path: str | os.PathLike, option: str) -> Path:
         raise UserError(f"{option} {path}: {what}, not a folder; choose another {option}")
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot create this folder ({exc.strerror or exc}); choose another "
+                        f"{option}") from None
+    try:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=path)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise UserError(f"{option} {path}: cannot write there ({exc.strerror or exc}); choose another {option} "
-                        "or fix its permissions") from None
+        raise UserError(f"{option} {path}: cannot write files in this folder ({exc.strerror or exc}); choose "
+                        f"another {option} or fix its permissions") from None
     return path
 
 

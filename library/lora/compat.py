@@ -199,7 +199,7 @@ def _example(names: list[str]) -> str:
 
 
 def check(tensors: dict, metadata: dict, source: str, target: Target | None = None, allow_partial: bool = False,
-          partial_hint: str = "--allow_partial") -> tuple[LoraWeights, Target]:
+          partial_hint: str = "pass --allow_partial") -> tuple[LoraWeights, Target]:
     """The file's weights placed on `target` (default: the architecture it fits best) and that target,
     or a UserError."""
     own, own_fit = best_tree(tensors, metadata, source)
@@ -230,13 +230,13 @@ def check(tensors: dict, metadata: dict, source: str, target: Target | None = No
         parts.append(f"{_example(got.missing)} of its trained layers get no weights from the file")
     summary = f"{got.matched} of {got.total} modules fit {target.label}; " + "; ".join(parts)
     if not allow_partial:
-        raise UserError(f"{source}: {summary}; set {partial_hint} to use only the {got.matched} that fit")
-    log.warning("%s: %s; using the %d that fit (%s)", source, summary, got.matched, partial_hint)
+        raise UserError(f"{source}: {summary}; {partial_hint} to use only the {got.matched} that fit")
+    log.warning("%s: %s; using only the %d that fit, as allowed", source, summary, got.matched)
     return got.weights, target
 
 
 def read_checked(path: str | Path, target: Target | None = None, allow_partial: bool = False,
-                 partial_hint: str = "--allow_partial") -> tuple[LoraWeights, Target]:
+                 partial_hint: str = "pass --allow_partial") -> tuple[LoraWeights, Target]:
     """Read a LoRA file (any layout) and check it against `target`; see `check`."""
     from library.lora.kohya_file import read_lora
 

@@ -117,7 +117,7 @@ class Trainer:
                 p.data = p.data.to(torch.bfloat16)
         if net.network_weights:
             weights, _ = read_checked(net.network_weights, network_target(self.network, "the network being trained"),
-                                      net.network_weights_partial, "network_weights_partial = true")
+                                      net.network_weights_partial, "set network_weights_partial = true")
             self.network.load_modules(weights.modules, net.network_weights, allow_missing=net.network_weights_partial)
             log.info("continuing from %s (%s layout)", net.network_weights, weights.style)
         if t.gradient_checkpointing:

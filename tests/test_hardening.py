@@ -442,6 +442,10 @@ def test_recovery_after_a_kill_between_the_renames_of_a_state(run_dir, tmp_path)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def saving(out: Path) -> bool:
+    return any(p.name.startswith(".") and p.name != LOCK_NAME for p in out.iterdir())
+
+
 def test_sigkill_during_saves_leaves_only_complete_files(tiny_models, tmp_path):
     """Killed at a random moment of a run that saves after every step: every file under a final name
     is complete, and the resume reaches the step count."""
@@ -455,7 +459,10 @@ def test_sigkill_during_saves_leaves_only_complete_files(tiny_models, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and not (out / "lora-step00000001-state").exists():
             time.sleep(0.01)
-        time.sleep(random.Random().uniform(0, 0.3))  # somewhere in the next step or its saves
+        # the next save has begun when a temporary file or folder appears; kill at a random point in it
+        while time.time() < deadline and proc.poll() is None and not saving(out):
+            time.sleep(0.001)
+        time.sleep(random.Random().uniform(0, 0.02))
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:

@@ -35,6 +35,7 @@ import convert_lora  # noqa: E402
 import extract_lora  # noqa: E402
 import inspect_lora  # noqa: E402
 import merge_lora  # noqa: E402
+import resize_images  # noqa: E402
 import resize_lora  # noqa: E402
 import sample_lora  # noqa: E402
 
@@ -189,6 +190,7 @@ def test_tools_refuse_unwritable_outputs_before_loading(corpus, tiny_models, tmp
                         "--rank", "2", "--out", str(blocker / "x.safetensors")], "a_file"),
         (sample_lora, ["--model", str(tiny_models["sd15"]), "--lora", lora, "--prompts", "a cat", "--out",
                        str(blocker)], "a_file"),
+        (resize_images, [str(tmp_path), str(blocker / "resized")], "a_file"),
     ]
     for tool, argv, culprit in cases:
         start = time.time()

@@ -212,13 +212,13 @@ def check(tensors: dict, metadata: dict, source: str, target: Target | None = No
         if own.arch != target.arch and own_fit.matched > got.matched:
             raise UserError(f"{source}: a LoRA for {own.label}, not for {target.label}: only {got.matched} of "
                             f"{got.total} modules fit it")
-        if got.matched == 0:
-            raise UserError(f"{source}: a LoRA for {own.label}; none of its {got.total} modules fits {target.label} "
-                            "(another model size or layout)")
-    if got.rank:
+    if got.rank:  # the layers fit, the configured rank does not: a config change fixes it
         name, rank = next(iter(got.rank.items()))
         raise UserError(f"{source}: rank {rank} does not match the configured rank {target.ranks[name]} in "
                         f"{len(got.rank)} modules (e.g. {name}); set network_dim/conv_dim to the file's ranks")
+    if got.matched == 0:
+        raise UserError(f"{source}: a LoRA for {own.label}; none of its {got.total} modules fits {target.label} "
+                        "(another model size or layout)")
     if got.complete:
         return got.weights, target
     parts = []

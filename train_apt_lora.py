@@ -7,20 +7,33 @@
 """
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 
 def train_main(argv: list[str] | None) -> int:
     from library.config.cli import load_from_argv
+    from library.utils.runlock import RunLock
 
     cfg = load_from_argv(sys.argv[1:] if argv is None else argv)
     if cfg is None:
         return 0
-    from library.train.loop import train  # torch and diffusers load only once the config is valid
+    from library.config.paths import check_output_locations
     from library.utils.runtime import setup_logging
 
     setup_logging()
-    train(cfg)
+    check_output_locations(cfg)  # a folder that cannot be written is found before any model loads
+    # One process per run takes the output folder (accelerate/torchrun give every process a RANK).
+    main_process = os.environ.get("RANK", "0") == "0"
+    with RunLock(cfg.saving.output_dir) if main_process else nullcontext():
+        from library.train import checkpoint
+        from library.train.loop import train  # torch and diffusers load only once the config is valid
+
+        if main_process:
+            checkpoint.recover_interrupted_saves(Path(cfg.saving.output_dir))
+        train(cfg)
     return 0
 
 

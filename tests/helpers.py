@@ -64,6 +64,24 @@ def tiny_config(tmp_path: Path, model: Path, image_dir: Path, **training) -> Pat
     return write_config(tmp_path / "config.toml", tables, [{"resolution": 64, "subsets": [{"image_dir": str(image_dir)}]}])
 
 
+def random_lora(model: Path, spec, seed: int = 0, scale: float = 0.2):
+    """(bundle, network): a tiny model with random non-zero LoRA weights on every target of `spec`."""
+    import torch
+
+    from library.config.options import ModelOptions
+    from library.lora.network import ADAPTER, LoraNetwork
+    from library.models.loader import load_models
+
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)))
+    torch.manual_seed(seed)
+    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, spec)
+    with torch.no_grad():
+        for _, layer in network.layers.values():
+            for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
+                w.copy_(torch.randn_like(w) * scale)
+    return bundle, network
+
+
 def run_main(argv: list[str]) -> tuple[int, str, str]:
     """Run train_apt_lora.main in-process; returns (exit code, stdout, stderr)."""
     import train_apt_lora

@@ -14,9 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from library.config.options import ModelOptions
 from library.lora.kohya_file import write_lora
-from library.lora.network import ADAPTER, LoraNetwork, NetworkSpec
+from library.lora.network import ADAPTER, NetworkSpec
 from library.lora.weights import load_weights
 from library.models.loader import load_models
+from tests.helpers import random_lora
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
@@ -33,14 +34,7 @@ SPEC = NetworkSpec(dim=4, alpha=3.0, conv_dim=2, conv_alpha=1.5, train_unet=True
 
 def lora_model(path: Path, seed: int = 0):
     """A tiny model with random (non-zero) LoRA weights on every target, alpha != rank."""
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(path)))
-    torch.manual_seed(seed)
-    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, SPEC)
-    with torch.no_grad():
-        for _, layer in network.layers.values():
-            for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
-                w.copy_(torch.randn_like(w) * 0.2)
-    return bundle, network
+    return random_lora(path, SPEC, seed)
 
 
 @pytest.fixture(scope="module")

@@ -27,20 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("output", type=Path, help="where to write the converted file")
     ap.add_argument("--to", choices=["kohya", "diffusers"], required=True, help="target layout")
     ap.add_argument("--save_precision", choices=list(PRECISIONS), default="keep", help="dtype of the output")
+    ap.add_argument("--allow_partial", action="store_true",
+                    help="use a LoRA of which only some modules fit (the others are reported and left out)")
     args = ap.parse_args(argv)
 
     from library.errors import UserError
+    from library.lora.compat import read_checked
     from library.lora.kohya_file import SAVE_DTYPES
-    from library.lora.weights import load_weights, save_kohya, save_peft
+    from library.lora.weights import save_kohya, save_peft
+    from library.utils.writable import writable_file
 
     if args.output.resolve() == args.input.resolve():
         raise UserError(f"{args.output}: the output would overwrite the input; choose another name")
-    weights = load_weights(args.input)
+    writable_file(args.output, "output")
+    weights, _ = read_checked(args.input, allow_partial=args.allow_partial)
     if args.to == "diffusers":
         weights.require_plain_lora(str(args.input), "--to diffusers (the PEFT layout)")
-    if weights.unknown:
-        print(f"warning: {len(weights.unknown)} tensors match no known layer and are dropped "
-              f"(e.g. {weights.unknown[0]})", file=sys.stderr)
     dtype = SAVE_DTYPES.get(PRECISIONS[args.save_precision]) if PRECISIONS[args.save_precision] else None
     if args.to == "kohya":
         save_kohya(weights, args.output, dtype=dtype)

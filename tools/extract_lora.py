@@ -36,21 +36,26 @@ def main(argv: list[str] | None = None) -> int:
     from library.config.options import ModelOptions
     from library.errors import UserError
     from library.lora.apply import module_of
+    from library.lora.compat import arch_name
     from library.lora.index import NameIndex
     from library.lora.kohya_file import SAVE_DTYPES
     from library.lora.ops import factorise
     from library.lora.weights import LoraWeights, save_kohya
-    from library.models.loader import load_models
+    from library.models.loader import load_models, plan_model
+    from library.utils.writable import writable_file
 
     if args.network_type != "lora":
         raise UserError(f"--network_type {args.network_type}: extract_lora handles plain LoRA only (DoRA, LoHa and "
                         "LoKr cannot be fitted by an SVD of the weight difference)")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError("--rank and --conv_rank must be at least 1")
-    base = load_models(ModelOptions(pretrained_model_name_or_path=str(args.base)))
-    tuned = load_models(ModelOptions(pretrained_model_name_or_path=str(args.tuned)))
-    if base.arch != tuned.arch:
-        raise UserError(f"--tuned {args.tuned} is {tuned.arch} but --base {args.base} is {base.arch}")
+    writable_file(args.out, "--out")
+    # Both architectures are compared from configs and headers before either model loads.
+    plans = [plan_model(ModelOptions(pretrained_model_name_or_path=str(p))) for p in (args.base, args.tuned)]
+    if plans[0].arch != plans[1].arch or plans[0].unet_config != plans[1].unet_config:
+        raise UserError(f"--tuned {args.tuned} is {arch_name(plans[1].arch)} but --base {args.base} is "
+                        f"{arch_name(plans[0].arch)}" + (" of another size" if plans[0].arch == plans[1].arch else ""))
+    base, tuned = (load_models(ModelOptions(pretrained_model_name_or_path=str(plan.path)), plan) for plan in plans)
     index = NameIndex.for_model(base)
     parts = {"unet": (base.unet, tuned.unet)}
     for i, (a, b) in enumerate(zip(base.text_encoders, tuned.text_encoders)):

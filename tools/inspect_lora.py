@@ -25,6 +25,7 @@ def print_report(rep: dict, all_metadata: bool) -> None:
     print(f"architecture:  {rep['architecture'] or 'unknown'} (ss_base_model_version: {rep['base_model_version']})")
     print(f"layout:        {rep['layout']}, UNet names: {rep['unet_naming']}")
     print(f"network:       {rep['network_type'] or 'unknown'}")
+    print(f"fits:          {rep['fits']}")
     print(f"modules:       {rep['modules']} ({rep['tensors']} tensors)")
     for prefix, n in rep["modules_per_prefix"].items():
         print(f"  {prefix:14s} {n}")

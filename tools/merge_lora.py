@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def merge_into_single_file(model: Path, specs: list[str], out: Path) -> None:
+def merge_into_single_file(model: Path, specs: list[str], out: Path, allow_partial: bool) -> None:
     from library.lora.specs import load_loras
     from safetensors import safe_open
     from safetensors.torch import load_file, save
@@ -31,12 +31,12 @@ def merge_into_single_file(model: Path, specs: list[str], out: Path) -> None:
     from library.config.options import ModelOptions
     from library.errors import UserError
     from library.lora.apply import merge_into_original
-    from library.lora.index import NameIndex
+    from library.lora.compat import plan_target
     from library.models.loader import plan_model
     from library.utils.atomic import atomic_write_bytes
 
     plan = plan_model(ModelOptions(pretrained_model_name_or_path=str(model)))
-    loras = load_loras(specs, NameIndex.for_tree(plan.arch, plan.config_tree))
+    loras = load_loras(specs, plan_target(plan, f"--model {model.name}"), allow_partial)
     with safe_open(str(model), "pt") as fh:
         metadata = fh.metadata() or {}
     state = load_file(str(model))
@@ -49,18 +49,19 @@ def merge_into_single_file(model: Path, specs: list[str], out: Path) -> None:
     atomic_write_bytes(out, save(state, metadata=metadata))
 
 
-def merge_into_folder(model: Path, specs: list[str], out: Path) -> None:
+def merge_into_folder(model: Path, specs: list[str], out: Path, allow_partial: bool) -> None:
     from library.lora.specs import load_loras
     from tqdm.auto import tqdm
 
     from library.config.options import ModelOptions
     from library.errors import UserError
     from library.lora.apply import merge_into_modules
-    from library.lora.index import NameIndex
-    from library.models.loader import load_models
+    from library.lora.compat import plan_target
+    from library.models.loader import load_models, plan_model
 
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)))
-    loras = load_loras(specs, NameIndex.for_model(bundle))
+    plan = plan_model(ModelOptions(pretrained_model_name_or_path=str(model)))
+    loras = load_loras(specs, plan_target(plan, f"--model {model.name}"), allow_partial)  # before the model loads
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(model)), plan)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     with tqdm(total=sum(len(w.modules) for w, _ in loras), desc="merging") as bar:
         missing = merge_into_modules(components, loras, bar.update)
@@ -78,14 +79,14 @@ def merge_into_folder(model: Path, specs: list[str], out: Path) -> None:
     tmp.rename(out)
 
 
-def merge_loras_only(specs: list[str], out: Path, rank: int | None, concat: bool) -> None:
+def merge_loras_only(specs: list[str], out: Path, rank: int | None, concat: bool, allow_partial: bool) -> None:
     from library.lora.specs import load_loras
     from tqdm.auto import tqdm
 
     from library.lora.ops import merge_loras
     from library.lora.weights import save_kohya
 
-    loras = load_loras(specs)
+    loras = load_loras(specs, allow_partial=allow_partial)
     for (weights, _), spec in zip(loras, specs):
         weights.require_plain_lora(spec, "merging LoRAs into one LoRA (without --model)")
     names = {n for w, _ in loras for n in w.modules}
@@ -105,25 +106,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output file (or folder for a diffusers model)")
     ap.add_argument("--rank", type=int, help="rank of the merged LoRA (without --model; default: largest input)")
     ap.add_argument("--concat", action="store_true", help="merge LoRAs exactly by concatenating their ranks")
+    ap.add_argument("--allow_partial", action="store_true",
+                    help="use a LoRA of which only some modules fit (the others are reported and left out)")
     args = ap.parse_args(argv)
 
     from library.errors import UserError
+    from library.utils.writable import writable_dir, writable_file
 
     if args.model is not None:
         if not args.model.exists():
             raise UserError(f"--model {args.model}: no such file or folder")
         if args.model.is_dir():
-            merge_into_folder(args.model, args.lora, args.out)
+            if args.out.exists() and not args.out.is_dir():
+                raise UserError(f"--out {args.out}: is a file; a diffusers model is written as a folder")
+            writable_dir(args.out.parent, "--out")
+            merge_into_folder(args.model, args.lora, args.out, args.allow_partial)
         elif args.model.suffix.lower() == ".safetensors":
             if args.out.suffix.lower() != ".safetensors":
                 raise UserError(f"--out {args.out}: a single-file model is written as .safetensors")
-            merge_into_single_file(args.model, args.lora, args.out)
+            writable_file(args.out, "--out")
+            merge_into_single_file(args.model, args.lora, args.out, args.allow_partial)
         else:
             raise UserError(f"--model {args.model}: expected a .safetensors file or a diffusers folder")
     else:
         if args.concat and args.rank:
             raise UserError("--concat keeps every rank; it cannot be combined with --rank")
-        merge_loras_only(args.lora, args.out, args.rank, args.concat)
+        writable_file(args.out, "--out")
+        merge_loras_only(args.lora, args.out, args.rank, args.concat, args.allow_partial)
     print(f"wrote {args.out}")
     return 0
 

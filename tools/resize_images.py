@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.images import BadImage, find_images, load_image
     from library.errors import UserError
     from library.utils.atomic import atomic_path
+    from library.utils.writable import writable_dir
 
     if not args.source.is_dir():
         raise UserError(f"{args.source}: no such folder")
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("the destination must differ from the source (the originals are kept)")
     if args.divisible_by < 1:
         raise UserError(f"--divisible_by: expected at least 1, got {args.divisible_by}")
+    writable_dir(args.destination, "destination")
     max_area = args.max_resolution[0] * args.max_resolution[1]
     images = find_images(args.source, args.recursive)
     done, kept, bad = 0, 0, []

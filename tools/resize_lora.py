@@ -27,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param", type=float, help="parameter of the --dynamic rule")
     ap.add_argument("--save_precision", choices=["keep", "float", "fp16", "bf16"], default="keep")
     ap.add_argument("--quiet", action="store_true", help="do not print the per-module table")
+    ap.add_argument("--allow_partial", action="store_true",
+                    help="use a LoRA of which only some modules fit (the others are reported and left out)")
     args = ap.parse_args(argv)
 
     from tqdm.auto import tqdm
 
     from library.errors import UserError
+    from library.lora.compat import read_checked
     from library.lora.kohya_file import SAVE_DTYPES
     from library.lora.ops import resize
-    from library.lora.weights import load_weights, save_kohya
+    from library.lora.weights import save_kohya
+    from library.utils.writable import writable_file
 
     if args.rank is None and args.dynamic is None:
         raise UserError("give --rank R, or --dynamic sv_ratio|sv_fro|sv_cumulative with --param P")
@@ -46,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--param: {args.dynamic} takes a share between 0 and 1, got {args.param}")
     if args.dynamic == "sv_ratio" and args.param < 1:
         raise UserError(f"--param: sv_ratio takes a ratio of at least 1, got {args.param}")
-    weights = load_weights(args.input)
+    writable_file(args.output, "output")
+    weights, _ = read_checked(args.input, allow_partial=args.allow_partial)
     weights.require_plain_lora(str(args.input), "resize_lora")
     with tqdm(total=len(weights.modules), desc="resizing", disable=args.quiet) as bar:
         resized, report = resize(weights, args.rank, args.dynamic, args.param, bar.update)

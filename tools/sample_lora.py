@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare_base", action="store_true", help="also the base model's image for each seed")
     ap.add_argument("--vae", help="a separate VAE file or folder")
     ap.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v)")
+    ap.add_argument("--allow_partial", action="store_true",
+                    help="use a LoRA of which only some modules fit the model (the others are reported and left out)")
     ap.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
                     help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
     ap.add_argument("--no_half_vae", action="store_true",
@@ -56,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from library.errors import UserError
+    from library.utils.writable import writable_dir
 
     if not args.model.exists():
         raise UserError(f"--model {args.model}: no such file or folder")
+    writable_dir(args.out, "--out")
     from library.train.prompts import normalise_sampler
 
     sampler_name = normalise_sampler(args.sampler, "--sampler")
@@ -71,18 +75,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.config.options import ModelOptions
     from library.lora.apply import MergedLoras
-    from library.lora.index import NameIndex
+    from library.lora.compat import plan_target
     from library.lora.specs import load_loras, parse_lora
-    from library.models.loader import load_models
+    from library.models.loader import load_models, plan_model
     from library.train.sampling import Sampler
     from library.train.setup import DTYPES, resolve_precision, vae_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flag = "no" if args.precision == "fp32" else args.precision
     precision = resolve_precision(flag, device.type == "cpu", "--precision", full="fp32")
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
-                                      v_parameterization=args.v_parameterization))
-    loras = load_loras(args.lora, NameIndex.for_model(bundle))
+    opts = ModelOptions(pretrained_model_name_or_path=str(args.model), vae=args.vae,
+                        v_parameterization=args.v_parameterization)
+    plan = plan_model(opts)
+    loras = load_loras(args.lora, plan_target(plan, f"--model {args.model.name}"), args.allow_partial)
+    bundle = load_models(opts, plan)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     # Merged on the CPU in fp32 (the loaded models' dtype), then moved once in the run's dtype: an
     # fp32 SDXL on the GPU before halving would need about twice the memory.

@@ -55,6 +55,9 @@ class NetworkOptions:
             "balanced split per layer. The factor must divide every trained layer's sizes", kohya=False)
     network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
     network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
+    network_weights_partial: bool = option(
+        False, "let network_weights start only the layers it fits (others start fresh); unset = a file that does "
+               "not fit every trained layer is refused", kohya=False)
 
     @property
     def alpha(self) -> float:

@@ -22,13 +22,13 @@ import torch
 from safetensors.torch import load_file, save
 
 from library.data.buckets import crop_offset
+from library.config.paths import LATENT_CACHE_FOLDER as CACHE_FOLDER
 from library.data.dataset import TrainingData
 from library.utils.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 FORMAT = "apt-latent-v1"
-CACHE_FOLDER = ".latent_cache"
 
 
 def file_digest(path: Path) -> str:

@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from library.errors import UserError
+from library.lora.compat import best_tree, no_lora
 from library.lora.weights import LoraWeights, from_tensors
 
 TE2_ATTENTION = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
@@ -106,10 +106,15 @@ def diffusers_check(tensors: dict, weights: LoraWeights | None) -> str | None:
 
 
 def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, check_diffusers: bool = True) -> dict:
-    try:
-        weights, error = from_tensors(tensors, metadata, source), None
-    except UserError as exc:
-        weights, error = None, str(exc)
+    """The report; a file with no LoRA module of any supported architecture is a UserError."""
+    own, got = best_tree(tensors, metadata, source)
+    if own is None:
+        raise no_lora(tensors, source)
+    weights = from_tensors(tensors, metadata, source, own.index)  # every module, fitting or not
+    error = None
+    if got.misfit:
+        error = (f"{len(got.misfit)} modules have shapes that do not fit {own.label} (e.g. {got.misfit[0]}): "
+                 "loaders fail on them")
     verdicts = _verdicts(tensors, weights, error)
     if check_diffusers and error is None:
         rejected = diffusers_check(tensors, weights)
@@ -125,6 +130,7 @@ def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, 
     return {
         "file": source,
         "architecture": weights.arch if weights else None,
+        "fits": f"{got.matched} of {got.total} modules fit {own.label}",
         "base_model_version": metadata.get("ss_base_model_version"),
         "layout": weights.style if weights else None,
         "unet_naming": unet_naming(sorted({k.split(".", 1)[0] for k in tensors if k.startswith("lora_")})),

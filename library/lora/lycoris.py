@@ -201,6 +201,9 @@ def build_module(parts: dict[str, torch.Tensor], name: str, source: str, lora_mo
     """The module of one name from its file tensors (suffix -> tensor); `lora_module(parts, alpha)`
     builds a plain LoRA module (library.lora.weights owns that class and its alpha rules)."""
     kind = kind_of(parts)
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise UserError(f"{source}: module {name} has an alpha of shape {tuple(parts['alpha'].shape)} (one value "
+                        "expected); the file is damaged")
     alpha = float(parts["alpha"]) if "alpha" in parts else None
 
     def need(*keys):

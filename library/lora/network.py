@@ -211,20 +211,23 @@ class LoraNetwork:
                 out[f"{name}.{suffix}"] = tensor.to(dtype or tensor.dtype).cpu().contiguous()
         return out
 
-    def load_modules(self, modules: dict, source: str) -> None:
+    def load_modules(self, modules: dict, source: str, allow_missing: bool = False) -> None:
         """Copy weights from read modules (library.lora.weights), keyed by our kohya names.
 
         Ranks and factor shapes must match what is being trained; a different alpha is absorbed
         into the factor the weight change is linear in, so the file's weight change is kept exactly.
+        With `allow_missing` the layers the file has no weights for keep their fresh initialisation.
         """
         missing = sorted(set(self.layers) - set(modules))
-        if missing:
+        if missing and not allow_missing:
             raise UserError(f"{source}: has no weights for {len(missing)} of the {len(self.layers)} modules being "
                             f"trained (first: {missing[0]}); it was trained with other targets (conv_dim or text "
                             "encoder?)")
         kind = self.spec.network_type
         with torch.no_grad():
             for name, (target, layer) in self.layers.items():
+                if name not in modules:
+                    continue
                 mod = modules[name]
                 if mod.kind != kind:
                     raise UserError(f"{source}: {name} is a {mod.kind} module; network_type is {kind!r}; set "

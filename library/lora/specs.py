@@ -1,7 +1,6 @@
 """`FILE[:MULTIPLIER]` LoRA arguments of the command-line tools, read through the common reader."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from library.errors import UserError
@@ -19,16 +18,14 @@ def parse_lora(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def load_loras(specs: list[str], index=None) -> list:
-    """[(LoraWeights, multiplier)]; tensors that match no layer are reported and skipped."""
-    from library.lora.weights import load_weights
+def load_loras(specs: list[str], target=None, allow_partial: bool = False) -> list:
+    """[(LoraWeights, multiplier)], each checked against `target` (library.lora.compat.Target); without
+    one, against the architecture the first file fits, so that all of them fit the same model."""
+    from library.lora.compat import read_checked
 
     loras = []
     for spec in specs:
         path, mult = parse_lora(spec)
-        weights = load_weights(path, index)
-        if weights.unknown:
-            print(f"warning: {path}: {len(weights.unknown)} tensors match no layer of the model and are skipped "
-                  f"(e.g. {weights.unknown[0]})", file=sys.stderr)
+        weights, target = read_checked(path, target, allow_partial)
         loras.append((weights, mult))
     return loras

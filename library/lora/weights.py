@@ -81,6 +81,10 @@ class LoraWeights:
 
 # --- reading -----------------------------------------------------------------------------------
 
+class NoLoraModules(UserError):
+    """No tensor of the file is a LoRA module of the given architecture."""
+
+
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _OLD_DIFFUSERS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(" + "|".join(re.escape(s) for s in FILE_SUFFIXES) + ")$")
@@ -195,16 +199,19 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
                 raise UserError(f"{source}: module {name} has "
                                 f"{'no lora_up' if 'lora_down.weight' in got else 'no lora_down'} weight; the file "
                                 "is incomplete")
-            down = got["lora_down.weight"]
+            down, up = got["lora_down.weight"], got["lora_up.weight"]
+            if down.ndim < 2 or up.ndim < 2:
+                raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
+                                f"{tuple(down.shape)}, up {tuple(up.shape)}); the file is damaged")
             if alpha is None and "_peft" in got:
                 component, _, path = got["_peft"].partition(".")
                 alpha = _alpha_from_config(peft_configs.get(component, {}), path, down.shape[0])
             # old files without alpha: scale 1 (alpha = rank), as every loader does
-            return LoraModule(down, got["lora_up.weight"], float(down.shape[0]) if alpha is None else alpha)
+            return LoraModule(down, up, float(down.shape[0]) if alpha is None else alpha)
 
         modules[name] = build_module(got, name, source, lora_module)
     if not modules:
-        raise UserError(f"{source}: no LoRA modules found (expected lora_down/lora_up, lora_A/lora_B, or LyCORIS's "
+        raise NoLoraModules(f"{source}: no LoRA modules found (expected lora_down/lora_up, lora_A/lora_B, or LyCORIS's "
                         "hada_*/lokr_* tensors)")
     return LoraWeights(index, modules, dict(metadata), " + ".join(sorted(styles)), unknown)
 

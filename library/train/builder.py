@@ -22,7 +22,7 @@ from library.data.summary import log_dataset
 from library.data.text_cache import TextCache
 from library.errors import UserError
 from library.lora.network import LoraNetwork, NetworkSpec
-from library.lora.weights import load_weights
+from library.lora.compat import network_target, read_checked
 from library.models.conditioning import TextConditioner
 from library.models.loader import ModelBundle, load_models, plan_model
 from library.train.batches import BatchBuilder, StepPlan, VaeEncoder
@@ -164,8 +164,9 @@ def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraN
         for p in network.parameters():
             p.data = p.data.to(torch.bfloat16)
     if net.network_weights:
-        weights = load_weights(net.network_weights, network.index)
-        network.load_modules(weights.modules, net.network_weights)
+        weights, _ = read_checked(net.network_weights, network_target(network, "the network being trained"),
+                                  net.network_weights_partial, "set network_weights_partial = true")
+        network.load_modules(weights.modules, net.network_weights, allow_missing=net.network_weights_partial)
         log.info("continuing from %s (%s layout)", net.network_weights, weights.style)
     if training.gradient_checkpointing:
         bundle.unet.enable_gradient_checkpointing()

@@ -6,13 +6,18 @@ Names follow kohya: `name-000003.safetensors` (epoch 3), `name-step00000500.safe
 A state folder holds the LoRA weights in fp32, the optimizer and scheduler state, the RNG states,
 and `state.json` with the cumulative step count and the data position of the next batch. It is
 written to a temporary folder and renamed, so a run killed while saving leaves the previous state
-intact. Loading uses `torch.load(weights_only=True)`: a state folder cannot run code.
+intact (`recover_interrupted_saves` finishes or removes what such a run left). Loading uses
+`torch.load(weights_only=True, map_location="cpu")`: a state folder cannot run code, and a state
+saved on any GPU loads on any machine (the optimizer moves it to its parameters' device).
+Every file is checked as it is read; a damaged one is a `DamagedState` naming it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +28,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from library.errors import UserError
+from library.utils.atomic import is_leftover
 
 STATE_VERSION = 1
+STATE_SUFFIX = "-state"
+STATE_FILES = ("state.json", "lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
+_INTERRUPTED = re.compile(r"\.(.+)\.(old|tmp)(\d+)")  # write_state's temporary folder names
+log = logging.getLogger(__name__)
 
 
 def save_name(output_name: str, kind: str, number: int = 0) -> str:
@@ -86,7 +96,8 @@ def write_state(folder: Path, lora: dict[str, torch.Tensor], optimizer, schedule
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     rng = rng_state()
     torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
-    meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng)}
+    meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng),
+            "optimizer_class": optimizer_class(optimizer)}
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     for path in tmp.iterdir():
         with open(path, "rb") as fh:
@@ -106,38 +117,143 @@ class LoadedState:
     optimizer: dict
     scheduler: dict
     rng: dict
+    optimizer_class: str | None = None  # None in states written before it was recorded
+
+
+def optimizer_class(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+class DamagedState(UserError):
+    """One file of a state folder cannot be used; `file` names it."""
+
+    def __init__(self, file: Path, reason: str):
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
+
+
+def describe_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _torch_file(path: Path, kind: type = dict):
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DamagedState(path, "missing") from None
+    except Exception as exc:  # a damaged pickle raises any of a dozen types; all mean the same here
+        raise DamagedState(path, f"unreadable ({describe_error(exc)})") from None
+    if not isinstance(value, kind):
+        raise DamagedState(path, f"holds a {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _rng_from(meta: dict, meta_path: Path, rng_path: Path) -> dict:
+    try:
+        rng = _python_rng_from_json(meta["rng"])
+        random.Random().setstate(rng["python"])  # applied to throwaway generators: proves they load
+        np.random.RandomState().set_state(rng["numpy"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DamagedState(meta_path, f"damaged random-generator state ({describe_error(exc)})") from None
+    saved = _torch_file(rng_path)
+    try:
+        torch.Generator().set_state(saved["torch"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise DamagedState(rng_path, f"damaged random-generator state ({describe_error(exc)})") from None
+    rng.update(saved)
+    return rng
 
 
 def read_state(folder: Path) -> LoadedState:
+    """Read and check every file of a state folder (nothing is applied here)."""
     meta_path = folder / "state.json"
-    if not meta_path.is_file():
+    if not any((folder / name).exists() for name in STATE_FILES):
         raise UserError(f"{folder}: not a training state folder (no state.json); states are written with "
                         "save_state = true")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
         state = TrainState(**{k: meta[k] for k in ("step", "consumed", "epoch", "position", "network", "extra")})
-        rng = _python_rng_from_json(meta["rng"])
-        rng.update(torch.load(folder / "rng.pt", weights_only=True))
-        return LoadedState(state, load_file(str(folder / "lora.safetensors")),
-                           torch.load(folder / "optimizer.pt", weights_only=True),
-                           torch.load(folder / "scheduler.pt", weights_only=True), rng)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{folder}: damaged training state ({exc})") from None
+    except FileNotFoundError:
+        raise DamagedState(meta_path, "missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedState(meta_path, f"unreadable ({describe_error(exc)})") from None
+    if meta.get("version") != STATE_VERSION or not all(isinstance(v, int) and v >= 0 for v in
+                                                        (state.step, state.consumed, state.epoch, state.position)):
+        raise DamagedState(meta_path, f"not a state of version {STATE_VERSION} with whole step counts")
+    rng = _rng_from(meta, meta_path, folder / "rng.pt")
+    lora_path = folder / "lora.safetensors"
+    try:
+        lora = load_file(str(lora_path))
+    except FileNotFoundError:
+        raise DamagedState(lora_path, "missing") from None
+    except Exception as exc:  # safetensors' own error type
+        raise DamagedState(lora_path, f"unreadable ({describe_error(exc)})") from None
+    optimizer = _torch_file(folder / "optimizer.pt")
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("state"), dict):
+        raise DamagedState(folder / "optimizer.pt", "not an optimizer state (no param_groups/state)")
+    return LoadedState(state, lora, optimizer, _torch_file(folder / "scheduler.pt"), rng,
+                       meta.get("optimizer_class"))
 
 
-def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
-    """The state folder of `output_name` with the highest step count."""
-    best: tuple[int, Path] | None = None
-    if not output_dir.is_dir():
+def _state_step(folder: Path) -> int | None:
+    try:
+        step = json.loads((folder / "state.json").read_text(encoding="utf-8"))["step"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    for folder in output_dir.glob(f"{output_name}*-state"):
-        try:
-            step = json.loads((folder / "state.json").read_text())["step"]
-        except (OSError, ValueError, KeyError):
+    return step if isinstance(step, int) else None
+
+
+def state_folders(output_dir: Path, output_name: str) -> list[Path]:
+    """The state folders of `output_name`, newest first: ordered by their step count; one whose
+    state.json cannot be read is placed by its step-save number, or else by when it was written."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for folder in output_dir.iterdir():
+        name = folder.name
+        if not (name.startswith(output_name) and name.endswith(STATE_SUFFIX) and folder.is_dir()):
             continue
-        if best is None or step > best[0]:
-            best = (step, folder)
-    return best[1] if best else None
+        middle = name[len(output_name):-len(STATE_SUFFIX)]
+        numbered = re.fullmatch(r"-step(\d{8})|-\d{6}|", middle)
+        if numbered is None:
+            continue  # another output_name that starts with this one
+        step = _state_step(folder)
+        if step is None and numbered[1]:
+            step = int(numbered[1])
+        found.append((folder, step, folder.stat().st_mtime))
+    readable = [(mtime, step) for _, step, mtime in found if step is not None]
+
+    def order(item) -> float:
+        folder, step, mtime = item
+        if step is not None:
+            return step
+        before = [s for m, s in readable if m <= mtime]
+        return max(before) + 0.5 if before else -0.5
+
+    return [folder for folder, _, _ in sorted(found, key=order, reverse=True)]
+
+
+def recover_interrupted_saves(output_dir: Path) -> None:
+    """Finish or remove what a run killed while saving left behind (call only while holding the
+    output folder's lock): a state folder caught between its two renames is put back, temporary
+    folders and files are deleted, so nothing half-written remains."""
+    if not output_dir.is_dir():
+        return
+    for folder in (output_dir, output_dir / "sample"):
+        for path in folder.iterdir() if folder.is_dir() else []:
+            m = _INTERRUPTED.fullmatch(path.name)
+            if m and path.is_dir():
+                final = output_dir / m[1]
+                if m[2] == "old" and not final.exists():
+                    os.replace(path, final)
+                    log.warning("%s: restored (a run was killed while replacing it)", final)
+                else:
+                    shutil.rmtree(path)
+            elif is_leftover(path):
+                path.unlink()
 
 
 def prune(output_dir: Path, output_name: str, kind: str, keep: list[int]) -> list[Path]:

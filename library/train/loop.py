@@ -15,8 +15,7 @@ from library.data.summary import dataset_summary, tag_frequency
 from library.errors import UserError
 from library.lora.kohya_file import SAVE_DTYPES
 from library.lora.metadata import TrainingFacts
-from library.lora.weights import from_tensors
-from library.train import checkpoint
+from library.train import checkpoint, resume
 from library.train.batches import MicroBatches, micro_batch_stream
 from library.train.builder import build_run
 from library.train.diffusion import step_generator
@@ -84,30 +83,15 @@ class Trainer:
 
     # --- resume -------------------------------------------------------------------------------
     def _resume(self, where: str) -> None:
-        out = Path(self.cfg.saving.output_dir)
-        folder = checkpoint.find_latest_state(out, self.cfg.saving.output_name) if where == "latest" else Path(where)
-        if folder is None:
-            raise UserError(f'resume = "latest": no state folder of {self.cfg.saving.output_name} in {out} '
-                            "(states are written when save_state = true)")
-        loaded = checkpoint.read_state(folder)
-        mine = checkpoint.describe_network(self.network)
-        if loaded.state.network != mine:
-            raise UserError(f"{folder}: the state was saved for another network ({loaded.state.network}); "
-                            f"this config trains {mine}")
-        if loaded.state.step >= self.total_steps:
-            raise UserError(f"{folder}: already at step {loaded.state.step}; raise max_train_steps "
-                            f"(now {self.total_steps}) to continue")
-        self.method.load_state_dict(loaded.state.extra, str(folder))
-        self.network.load_modules(from_tensors(loaded.lora, {}, str(folder), self.network.index).modules, str(folder))
-        self.optimizer.load_state_dict(loaded.optimizer)
-        self.scheduler.load_state_dict(loaded.scheduler)
+        folder, state = resume.restore(where, Path(self.cfg.saving.output_dir), self.cfg.saving.output_name,
+                                       self.network, self.optimizer, self.scheduler, self.total_steps)
+        self.method.load_state_dict(state.extra, str(folder))
         scaler = self.accelerator.scaler
-        if scaler is not None and "grad_scaler" in loaded.state.extra:
-            scaler.load_state_dict(loaded.state.extra["grad_scaler"])
-        checkpoint.set_rng_state(loaded.rng)
-        self.step = loaded.state.step
+        if scaler is not None and "grad_scaler" in state.extra:
+            scaler.load_state_dict(state.extra["grad_scaler"])
+        self.step = state.step
         epoch, _ = self.plan.step_batches(self.step)
-        if (epoch, self.plan.steps_per_epoch) != (loaded.state.epoch, loaded.state.extra.get("steps_per_epoch")):
+        if (epoch, self.plan.steps_per_epoch) != (state.epoch, state.extra.get("steps_per_epoch")):
             log.warning("%s: the dataset or batch settings changed since this state was saved; the data order "
                         "continues from step %d of the current settings", folder, self.step)
         log.info("resumed from %s at step %d (epoch %d)", folder, self.step, epoch)

@@ -7,9 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+TMP_SUFFIX = ".tmp"
+_LEFTOVER = re.compile(r"\..+\.[A-Za-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+
+
+def is_leftover(path: Path) -> bool:
+    """A temporary file of `atomic_path` that a killed process left behind (never a finished output)."""
+    return _LEFTOVER.fullmatch(path.name) is not None and path.is_file()
 
 
 @contextlib.contextmanager
@@ -17,7 +27,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` in one rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600 files; give the result the permissions a plain open() would.

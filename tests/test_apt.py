@@ -47,7 +47,7 @@ def test_bin_ranges_label_exactly_the_timesteps_each_bin_receives(bins):
 
 
 def test_indicator_bins_ema_first_observation_clamp_and_unseen():
-    ind = OverfitIndicator(bins=10, ema_alpha=0.1, num_timesteps=1000)
+    ind = OverfitIndicator(bins=10, ema_alpha=0.1, num_timesteps=1000, form="paper")
     assert ind.bin_of(torch.tensor([0, 99, 100, 550, 999])).tolist() == [0, 0, 1, 5, 9]
     assert ind.gamma().tolist() == [0.0] * 10
     ind.update(torch.tensor([50, 60]), torch.tensor([0.10, 0.20], dtype=torch.float64),
@@ -62,10 +62,44 @@ def test_indicator_bins_ema_first_observation_clamp_and_unseen():
     ind.update(torch.tensor([950]), torch.tensor([0.1]), torch.tensor([0.9]))
     assert ind.gamma()[9] == 1.0  # clamped at 1
     state = ind.state_dict()
-    other = OverfitIndicator()
+    other = OverfitIndicator(form="paper")
     other.load_state_dict(json.loads(json.dumps(state)))
     assert torch.equal(other.gamma(), ind.gamma()) and torch.equal(other.seen, ind.seen)
     assert ind.gamma_at(torch.tensor([955, 5, 300])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_relative_indicator_reads_the_gap_as_a_fraction_of_the_reference_loss():
+    from library.apt.indicator import RELATIVE_SCALE
+
+    ind = OverfitIndicator()  # the default form
+    assert ind.form == "relative" and ind.scale == RELATIVE_SCALE
+    t = torch.tensor([50, 950])
+    ind.update(t, torch.tensor([0.08, 0.72]), torch.tensor([0.10, 0.80]))  # 20% and 10% better
+    expected = [1 - math.exp(-RELATIVE_SCALE * 0.2), 1 - math.exp(-RELATIVE_SCALE * 0.1)]
+    assert ind.gap()[[0, 9]].tolist() == pytest.approx([0.2, 0.1])
+    assert ind.gamma()[[0, 9]].tolist() == pytest.approx(expected)
+    assert ind.gamma()[1:9].tolist() == [0.0] * 8  # unseen bins
+    # Scale-free: the same relative gaps at a 100x smaller loss scale give the same gamma; the paper's
+    # form reads them as ~0 there.
+    small = OverfitIndicator()
+    small.update(t, torch.tensor([0.0008, 0.0072]), torch.tensor([0.0010, 0.0080]))
+    assert small.gamma().tolist() == pytest.approx(ind.gamma().tolist())
+    paper = [OverfitIndicator(form="paper") for _ in range(2)]
+    paper[0].update(t, torch.tensor([0.08, 0.72]), torch.tensor([0.10, 0.80]))
+    paper[1].update(t, torch.tensor([0.0008, 0.0072]), torch.tensor([0.0010, 0.0080]))
+    assert paper[0].gamma()[0] > 0.99 and paper[1].gamma()[0] < 0.2
+    # Worse than the reference: 0; the EMA state and the form survive a save and load.
+    ind.update(torch.tensor([60]), torch.tensor([2.0]), torch.tensor([1.0]))
+    assert ind.gamma()[0] == 0.0
+    other = OverfitIndicator()
+    other.load_state_dict(json.loads(json.dumps(ind.state_dict())))
+    assert torch.equal(other.gamma(), ind.gamma())
+    with pytest.raises(ValueError, match="saved with form = relative, this run has paper"):
+        OverfitIndicator(form="paper").load_state_dict(ind.state_dict())
+    legacy = {k: v for k, v in OverfitIndicator(form="paper").state_dict().items() if k != "form"}
+    OverfitIndicator(form="paper").load_state_dict(legacy)  # states from before the form was saved
+    with pytest.raises(ValueError, match="form = paper"):
+        OverfitIndicator().load_state_dict(legacy)
 
 
 # --- augmentation -----------------------------------------------------------------------------

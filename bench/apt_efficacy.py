@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "variants")
     ap.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "efficacy")
+    ap.add_argument("--cpu_threads", type=int, default=0, help="torch threads (0 = the trainer's default: all "
+                                                               "cores; 1 when other jobs share the cores)")
     args = ap.parse_args(argv)
     variants = {**VARIANTS, **(ABLATIONS if args.ablations else {})}
     if args.variants:
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     def make_trainer(name: str, seed: int, steps: int, config: Path):
         overrides = [("max_train_steps", str(steps)), ("seed", str(seed)), ("output_dir", str(args.out / "lora")),
                      ("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
-                     *REGIMES[args.regime], *variants.get(name, APT_OFF)]
+                     ("cpu_threads", str(args.cpu_threads)), *REGIMES[args.regime], *variants.get(name, APT_OFF)]
         trainer = Trainer(build_config(str(config), overrides))
         trainer.bundle.vae.to(trainer.device)
         return trainer

@@ -37,7 +37,8 @@ def trace(seed: int, args) -> list[dict]:
     overrides = [("max_train_steps", str(args.steps)), ("learning_rate", str(args.learning_rate)),
                  ("network_dim", str(args.network_dim)), ("network_alpha", str(float(args.network_dim))),
                  ("seed", str(seed)), ("output_dir", str(args.out / "lora")), ("log_with", "none"),
-                 ("sample_prompts", "none"), ("sample_every_n_steps", "none"), *OBSERVE_ONLY]
+                 ("sample_prompts", "none"), ("sample_every_n_steps", "none"), ("max_data_loader_n_workers", "0"), ("cpu_threads", "1"),
+                 *OBSERVE_ONLY]
     trainer = Trainer(build_config(str(ROOT / "presets" / "demo.toml"), overrides))
     ind = trainer.method.apt.indicator
     rows = []

@@ -68,29 +68,33 @@ def test_indicator_bins_ema_first_observation_clamp_and_unseen():
     assert ind.gamma_at(torch.tensor([955, 5, 300])).tolist() == [1.0, 0.0, 0.0]
 
 
-def test_relative_indicator_reads_the_gap_as_a_fraction_of_the_reference_loss():
+def test_relative_indicator_reads_the_gap_as_a_ratio_of_the_losses():
     from library.apt.indicator import RELATIVE_SCALE
 
     ind = OverfitIndicator()  # the default form
     assert ind.form == "relative" and ind.scale == RELATIVE_SCALE
     t = torch.tensor([50, 950])
-    ind.update(t, torch.tensor([0.08, 0.72]), torch.tensor([0.10, 0.80]))  # 20% and 10% better
-    expected = [1 - math.exp(-RELATIVE_SCALE * 0.2), 1 - math.exp(-RELATIVE_SCALE * 0.1)]
-    assert ind.gap()[[0, 9]].tolist() == pytest.approx([0.2, 0.1])
-    assert ind.gamma()[[0, 9]].tolist() == pytest.approx(expected)
+    ind.update(t, torch.tensor([0.05, 0.72]), torch.tensor([0.20, 0.80]))  # a quarter and 90% of the reference
+    k = RELATIVE_SCALE
+    assert ind.gap()[[0, 9]].tolist() == pytest.approx([math.log(4), math.log(0.8 / 0.72)])
+    assert ind.gamma()[[0, 9]].tolist() == pytest.approx([1 - 0.25 ** k, 1 - 0.9 ** k])
     assert ind.gamma()[1:9].tolist() == [0.0] * 8  # unseen bins
-    # Scale-free: the same relative gaps at a 100x smaller loss scale give the same gamma; the paper's
-    # form reads them as ~0 there.
+    # Scale-free: the same ratios at a 100x smaller loss scale give the same gamma; the paper's form
+    # reads the same relative progress as ~0 there and as ~1 at the larger scale.
     small = OverfitIndicator()
-    small.update(t, torch.tensor([0.0008, 0.0072]), torch.tensor([0.0010, 0.0080]))
+    small.update(t, torch.tensor([0.0005, 0.0072]), torch.tensor([0.0020, 0.0080]))
     assert small.gamma().tolist() == pytest.approx(ind.gamma().tolist())
     paper = [OverfitIndicator(form="paper") for _ in range(2)]
-    paper[0].update(t, torch.tensor([0.08, 0.72]), torch.tensor([0.10, 0.80]))
-    paper[1].update(t, torch.tensor([0.0008, 0.0072]), torch.tensor([0.0010, 0.0080]))
-    assert paper[0].gamma()[0] > 0.99 and paper[1].gamma()[0] < 0.2
-    # Worse than the reference: 0; the EMA state and the form survive a save and load.
-    ind.update(torch.tensor([60]), torch.tensor([2.0]), torch.tensor([1.0]))
+    paper[0].update(t, torch.tensor([0.05, 0.72]), torch.tensor([0.20, 0.80]))
+    paper[1].update(t, torch.tensor([0.0005, 0.0072]), torch.tensor([0.0020, 0.0080]))
+    assert paper[0].gamma()[0] > 0.99 and paper[1].gamma()[0] < 0.8
+    # Towards 1 only as the tuned loss goes towards 0; worse than the reference: 0.
+    perfect = OverfitIndicator()
+    perfect.update(t, torch.tensor([1e-9, 0.8]), torch.tensor([0.2, 0.8]))
+    assert perfect.gamma()[0] > 0.99 and perfect.gamma()[9] == 0.0
+    ind.update(torch.tensor([60]), torch.tensor([2.0]), torch.tensor([0.1]))
     assert ind.gamma()[0] == 0.0
+    # The EMA state and the form survive a save and load; a state of the other form is refused.
     other = OverfitIndicator()
     other.load_state_dict(json.loads(json.dumps(ind.state_dict())))
     assert torch.equal(other.gamma(), ind.gamma())

@@ -4,11 +4,12 @@ Per bin b, exponential moving averages of the batch-mean losses of the tuned mod
 and of the reference model (LoRA disabled) over the samples whose timestep fell in the bin:
 `ema <- (1 - a) * ema + a * new`, the first observation initialising it. From them, per bin:
 
-- "relative" (the default): `gamma_b = clamp(1 - exp(-k * (E_b[L_ref] - E_b[L_theta]) / E_b[L_ref]), 0, 1)`,
-  the loss gap as a fraction of the reference loss of the same bin. The fraction does not depend
-  on the absolute loss scale of the model, the resolution or the noise schedule: a LoRA that
-  denoises its training images 10% better than the base model at some timesteps has the same
-  gamma on SD1.5, SDXL or the demo model.
+- "relative" (the default): `gamma_b = clamp(1 - (E_b[L_theta] / E_b[L_ref]) ** k, 0, 1)`, i.e.
+  `1 - exp(-k * log(E_b[L_ref] / E_b[L_theta]))`: the gap read as a ratio of the two losses of the
+  same bin. A ratio does not depend on the absolute loss scale of the model, the resolution or
+  the noise schedule: a LoRA whose loss on its training images is half the base model's at some
+  timesteps has the same gamma on SD1.5, SDXL or the demo model. It rises towards 1 only as the
+  tuned loss goes towards 0 (memorisation), never saturating at a finite gap.
 - "paper": `gamma_b = clamp(1 - exp(-T * (E_b[L_ref] - E_b[L_theta])), 0, 1)` with T = 1000, as in
   the APT paper. Its constant assumes a loss-gap magnitude: a gap of 0.001 already gives 0.63.
 
@@ -27,7 +28,7 @@ def bin_ranges(bins: int, num_timesteps: int = 1000) -> list[tuple[int, int]]:
 
 FORMS = ("relative", "paper")
 # k of the relative form: chosen on development seeds (docs/results.md says which and how).
-RELATIVE_SCALE = 3.0
+RELATIVE_SCALE = 0.5
 
 
 def default_scale(form: str, num_timesteps: int = 1000) -> float:
@@ -67,10 +68,12 @@ class OverfitIndicator:
                 self.seen[b] = True
 
     def gap(self) -> torch.Tensor:
-        """The loss gap per bin the indicator reads: absolute ("paper") or relative to the reference."""
-        gap = self.ema_ref - self.ema_theta
+        """The loss gap per bin the indicator reads: E[L_ref] - E[L_theta] ("paper"), or
+        log(E[L_ref] / E[L_theta]) ("relative"); 0 for bins never seen."""
         if self.form == "relative":
-            gap = gap / self.ema_ref.clamp_min(1e-12)
+            gap = torch.log(self.ema_ref.clamp_min(1e-12) / self.ema_theta.clamp_min(1e-12))
+        else:
+            gap = self.ema_ref - self.ema_theta
         return torch.where(self.seen, gap, torch.zeros_like(gap))
 
     def gamma(self) -> torch.Tensor:

@@ -1,15 +1,24 @@
 #!/usr/bin/env python
-"""Does APT overfit less than plain LoRA? A measured answer on the demo world, on a CPU.
+"""Does APT overfit less than what users would pick instead? Measured on the demo world, on a CPU.
 
-    python bench/apt_efficacy.py                        # 5 variants x 3 seeds, presets/demo.toml settings
-    python bench/apt_efficacy.py --seeds 5 --steps 600 --out runs/efficacy
+    python bench/apt_efficacy.py --seeds 0 1 2 --steps 400                 # development seeds
+    python bench/apt_efficacy.py --seeds 100 101 102 103 104 --steps 1200 400   # the held-out table
+    python bench/apt_efficacy.py --regime low_lr --variants LoRA APT        # 3x lower learning rate
+    python bench/apt_efficacy.py --ablations                                # + components, paper indicator, reference_every
 
-Variants, at equal steps, learning rate, rank and data: plain LoRA (the DreamBooth-LoRA baseline),
-+ATA (indicator-driven augmentation and loss weighting), +ATA+RS, and full APT (+AA), all with
-the paper's constants, and full APT with presets/demo.toml's toy-world settings. Each is
-trained on the five "sks crescent" images (always yellow, on blue or black) and scored with the
-shipped toy-world classifier:
+Variants, at equal steps, learning rate, rank and data (presets/demo.toml's settings):
+- LoRA: plain LoRA, the DreamBooth-LoRA baseline;
+- LoRA + prior preservation: DreamBooth-style class images, generated once by the base model from
+  the training captions without the identifier (the bench caches them in --out/class_images), as
+  an is_reg subset weighted by prior_loss_weight (1);
+- APT: APT with its defaults (the relative indicator) and the preset's augmentation settings;
+- APT + prior preservation;
+- with --ablations: +ATA (indicator-driven augmentation and weighting only), +ATA+RS, APT with the
+  paper's indicator (T = 1000), and APT with the reference pass every 2nd and 4th step.
+Regimes: demo (the preset), low_lr (a third of its learning rate), rank32 (network_dim 32).
 
+Each run is trained on the five "sks crescent" images (always yellow, on blue or black) and scored
+with the shipped toy-world classifier:
 - concept fidelity: cosine similarity of classifier features between generations of the
   training captions and the training images (the DINO score of DreamBooth papers, in miniature);
 - prompt following: on compositional prompts (the concept in colours and on backgrounds it was
@@ -19,17 +28,20 @@ shipped toy-world classifier:
 - prior preservation: on prompts of the base world (no concept), the classifier's shape and
   colour accuracy, and the feature drift from the base model's image for the same seed;
 - diversity: mean pairwise feature distance between seeds of the same concept prompt;
-- memorisation: what the APT indicator measures, evaluated after training for every variant alike:
-  the loss gap L_ref - L_theta on the training images (fixed timesteps and noise), averaged over
-  the ten timestep bins. The raw gap, not gamma: with T = 1000 gamma saturates at 1 for them all.
+- memorisation: the loss gap L_ref - L_theta on the training images (fixed timesteps and noise),
+  averaged over the ten timestep bins, evaluated after training for every variant alike.
 
 The base model without a LoRA is scored the same way once, as the reference point of every column.
-Writes a markdown table (mean +- std over seeds), a JSON file and a plot to --out.
+Every finished run is kept in --out/runs/ and not redone when the bench is started again. Writes,
+per step count, a markdown table (mean and 95% confidence interval over seeds, and the paired
+difference to plain LoRA with its interval), a JSON file and a plot to --out, and prints the
+wall time.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -41,19 +53,27 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# APT as shipped (the paper's constants: indicator scale T = 1000, zoom-out up to 3x, latent-space
-# augmentation), pinned here so that presets/demo.toml's toy-world settings do not leak in.
-PAPER = [("apt.indicator_scale", "none"), ("apt.augment_space", "latent"), ("apt.zoom_max", "3"),
-         ("cache_latents", "true")]
+# The preset's APT without its [apt] table's augmentation choices would be another method; these
+# pin only what each variant changes.
+APT_OFF = [("apt", "false")]
 VARIANTS = {
-    "LoRA": [("apt", "false"), ("cache_latents", "true")],
-    "+ATA": [("apt", "true"), *PAPER, ("apt.rs", "false"), ("apt.aa", "false")],
-    "+ATA+RS": [("apt", "true"), *PAPER, ("apt.aa", "false")],
-    "APT (full)": [("apt", "true"), *PAPER],
-    # presets/demo.toml's [apt] table: indicator scale 20, rotation-only augmentation in pixel space.
-    # Not the paper's method; chosen by looking at the demo's sample grid, not at these metrics.
-    "APT (demo preset)": [("apt", "true")],
+    "LoRA": APT_OFF,
+    "LoRA + prior preservation": APT_OFF,
+    "APT": [("apt", "true")],
+    "APT + prior preservation": [("apt", "true")],
 }
+ABLATIONS = {
+    "+ATA": [("apt", "true"), ("apt.rs", "false"), ("apt.aa", "false")],
+    "+ATA+RS": [("apt", "true"), ("apt.aa", "false")],
+    "APT (paper indicator)": [("apt", "true"), ("apt.indicator", "paper")],
+    "APT (reference every 2)": [("apt", "true"), ("apt.reference_every", "2")],
+    "APT (reference every 4)": [("apt", "true"), ("apt.reference_every", "4")],
+}
+PRIOR_PRESERVATION = {"LoRA + prior preservation", "APT + prior preservation"}
+REGIMES = {"demo": [], "low_lr": [("learning_rate", "3.3e-4")],
+           "rank32": [("network_dim", "32"), ("network_alpha", "32")]}
+# two-sided 95% quantiles of Student's t by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 BASE = "base model (no LoRA)"
 METRICS = [  # key, label, better
     ("fidelity", "concept fidelity (feature similarity to training images)", "higher"),
@@ -188,17 +208,65 @@ def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float
     }
 
 
+def class_images(trainer, args) -> Path:
+    """DreamBooth-style class images: the base model's generations of the training captions with the
+    identifier removed, 4 per caption, cached in --out/class_images."""
+    from library.demo.evaluate import generate, pipeline
+
+    folder = args.out / "class_images"
+    if (folder / "done").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = sorted({r.caption.replace("sks ", "") for r in trainer.data.records})
+    prompts = [(c, 900 + k) for c in captions for k in range(4)]
+    trainer.network.set_enabled(False)
+    try:
+        with torch.no_grad():
+            images = generate(pipeline(trainer.bundle, trainer.bundle.unet), prompts, steps=args.sample_steps,
+                              scale=args.cfg)
+    finally:
+        trainer.network.set_enabled(True)
+    for n, (image, (caption, _)) in enumerate(zip(images, prompts)):
+        image.save(folder / f"class_{n:02d}.png")
+        (folder / f"class_{n:02d}.txt").write_text(caption)
+    (folder / "done").write_text(str(len(images)))
+    return folder
+
+
+def preset_with_class_images(folder: Path, out: Path) -> Path:
+    """presets/demo.toml with the class images as a regularisation subset (paths made absolute)."""
+    text = (ROOT / "presets" / "demo.toml").read_text().replace('"../demo/', f'"{ROOT / "demo"}/')
+    text += f'\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  is_reg = true\n'
+    path = out / "demo_prior_preservation.toml"
+    path.write_text(text)
+    return path
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--learning_rate", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, nargs="+", default=[400])
+    ap.add_argument("--regime", choices=list(REGIMES), default="demo")
     ap.add_argument("--images_per_prompt", type=int, default=3)
     ap.add_argument("--sample_steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=5.0)
-    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    ap.add_argument("--ablations", action="store_true", help="also the component, indicator and reference_every "
+                                                             "variants")
+    ap.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "efficacy")
+    ap.add_argument("--cpu_threads", type=int, default=0, help="torch threads (0 = the trainer's default: all "
+                                                               "cores; 1 when other jobs share the cores)")
     args = ap.parse_args(argv)
+    variants = {**VARIANTS, **(ABLATIONS if args.ablations else {})}
+    if args.variants:
+        unknown = [v for v in args.variants if v not in {**VARIANTS, **ABLATIONS}]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; valid: {list({**VARIANTS, **ABLATIONS})}")
+        variants = {v: {**VARIANTS, **ABLATIONS}[v] for v in args.variants}
 
     from library.utils.runtime import offline_and_quiet, setup_logging
 
@@ -208,57 +276,105 @@ def main(argv: list[str] | None = None) -> int:
     from library.demo.models import load_classifier
     from library.train.loop import Trainer
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs").mkdir(parents=True, exist_ok=True)
     classifier = load_classifier()
     started = time.time()
+    preset = ROOT / "presets" / "demo.toml"
 
-    def make_trainer(name: str, seed: int):
-        overrides = [("max_train_steps", str(args.steps)), ("learning_rate", str(args.learning_rate)),
-                     ("seed", str(seed)), ("output_dir", str(args.out / "lora")), ("log_with", "none"),
-                     ("sample_prompts", "none"), ("sample_every_n_steps", "none"), *VARIANTS[name]]
-        trainer = Trainer(build_config(str(ROOT / "presets" / "demo.toml"), overrides))
+    def make_trainer(name: str, seed: int, steps: int, config: Path):
+        overrides = [("max_train_steps", str(steps)), ("seed", str(seed)), ("output_dir", str(args.out / "lora")),
+                     ("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
+                     ("cpu_threads", str(args.cpu_threads)), *REGIMES[args.regime], *variants.get(name, APT_OFF)]
+        trainer = Trainer(build_config(str(config), overrides))
         trainer.bundle.vae.to(trainer.device)
         return trainer
 
     # The reference point: the base model, scored like the LoRAs (its drift and memorisation are 0).
-    trainer = make_trainer("LoRA", 0)
+    trainer = make_trainer("LoRA", 0, 1, preset)
     refs = references(trainer, classifier, args)
-    trainer.network.set_enabled(False)
-    base_metrics = evaluate_run(trainer, classifier, refs, args)
-    results: dict[str, list[dict]] = {BASE: [{**base_metrics, "train_seconds": 0.0}]}
+    pp_config = preset_with_class_images(class_images(trainer, args), args.out) if \
+        PRIOR_PRESERVATION & set(variants) else None
+    base_file = args.out / "runs" / "base.json"
+    if base_file.is_file():
+        base_metrics = json.loads(base_file.read_text())
+    else:
+        trainer.network.set_enabled(False)
+        base_metrics = evaluate_run(trainer, classifier, refs, args)
+        base_file.write_text(json.dumps(base_metrics))
     print(f"{BASE} " + " ".join(f"{k}={v:.3f}" for k, v in base_metrics.items()), flush=True)
-    results.update({v: [] for v in args.variants})
-    for seed in range(args.seeds):
-        for name in args.variants:
-            trainer = make_trainer(name, seed)
-            tick = time.time()
-            trainer.run()
-            trainer.bundle.vae.to(trainer.device)
-            metrics = evaluate_run(trainer, classifier, refs, args)
-            metrics["train_seconds"] = time.time() - tick
-            results[name].append(metrics)
-            print(f"seed {seed} {name:10s} " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
-    write_report(results, args, time.time() - started)
+    for steps in args.steps:
+        results: dict[str, list[dict]] = {BASE: [{**base_metrics, "train_seconds": 0.0, "seed": -1}]}
+        for seed in args.seeds:
+            for name in variants:
+                run_file = args.out / "runs" / f"{args.regime}_{slug(name)}_s{seed}_{steps}.json"
+                if run_file.is_file():  # finished runs are not redone
+                    metrics = json.loads(run_file.read_text())
+                else:
+                    config = pp_config if name in PRIOR_PRESERVATION else preset
+                    trainer = make_trainer(name, seed, steps, config)
+                    tick = time.time()
+                    trainer.run()
+                    trainer.bundle.vae.to(trainer.device)
+                    metrics = evaluate_run(trainer, classifier, refs, args)
+                    metrics["train_seconds"] = time.time() - tick
+                    metrics["seed"] = seed
+                    indicator = args.out / "lora" / "apt_indicator.csv"
+                    if indicator.is_file():
+                        metrics["indicator_csv"] = indicator.read_text()
+                        indicator.unlink()
+                    run_file.write_text(json.dumps(metrics))
+                results.setdefault(name, []).append(metrics)
+                print(f"{steps} steps, seed {seed} {name:28s} " + " ".join(
+                    f"{k}={metrics[k]:.3f}" for k, _, _ in METRICS), flush=True)
+        write_report(results, args, steps, time.time() - started)
+    print(f"wall time {(time.time() - started) / 60:.1f} min")
     return 0
 
 
-def write_report(results: dict[str, list[dict]], args, seconds: float) -> None:
-    def cell(values):
-        if len(values) == 1:
-            return f"{values[0]:.3f}"
-        return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
-    lines = [f"{args.seeds} seeds, {args.steps} steps, lr {args.learning_rate}, {args.images_per_prompt} images per "
-             f"prompt, DDIM {args.sample_steps} steps, CFG {args.cfg}; {seconds / 60:.0f} minutes", "",
-             "| metric | better | " + " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
+
+def paired(rows: list[dict], baseline: list[dict], key: str) -> tuple[float, float]:
+    """Mean difference to the baseline over the seeds both have, with its 95% interval."""
+    base = {r["seed"]: r[key] for r in baseline}
+    return interval([r[key] - base[r["seed"]] for r in rows if r["seed"] in base])
+
+
+def write_report(results: dict[str, list[dict]], args, steps: int, seconds: float) -> None:
+    def cell(values):
+        mean, half = interval(values)
+        return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} +- {half:.3f}"
+
+    names = list(results)
+    lora = results.get("LoRA")
+    lines = [f"{args.regime} regime, seeds {args.seeds}, {steps} steps, {args.images_per_prompt} images per prompt, "
+             f"DDIM {args.sample_steps} steps, CFG {args.cfg}; {seconds / 60:.0f} minutes so far; mean +- 95% "
+             "confidence interval over seeds", "",
+             "| metric | better | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for key, label, better in METRICS:
         lines.append(f"| {label} | {better} | " + " | ".join(cell([r[key] for r in rows]) for rows in results.values())
                      + " |")
     lines.append("| training time per run (s) | | " + " | ".join(cell([r["train_seconds"] for r in rows])
                                                         for rows in results.values()) + " |")
+    if lora and len(args.seeds) > 1:
+        others = [n for n in names if n not in (BASE, "LoRA")]
+        lines += ["", "Paired difference to plain LoRA (same seed), mean +- 95% interval:", "",
+                  "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for key, label, _ in METRICS:
+            cells = []
+            for n in others:
+                mean, half = paired(results[n], lora, key)
+                cells.append(f"{mean:+.3f} +- {half:.3f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (args.out / "apt_efficacy.md").write_text(text)
-    (args.out / "apt_efficacy.json").write_text(json.dumps(results, indent=2))
+    stem = f"apt_efficacy_{args.regime}_{steps}"
+    (args.out / f"{stem}.md").write_text(text)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     print(text)
     import matplotlib
 
@@ -267,14 +383,13 @@ def write_report(results: dict[str, list[dict]], args, seconds: float) -> None:
 
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for ax, (key, label, better) in zip(axes.flat, METRICS):
-        names = list(results)
-        means = [statistics.mean(r[key] for r in results[n]) for n in names]
-        errs = [statistics.stdev([r[key] for r in results[n]]) if len(results[n]) > 1 else 0 for n in names]
-        ax.bar(range(len(names)), means, yerr=errs, color=["#ccc", "#888", "#6a9", "#39c", "#c63", "#a5c"][:len(names)], capsize=3)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        stats = [interval([r[key] for r in results[n]]) for n in names]
+        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
+               color=plt.get_cmap("tab10")(range(len(names))), capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=25, fontsize=7, ha="right")
         ax.set_title(f"{label} ({better} is better)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "apt_efficacy.png", dpi=100)
+    fig.savefig(args.out / f"{stem}.png", dpi=100)
 
 
 if __name__ == "__main__":

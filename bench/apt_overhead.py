@@ -11,7 +11,9 @@ turns so that drifts of the machine affect all of them alike. Printed: seconds p
 memory of each variant, and their ratios to plain LoRA. Peak memory is torch's allocator peak on
 CUDA, and the process's peak resident memory on a CPU (reset between variants through
 /proc/self/clear_refs), both as the whole peak and as the part above what the loaded model holds.
-Targets (docs/apt.md): APT/plain time <= 1.4 (one extra no-grad forward is ~1.33), memory <= 1.15.
+Targets (docs/apt.md): APT/plain time <= 1.4 (one extra no-grad forward is ~1.33), memory <= 1.15;
+with `reference_every` (the reference pass every k-th step) <= 1.25. Keep --steps a multiple of 4
+so that every variant times whole cycles of its reference schedule.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ VARIANTS = {
     "APT: ATA + RS": {"rs": True, "aa": False},
     "APT: ATA + AA": {"rs": False, "aa": True},
     "APT: full": {"rs": True, "aa": True},
+    "APT: full, reference every 2": {"rs": True, "aa": True, "reference_every": 2},
+    "APT: full, reference every 4": {"rs": True, "aa": True, "reference_every": 4},
 }
 
 

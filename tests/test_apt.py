@@ -47,7 +47,7 @@ def test_bin_ranges_label_exactly_the_timesteps_each_bin_receives(bins):
 
 
 def test_indicator_bins_ema_first_observation_clamp_and_unseen():
-    ind = OverfitIndicator(bins=10, ema_alpha=0.1, num_timesteps=1000)
+    ind = OverfitIndicator(bins=10, ema_alpha=0.1, num_timesteps=1000, form="paper")
     assert ind.bin_of(torch.tensor([0, 99, 100, 550, 999])).tolist() == [0, 0, 1, 5, 9]
     assert ind.gamma().tolist() == [0.0] * 10
     ind.update(torch.tensor([50, 60]), torch.tensor([0.10, 0.20], dtype=torch.float64),
@@ -62,10 +62,48 @@ def test_indicator_bins_ema_first_observation_clamp_and_unseen():
     ind.update(torch.tensor([950]), torch.tensor([0.1]), torch.tensor([0.9]))
     assert ind.gamma()[9] == 1.0  # clamped at 1
     state = ind.state_dict()
-    other = OverfitIndicator()
+    other = OverfitIndicator(form="paper")
     other.load_state_dict(json.loads(json.dumps(state)))
     assert torch.equal(other.gamma(), ind.gamma()) and torch.equal(other.seen, ind.seen)
     assert ind.gamma_at(torch.tensor([955, 5, 300])).tolist() == [1.0, 0.0, 0.0]
+
+
+def test_relative_indicator_reads_the_gap_as_a_ratio_of_the_losses():
+    from library.apt.indicator import RELATIVE_SCALE
+
+    ind = OverfitIndicator()  # the default form
+    assert ind.form == "relative" and ind.scale == RELATIVE_SCALE
+    t = torch.tensor([50, 950])
+    ind.update(t, torch.tensor([0.05, 0.72]), torch.tensor([0.20, 0.80]))  # a quarter and 90% of the reference
+    k = RELATIVE_SCALE
+    assert ind.gap()[[0, 9]].tolist() == pytest.approx([math.log(4), math.log(0.8 / 0.72)])
+    assert ind.gamma()[[0, 9]].tolist() == pytest.approx([1 - 0.25 ** k, 1 - 0.9 ** k])
+    assert ind.gamma()[1:9].tolist() == [0.0] * 8  # unseen bins
+    # Scale-free: the same ratios at a 100x smaller loss scale give the same gamma; the paper's form
+    # reads the same relative progress as ~0 there and as ~1 at the larger scale.
+    small = OverfitIndicator()
+    small.update(t, torch.tensor([0.0005, 0.0072]), torch.tensor([0.0020, 0.0080]))
+    assert small.gamma().tolist() == pytest.approx(ind.gamma().tolist())
+    paper = [OverfitIndicator(form="paper") for _ in range(2)]
+    paper[0].update(t, torch.tensor([0.05, 0.72]), torch.tensor([0.20, 0.80]))
+    paper[1].update(t, torch.tensor([0.0005, 0.0072]), torch.tensor([0.0020, 0.0080]))
+    assert paper[0].gamma()[0] > 0.99 and paper[1].gamma()[0] < 0.8
+    # Towards 1 only as the tuned loss goes towards 0; worse than the reference: 0.
+    perfect = OverfitIndicator()
+    perfect.update(t, torch.tensor([1e-9, 0.8]), torch.tensor([0.2, 0.8]))
+    assert perfect.gamma()[0] > 0.99 and perfect.gamma()[9] == 0.0
+    ind.update(torch.tensor([60]), torch.tensor([2.0]), torch.tensor([0.1]))
+    assert ind.gamma()[0] == 0.0
+    # The EMA state and the form survive a save and load; a state of the other form is refused.
+    other = OverfitIndicator()
+    other.load_state_dict(json.loads(json.dumps(ind.state_dict())))
+    assert torch.equal(other.gamma(), ind.gamma())
+    with pytest.raises(ValueError, match="saved with form = relative, this run has paper"):
+        OverfitIndicator(form="paper").load_state_dict(ind.state_dict())
+    legacy = {k: v for k, v in OverfitIndicator(form="paper").state_dict().items() if k != "form"}
+    OverfitIndicator(form="paper").load_state_dict(legacy)  # states from before the form was saved
+    with pytest.raises(ValueError, match="form = paper"):
+        OverfitIndicator().load_state_dict(legacy)
 
 
 # --- augmentation -----------------------------------------------------------------------------

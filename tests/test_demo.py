@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -110,21 +111,41 @@ def test_demo_preset_runs_as_in_readme(tmp_path):
     assert "APT on" in proc.stderr
 
 
-def test_efficacy_benchmark_writes_its_table_and_plot(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/apt_efficacy.py", "--seeds", "1", "--steps", "3", "--images_per_prompt",
-                           "2", "--sample_steps", "3", "--variants", "LoRA", "APT (full)", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+def test_efficacy_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
+    cmd = [sys.executable, "bench/apt_efficacy.py", "--seeds", "1", "2", "--steps", "2", "--images_per_prompt", "2",
+           "--sample_steps", "3", "--variants", "LoRA", "APT + prior preservation", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (tmp_path / "apt_efficacy.md").read_text()
-    assert "| metric | better | base model (no LoRA) | LoRA | APT (full) |" in table
+    table = (tmp_path / "apt_efficacy_demo_2.md").read_text()
+    assert "| metric | better | base model (no LoRA) | LoRA | APT + prior preservation |" in table
     for label in ("concept fidelity", "prompt following: colour", "renders of the prompted scene", "prior prompts: shape accuracy", "diversity",
-                  "memorisation"):
+                  "memorisation", "Paired difference to plain LoRA"):
         assert label in table
     import json
-    results = json.loads((tmp_path / "apt_efficacy.json").read_text())
-    assert set(results) == {"base model (no LoRA)", "LoRA", "APT (full)"} and len(results["LoRA"]) == 1
+    results = json.loads((tmp_path / "apt_efficacy_demo_2.json").read_text())
+    assert set(results) == {"base model (no LoRA)", "LoRA", "APT + prior preservation"} and len(results["LoRA"]) == 2
     base = results["base model (no LoRA)"][0]
     assert abs(base["prior_drift"]) < 1e-4 and base["memorisation"] == 0
     assert 0 <= results["LoRA"][0]["prior_shape"] <= 1
-    assert results["LoRA"][0]["memorisation"] > 0  # three steps already fit the training images better
-    assert (tmp_path / "apt_efficacy.png").stat().st_size > 1000
+    assert results["LoRA"][0]["memorisation"] > 0  # two steps already fit the training images better
+    assert "indicator_csv" in results["APT + prior preservation"][0]
+    assert (tmp_path / "apt_efficacy_demo_2.png").stat().st_size > 1000
+    # The class images were generated once, from the captions without the identifier.
+    captions = {p.read_text() for p in (tmp_path / "class_images").glob("*.txt")}
+    assert captions and not any("sks" in c for c in captions) and any("crescent" in c for c in captions)
+    # Started again, finished runs are read back, not trained again.
+    runs = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == runs
+
+
+def test_efficacy_intervals():
+    sys.path.insert(0, str(REPO / "bench"))
+    import apt_efficacy
+
+    mean, half = apt_efficacy.interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / 3 ** 0.5)
+    rows = [{"seed": 0, "x": 1.5}, {"seed": 1, "x": 2.5}, {"seed": 5, "x": 9.0}]
+    base = [{"seed": 0, "x": 1.0}, {"seed": 1, "x": 2.0}]
+    assert apt_efficacy.paired(rows, base, "x") == (0.5, 0.0)  # seed 5 has no pair

@@ -329,3 +329,36 @@ def test_only_the_main_process_prints_info_and_warnings(monkeypatch):
     assert keep.filter(record(logging.ERROR))
     monkeypatch.setenv("RANK", "0")
     assert keep.filter(record(logging.INFO)) and keep.filter(record(logging.WARNING))
+
+
+# --- reference_every --------------------------------------------------------------------------
+
+def test_reference_every_runs_the_reference_pass_and_indicator_update_every_kth_step(tmp_path, tiny_models, images):
+    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.reference_every", "2"),
+                          ("learning_rate", "5e-3"), max_train_steps=5)
+    unet = trainer.bundle.unet
+    original = unet.forward
+    passes = []
+
+    def spy(*args, **kw):
+        passes.append((trainer.step, torch.is_grad_enabled()))
+        return original(*args, **kw)
+
+    unet.forward = spy
+    states, stats = [], []
+    end_step = trainer.method.end_step
+
+    def record(step, losses):
+        end_step(step, losses)
+        states.append(trainer.method.apt.indicator.ema_ref.clone())
+        stats.append(dict(trainer.method.last_stats))
+
+    trainer.method.end_step = record
+    trainer.run()
+    references = [step for step, grad in passes if not grad]
+    assert references == [0, 2, 4]  # one no-grad reference pass on steps 0, 2, 4 (one micro-batch each)
+    assert [step for step, grad in passes if grad] == [0, 1, 2, 3, 4]
+    assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])  # no update in between
+    assert not torch.equal(states[1], states[2])
+    assert "apt/l_mu" in stats[0] and "apt/l_mu" not in stats[1] and "apt/loss_weight" in stats[1]
+    assert trainer.method.apt.history.steps == [1, 2, 3, 4, 5]

@@ -40,7 +40,8 @@ class AptController:
     def __init__(self, opts, unet, num_timesteps: int, xformers: bool = False, eos_id: int = 49407,
                  exclude_ids: list[int] | None = None):
         self.opts = opts
-        self.indicator = OverfitIndicator(opts.bins, opts.ema_alpha, num_timesteps, opts.indicator_scale)
+        self.indicator = OverfitIndicator(opts.bins, opts.ema_alpha, num_timesteps, opts.indicator_scale,
+                                          opts.indicator)
         self.recorder = Recorder()
         self.history = AptHistory()
         self.eos_id = eos_id

@@ -2,10 +2,18 @@
 
 Per bin b, exponential moving averages of the batch-mean losses of the tuned model (with LoRA)
 and of the reference model (LoRA disabled) over the samples whose timestep fell in the bin:
-`ema <- (1 - a) * ema + a * new`, the first observation initialising it. Then
-`gamma_b = clamp(1 - exp(-T * (E_b[L_ref] - E_b[L_theta])), 0, 1)`, and 0 for a bin never seen.
-Once the tuned model denoises the training images clearly better than the prior does, it is
-memorising them: a loss gap of 0.001 already gives gamma ~ 0.63.
+`ema <- (1 - a) * ema + a * new`, the first observation initialising it. From them, per bin:
+
+- "relative" (the default): `gamma_b = clamp(1 - (E_b[L_theta] / E_b[L_ref]) ** k, 0, 1)`, i.e.
+  `1 - exp(-k * log(E_b[L_ref] / E_b[L_theta]))`: the gap read as a ratio of the two losses of the
+  same bin. A ratio does not depend on the absolute loss scale of the model, the resolution or
+  the noise schedule: a LoRA whose loss on its training images is half the base model's at some
+  timesteps has the same gamma on SD1.5, SDXL or the demo model. It rises towards 1 only as the
+  tuned loss goes towards 0 (memorisation), never saturating at a finite gap.
+- "paper": `gamma_b = clamp(1 - exp(-T * (E_b[L_ref] - E_b[L_theta])), 0, 1)` with T = 1000, as in
+  the APT paper. Its constant assumes a loss-gap magnitude: a gap of 0.001 already gives 0.63.
+
+A bin never seen has gamma 0.
 """
 from __future__ import annotations
 
@@ -18,12 +26,25 @@ def bin_ranges(bins: int, num_timesteps: int = 1000) -> list[tuple[int, int]]:
     return [(-(-b * num_timesteps // bins), -(-(b + 1) * num_timesteps // bins) - 1) for b in range(bins)]
 
 
+FORMS = ("relative", "paper")
+# k of the relative form: chosen on development seeds (docs/results.md says which and how).
+RELATIVE_SCALE = 0.5
+
+
+def default_scale(form: str, num_timesteps: int = 1000) -> float:
+    return float(num_timesteps) if form == "paper" else RELATIVE_SCALE
+
+
 class OverfitIndicator:
-    def __init__(self, bins: int = 10, ema_alpha: float = 0.1, num_timesteps: int = 1000, scale: float | None = None):
+    def __init__(self, bins: int = 10, ema_alpha: float = 0.1, num_timesteps: int = 1000, scale: float | None = None,
+                 form: str = "relative"):
+        if form not in FORMS:
+            raise ValueError(f"indicator form {form!r}; valid: {', '.join(FORMS)}")
         self.bins = bins
         self.ema_alpha = ema_alpha
         self.num_timesteps = num_timesteps
-        self.scale = float(num_timesteps if scale is None else scale)
+        self.form = form
+        self.scale = default_scale(form, num_timesteps) if scale is None else float(scale)
         self.ema_ref = torch.zeros(bins, dtype=torch.float64)
         self.ema_theta = torch.zeros(bins, dtype=torch.float64)
         self.seen = torch.zeros(bins, dtype=torch.bool)
@@ -46,9 +67,18 @@ class OverfitIndicator:
                 self.ema_theta[b], self.ema_ref[b] = new_theta, new_ref
                 self.seen[b] = True
 
+    def gap(self) -> torch.Tensor:
+        """The loss gap per bin the indicator reads: E[L_ref] - E[L_theta] ("paper"), or
+        log(E[L_ref] / E[L_theta]) ("relative"); 0 for bins never seen."""
+        if self.form == "relative":
+            gap = torch.log(self.ema_ref.clamp_min(1e-12) / self.ema_theta.clamp_min(1e-12))
+        else:
+            gap = self.ema_ref - self.ema_theta
+        return torch.where(self.seen, gap, torch.zeros_like(gap))
+
     def gamma(self) -> torch.Tensor:
         """gamma per bin (float64, B values)."""
-        g = torch.clamp(1 - torch.exp(-self.scale * (self.ema_ref - self.ema_theta)), 0.0, 1.0)
+        g = torch.clamp(1 - torch.exp(-self.scale * self.gap()), 0.0, 1.0)
         return torch.where(self.seen, g, torch.zeros_like(g))
 
     def gamma_at(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -60,12 +90,12 @@ class OverfitIndicator:
 
     def settings(self) -> dict:
         """What the saved EMAs mean: resuming them under other settings would be silently wrong."""
-        return {"bins": self.bins, "ema_alpha": self.ema_alpha, "num_timesteps": self.num_timesteps,
-                "scale": self.scale}
+        return {"form": self.form, "bins": self.bins, "ema_alpha": self.ema_alpha,
+                "num_timesteps": self.num_timesteps, "scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in self.settings().items():
-            saved = state.get(key)
+            saved = state.get(key, "paper" if key == "form" else None)  # states before "form" used the paper's
             if saved != value:
                 raise ValueError(f"the indicator was saved with {key} = {saved}, this run has {value}")
         self.ema_ref = torch.tensor(state["ema_ref"], dtype=torch.float64)

@@ -217,8 +217,16 @@ class AptOptions:
     """The [apt] table: every choice APT leaves open (docs/apt.md). Used when apt = true."""
     bins: int = option(10, "timestep bins of the overfitting indicator", ge=2, le=100)
     ema_alpha: float = option(0.1, "EMA rate of the per-bin losses behind the indicator", gt=0, le=1)
+    indicator: Literal["relative", "paper"] = option(
+        "relative", "overfitting indicator: \"relative\" reads the loss gap as a fraction of the reference loss "
+                    "(scale-free: the same default for every model); \"paper\" reads the absolute gap, as the APT "
+                    "paper")
     indicator_scale: Optional[float] = option(
-        None, "T in gamma = 1 - exp(-T * (L_ref - L_theta)); unset = the number of training timesteps (1000)", gt=0)
+        None, "k in gamma = 1 - exp(-k * gap); unset = 3 for the relative indicator, the number of training "
+              "timesteps (1000) for the paper's", gt=0)
+    reference_every: int = option(
+        1, "run the reference pass, the RS/AA terms and the indicator update every N-th step only; the steps "
+           "between train with the last indicator (cheaper; 1 = every step, as the paper)", ge=1)
     indicator_includes_reg: bool = option(False, "let regularisation images update the indicator too")
     augment: bool = option(True, "adaptive augmentation: zoom-out and rotation with probability min(gamma, p_max)")
     p_max: float = option(0.8, "highest augmentation probability", ge=0, le=1)

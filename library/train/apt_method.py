@@ -37,9 +37,10 @@ def black_fill(encoder: VaeEncoder, size: tuple[int, int] = (64, 64)) -> torch.T
 
 
 class AptStep(MethodStep):
-    def __init__(self, method: "AptMethod", batch: Batch):
+    def __init__(self, method: "AptMethod", batch: Batch, reference: bool):
         self.method = method
         self.batch = batch
+        self.reference = reference  # reference pass, RS/AA and indicator update at this step
         self.gamma = torch.zeros(len(batch.records))
         self.draw: aug.AugmentDraw | None = None
         self.loss_ref: torch.Tensor | None = None
@@ -65,6 +66,8 @@ class AptStep(MethodStep):
         return latents, mask
 
     def before_prediction(self, inputs: NoisyInputs) -> None:
+        if not self.reference:
+            return
         method = self.method
         method.apt.recorder.clear()
         with method.adapters_off(), torch.no_grad(), method.apt.recorder.recording("ref"):
@@ -76,14 +79,21 @@ class AptStep(MethodStep):
     @contextmanager
     def prediction(self):
         # Left on after the forward: see AptController.stop_recording.
-        self.method.apt.recorder.active = "tuned"
+        if self.reference:
+            self.method.apt.recorder.active = "tuned"
         yield
 
     def sample_weights(self) -> torch.Tensor:
         return self.method.apt.loss_weights(self.gamma)
 
-    def extra_loss(self, per_sample: torch.Tensor) -> torch.Tensor:
+    def extra_loss(self, per_sample: torch.Tensor) -> torch.Tensor | None:
         apt = self.method.apt
+        weights = self.sample_weights()
+        self._stats = {"apt/loss_theta": per_sample.detach().mean().item(),
+                       "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
+                       "apt/loss_weight": float(weights.mean())}
+        if not self.reference:
+            return None
         input_ids = self.method.denoiser.conditions.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
         terms = apt.regularisers(input_ids)
         total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
@@ -92,16 +102,12 @@ class AptStep(MethodStep):
             # A non-finite reference (its recordings are the targets) must not poison the step.
             self.method.count_skipped("regularisers")
             total = torch.zeros((), device=per_sample.device)
-        weights = self.sample_weights()
-        self._stats = {
-            "apt/loss_theta": per_sample.detach().mean().item(),
+        self._stats.update({
             "apt/loss_ref": self.loss_ref.float().mean().item(),
             "apt/l_mu": terms.l_mu.detach().item() if finite else 0.0,
             "apt/l_sigma": terms.l_sigma.detach().item() if finite else 0.0,
             "apt/l_attn": terms.l_attn.detach().item() if finite else 0.0,
-            "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
-            "apt/loss_weight": float(weights.mean()),
-        }
+        })
         return total
 
     def stats(self) -> dict[str, float]:
@@ -141,7 +147,7 @@ class AptMethod(TrainingMethod):
     def step(self, batch: Batch, step: int) -> AptStep:
         if step != self._step:  # a new step (a skipped one leaves its micro-batches behind)
             self._steps, self._step = [], step
-        micro = AptStep(self, batch)
+        micro = AptStep(self, batch, reference=step % self.apt.opts.reference_every == 0)
         self._steps.append(micro)
         return micro
 
@@ -153,11 +159,16 @@ class AptMethod(TrainingMethod):
         self.last_stats = {k: sum(r.stats[k] for r in results) / len(results) for k in results[0].stats}
         rows = []
         for micro, (result, batch) in zip(self._steps, losses):
+            if not micro.reference:
+                continue
             keep = ~batch.is_reg if not self.includes_reg else torch.ones_like(batch.is_reg)
             rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
                                      micro.loss_ref.float().cpu(), keep.float()]).T)
         self._steps = []
-        gathered = self.gather(torch.cat(rows)) if rows else torch.zeros(0, 4)
+        if not rows:  # a step between reference passes: the indicator stays as it was
+            self.apt.end_step(step)
+            return
+        gathered = self.gather(torch.cat(rows))
         gathered = gathered[gathered[:, 3] > 0]  # padding rows and excluded samples have keep = 0
         finite = torch.isfinite(gathered[:, 1:3]).all(1)
         if not bool(finite.all()):

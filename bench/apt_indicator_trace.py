@@ -7,10 +7,11 @@
 Trains presets/demo.toml with APT observing only (augmentation, loss weighting, RS and AA off: the
 LoRA learns as plain LoRA does) and records, after every step, both moving averages of every
 timestep bin. From them it computes what each indicator form would say at each step: the
-absolute gap (the paper's form, scale T = 1000) and the gap relative to the reference loss (the
-default form) for several scales, and prints, per form and scale, the mean loss weight 1 - gamma
+absolute gap (the paper's form, scale T = 1000) and the ratio of the two losses (the default,
+relative form) for several scales, and prints, per form and scale, the mean loss weight 1 - gamma
 over the bins in the first 100 steps and at the end, and the step at which the low/middle bins
-(t < 600) reach gamma 0.5. Writes the traces as JSON and a plot to --out. This is what the
+(t < 600) reach gamma 0.5. Writes the traces as JSON and a plot (gamma per bin and the mean loss
+weight over the steps, relative form at --plot_scale) to --out. This is what the
 relative form's default scale was chosen from (development seeds only; docs/results.md).
 """
 from __future__ import annotations
@@ -55,14 +56,49 @@ def trace(seed: int, args) -> list[dict]:
 
 
 def gammas(row: dict, form: str, scale: float) -> list[float]:
-    out = []
-    for ref, theta, seen in zip(row["ref"], row["theta"], row["seen"]):
-        if not seen:
-            out.append(0.0)
-            continue
-        gap = ref - theta if form == "paper" else (ref - theta) / max(ref, 1e-12)
-        out.append(min(1.0, max(0.0, 1 - math.exp(-scale * gap))))
-    return out
+    """What the trainer's indicator of this form and scale says for the recorded moving averages."""
+    import torch
+
+    from library.apt.indicator import OverfitIndicator
+
+    ind = OverfitIndicator(bins=len(row["ref"]), scale=scale, form=form)
+    ind.ema_ref = torch.tensor(row["ref"], dtype=torch.float64)
+    ind.ema_theta = torch.tensor(row["theta"], dtype=torch.float64)
+    ind.seen = torch.tensor(row["seen"], dtype=torch.bool)
+    return ind.gamma().tolist()
+
+
+def plot(rows: list[dict], form: str, scale: float, path: Path) -> None:
+    """gamma per bin and the mean loss weight 1 - gamma over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from library.apt.indicator import bin_ranges
+
+    steps = [r["step"] for r in rows]
+    g = [gammas(r, form, scale) for r in rows]
+    ranges = bin_ranges(len(g[0]))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=100)
+    cmap = plt.get_cmap("viridis")
+    for b, (lo, hi) in enumerate(ranges):
+        ax.plot(steps, [x[b] for x in g], color=cmap(b / max(len(ranges) - 1, 1)), label=f"t {lo}-{hi}")
+    ax.set_title(f"gamma per timestep bin ({form}, scale {scale:g})")
+    ax.set_xlabel("step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    ax2.plot(steps, [1 - statistics.mean(x) for x in g], color="#c63")
+    ax2.axhline(0.5, color="#888", lw=0.8, ls="--")
+    ax2.axvline(100, color="#888", lw=0.8, ls=":")
+    ax2.set_title("mean loss weight 1 - gamma over the bins")
+    ax2.set_xlabel("step")
+    ax2.set_ylim(0, 1.02)
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def summarise(rows: list[dict], form: str, scale: float) -> dict:
@@ -80,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--learning_rate", type=float, default=1e-3)
     ap.add_argument("--network_dim", type=int, default=8)
-    ap.add_argument("--scales", type=float, nargs="+", default=[1, 2, 3, 5, 10])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1, 2])
+    ap.add_argument("--plot_scale", type=float, default=0.5, help="the relative scale plotted (first seed)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "indicator_trace")
     args = ap.parse_args(argv)
 
@@ -109,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{form:9s} {scale:6g} {statistics.mean(x['weight_first_100'] for x in s):20.3f} "
               f"{min(x['min_weight_first_100'] for x in s):6.3f} {statistics.mean(x['weight_end'] for x in s):14.3f} "
               f"{str(halves):>19s}")
+    plot(traces[args.seeds[0]], "relative", args.plot_scale, args.out / "indicator_trace.png")
     print(f"wall time {(time.time() - started) / 60:.1f} min")
     return 0
 

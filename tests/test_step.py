@@ -36,11 +36,16 @@ def perturb_lora(network, std: float = 0.05, seed: int = 0) -> None:
 
 
 def force_gamma(method, gamma: float) -> None:
-    """Every bin of the indicator at `gamma`."""
+    """Every bin of the indicator at `gamma` (whichever form the indicator has)."""
     ind = method.apt.indicator
     ind.seen[:] = True
-    ind.ema_theta[:] = 0.0
-    ind.ema_ref[:] = -math.log(1 - gamma) / ind.scale if gamma < 1 else 1e3
+    if ind.form == "relative":  # gamma = 1 - (theta / ref)^k
+        ind.ema_ref[:] = 1.0
+        ind.ema_theta[:] = (1 - gamma) ** (1 / ind.scale)
+    else:  # gamma = 1 - exp(-k (ref - theta))
+        ind.ema_theta[:] = 0.0
+        ind.ema_ref[:] = -math.log(1 - gamma) / ind.scale
+    assert ind.gamma().tolist() == pytest.approx([gamma] * ind.bins, abs=1e-9)
 
 
 # --- regularisation images --------------------------------------------------------------------

@@ -222,8 +222,8 @@ class AptOptions:
                     "(scale-free: the same default for every model); \"paper\" reads the absolute gap, as the APT "
                     "paper")
     indicator_scale: Optional[float] = option(
-        None, "k in gamma = 1 - exp(-k * gap); unset = 3 for the relative indicator, the number of training "
-              "timesteps (1000) for the paper's", gt=0)
+        None, "k: gamma = 1 - (L_theta / L_ref)^k for the relative indicator (unset = 0.5), 1 - exp(-k * "
+              "(L_ref - L_theta)) for the paper's (unset = the number of training timesteps, 1000)", gt=0)
     reference_every: int = option(
         1, "run the reference pass, the RS/AA terms and the indicator update every N-th step only; the steps "
            "between train with the last indicator (cheaper; 1 = every step, as the paper)", ge=1)

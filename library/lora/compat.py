@@ -14,6 +14,7 @@ network_weights_partial), in which case the modules that fit are used and the ot
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from library.errors import UserError
 from library.lora.index import NameIndex
-from library.lora.weights import LoraWeights, NoLoraModules, from_tensors
+from library.lora.weights import LoraModule, LoraWeights, NoLoraModules, from_tensors
 from library.models import shipped
 
 log = logging.getLogger(__name__)
@@ -110,9 +113,11 @@ def _header_target(plan, header: dict, label: str) -> Target:
 def network_target(network, label: str) -> Target:
     """The LoRA layers being trained (library.lora.network.LoraNetwork): names, base shapes, ranks."""
     shapes, ranks = {}, {}
+    # LoKr's factors may be whole matrices (no rank); its shapes are checked when the network loads them.
+    lokr = getattr(network.spec, "network_type", "lora") == "lokr"
     for name, (target, layer) in network.layers.items():
         shapes[name] = tuple(layer.get_base_layer().weight.shape)
-        ranks[name] = network.spec.rank_alpha(target)[0]
+        ranks[name] = None if lokr else network.spec.rank_alpha(target)[0]
     return Target(f"{label} ({arch_name(network.arch)})", network.arch, network.index, shapes, ranks, required=True)
 
 
@@ -151,6 +156,27 @@ def _fits(down, up, shape: tuple) -> bool:
             and math.prod(down.shape[1:]) == math.prod(shape[1:]) and math.prod(up.shape[2:]) == 1)
 
 
+def _on_meta(module):
+    """A copy of a module dataclass whose tensors are on the meta device: shapes without data."""
+    changes = {f.name: getattr(module, f.name).to("meta") for f in dataclasses.fields(module)
+               if isinstance(getattr(module, f.name), torch.Tensor)}
+    return dataclasses.replace(module, **changes)
+
+
+def _module_fits(mod, shape: tuple) -> bool:
+    """Whether a read module (LoRA, or LoHa/LoKr/DoRA from library.lora.lycoris) fits a layer whose
+    weight has `shape`; the other types' weight change is worked out on the meta device."""
+    if isinstance(mod, LoraModule):
+        return _fits(mod.down, mod.up, shape)
+    try:
+        if hasattr(mod, "magnitude"):  # DoRA: its magnitude must fit the layer's outputs or inputs
+            mod.per_output(torch.empty(shape, device="meta"))
+        delta = _on_meta(getattr(mod, "inner", mod)).delta()
+    except (UserError, RuntimeError, ValueError, IndexError):
+        return False
+    return delta.shape[0] == shape[0] and delta.numel() == math.prod(shape)
+
+
 def fit(tensors: dict, metadata: dict, source: str, target: Target) -> Fit:
     """Place every module of the file on `target` and compare shapes (no tensor data is touched)."""
     try:
@@ -163,9 +189,9 @@ def fit(tensors: dict, metadata: dict, source: str, target: Target) -> Fit:
         shape = target.shapes.get(name)
         if shape is None:
             result.unknown.append(name)
-        elif not _fits(mod.down, mod.up, shape):
+        elif not _module_fits(mod, shape):
             result.misfit.append(name)
-        elif target.ranks is not None and mod.rank != target.ranks[name]:
+        elif target.ranks is not None and target.ranks[name] is not None and mod.rank != target.ranks[name]:
             result.rank[name] = mod.rank
         else:
             kept[name] = mod

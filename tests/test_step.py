@@ -84,10 +84,8 @@ def test_reg_images_keep_prior_loss_weight_and_are_never_augmented_under_apt(tmp
     assert not torch.equal(augmented[~reg], untouched[~reg])  # training images: all augmented (p_max 1)
     # The regularisation images' loss terms are exactly what they are without APT.
     assert torch.equal(apt.per_sample[reg], plain.per_sample[reg])
-    weights = trainer.method.step(batch, 0)
     expected = (plain.per_sample[reg] * 0.7).sum() / 4  # training images weigh (1 - gamma) ~ 0
     assert apt.loss.item() == pytest.approx(expected.item(), rel=1e-4)
-    del weights
 
 
 # --- APT's weighting and augmentation end to end ------------------------------------------------

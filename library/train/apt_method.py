@@ -42,6 +42,7 @@ class AptStep(MethodStep):
         self.batch = batch
         self.reference = reference  # reference pass, RS/AA and indicator update at this step
         self.gamma = torch.zeros(len(batch.records))
+        self.weights = torch.ones(len(batch.records))  # (1 - gamma), floored; 1 for regularisation images
         self.draw: aug.AugmentDraw | None = None
         self.loss_ref: torch.Tensor | None = None
         self._stats: dict[str, float] = {}
@@ -50,6 +51,7 @@ class AptStep(MethodStep):
         apt = self.method.apt
         # Regularisation images are the prior: never augmented, never down-weighted.
         self.gamma = torch.where(self.batch.is_reg, 0.0, apt.indicator.gamma_at(timesteps))
+        self.weights = apt.loss_weights(self.gamma)
         self.draw = apt.draw(self.gamma, gen)
         if self.draw is None or not bool(self.draw.apply.any()):
             return latents, mask
@@ -84,14 +86,13 @@ class AptStep(MethodStep):
         yield
 
     def sample_weights(self) -> torch.Tensor:
-        return self.method.apt.loss_weights(self.gamma)
+        return self.weights
 
     def extra_loss(self, per_sample: torch.Tensor) -> torch.Tensor | None:
         apt = self.method.apt
-        weights = self.sample_weights()
         self._stats = {"apt/loss_theta": per_sample.detach().mean().item(),
                        "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
-                       "apt/loss_weight": float(weights.mean())}
+                       "apt/loss_weight": float(self.weights.mean())}
         if not self.reference:
             return None
         input_ids = self.method.denoiser.conditions.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None

@@ -43,7 +43,6 @@ class TrainingRun:
     cfg: Config
     accelerator: object
     precision: str
-    logging_dir: str
     data: TrainingData
     plan: StepPlan
     total_steps: int
@@ -52,11 +51,10 @@ class TrainingRun:
     batches: BatchBuilder
     optimizer: object
     scheduler: object
-    unet: object                 # the trained forward: DDP-wrapped on several processes
+    wrapped: list                # the trained models as accelerate wrapped them (UNet, trained text encoders)
     denoiser: Denoiser
     method: TrainingMethod
     validator: Validator
-    trains_text: bool
 
 
 def build_run(cfg: Config) -> TrainingRun:
@@ -132,8 +130,8 @@ def build_run(cfg: Config) -> TrainingRun:
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
-    return TrainingRun(cfg, acc, precision, logging_dir, data, plan, total_steps, bundle, network, batches, optimizer,
-                       scheduler, unet, denoiser, method, validator, trains_text)
+    return TrainingRun(cfg, acc, precision, data, plan, total_steps, bundle, network, batches, optimizer, scheduler,
+                       list(prepared[:-1]), denoiser, method, validator)
 
 
 def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:

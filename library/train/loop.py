@@ -40,8 +40,7 @@ class Trainer:
         self.optimizer, self.scheduler = run.optimizer, run.scheduler
         self.denoiser, self.method, self.validator = run.denoiser, run.method, run.validator
         # DDP wrappers whose gradient sync is postponed to the last micro-batch of a step.
-        self.synced = [run.unet] + ([m for m in run.denoiser.conditions.train_encoder.encoders] if run.trains_text
-                                    else [])
+        self.synced = run.wrapped
         self.timestep_table = TimestepLossTable(self.denoiser.diffusion.num_timesteps)
         self.sampler = make_sampler(cfg, self.data, self.bundle)
         self.outputs = Outputs(cfg, self.accelerator, Tracker(self.accelerator, trackers_for(cfg.logging.log_with),

@@ -64,6 +64,20 @@ def tiny_config(tmp_path: Path, model: Path, image_dir: Path, **training) -> Pat
     return write_config(tmp_path / "config.toml", tables, [{"resolution": 64, "subsets": [{"image_dir": str(image_dir)}]}])
 
 
+def tiny_trainer(tmp_path: Path, model: Path, image_dir: Path, *overrides, **training):
+    """A Trainer on `tiny_config` with command-line style overrides; logging off unless an override asks."""
+    from library.config import build_config
+    from library.train.loop import Trainer
+
+    path = tiny_config(tmp_path, model, image_dir, **training)
+    return Trainer(build_config(str(path), [("log_with", "none"), *overrides]))
+
+
+def first_batch(trainer):
+    """The trainer's first micro-batch of epoch 1, built as the loop builds it."""
+    return trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+
+
 def random_lora(model: Path, spec, seed: int = 0, scale: float = 0.2):
     """(bundle, network): a tiny model with random non-zero LoRA weights on every target of `spec`."""
     import torch

@@ -17,16 +17,11 @@ from library.errors import UserError
 from library.lora.network import ADAPTER
 from library.train.diffusion import step_generator
 from library.train.loop import Trainer
-from tests.helpers import tiny_config
+from tests.helpers import first_batch, tiny_config, tiny_trainer
 
 
 def apt_trainer(tmp_path, tiny_models, images, *overrides, model="sd15", **training) -> Trainer:
-    path = tiny_config(tmp_path, tiny_models[model], images, **training)
-    return Trainer(build_config(str(path), [("apt", "true"), ("log_with", "none"), *overrides]))
-
-
-def first_batch(trainer):
-    return trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+    return tiny_trainer(tmp_path, tiny_models[model], images, ("apt", "true"), *overrides, **training)
 
 
 def apt_loss(trainer, batch, gen=None, step: int = 0):

@@ -11,14 +11,9 @@ from library.errors import UserError
 from library.train.diffusion import Diffusion, pyramid_noise, step_generator
 from library.train.loop import Trainer
 from library.train.schedules import warmup_steps
-from tests.helpers import make_images, run_main, tiny_config
+from tests.helpers import make_images, run_main, tiny_config, tiny_trainer
 
 SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-
-
-def trainer_for(tmp_path, tiny_models, images, *overrides, model="sd15", **training) -> Trainer:
-    path = tiny_config(tmp_path, tiny_models[model], images, **training)
-    return Trainer(build_config(str(path), list(overrides)))
 
 
 @pytest.mark.parametrize("optimizer,args", [
@@ -33,7 +28,7 @@ def trainer_for(tmp_path, tiny_models, images, *overrides, model="sd15", **train
 ])
 def test_every_optimizer_trains(tmp_path, tiny_models, images, optimizer, args):
     lr = "1.0" if optimizer == "Prodigy" else "1e-3"
-    trainer = trainer_for(tmp_path, tiny_models, images, ("optimizer_type", optimizer), ("optimizer_args", args),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("optimizer_type", optimizer), ("optimizer_args", args),
                           ("learning_rate", lr))
     expected = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit",
                 "Prodigy": "Prodigy", "Adafactor": "Adafactor", "SGD": "SGD"}[optimizer]
@@ -63,7 +58,7 @@ def test_missing_optional_package_names_it(tmp_path, tiny_models, images, monkey
 
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # makes `import prodigyopt` fail
     with pytest.raises(UserError) as err:
-        trainer_for(tmp_path, tiny_models, images, ("optimizer_type", "Prodigy"))
+        tiny_trainer(tmp_path, tiny_models["sd15"], images, ("optimizer_type", "Prodigy"))
     assert str(err.value) == 'optimizer_type = "Prodigy" needs the prodigyopt package: pip install prodigyopt'
 
 
@@ -76,7 +71,7 @@ def test_missing_optional_package_names_it(tmp_path, tiny_models, images, monkey
     ("polynomial", lambda lrs: lrs[-1] < lrs[4]),
 ])
 def test_every_schedule(tmp_path, tiny_models, images, schedule, check):
-    trainer = trainer_for(tmp_path, tiny_models, images, ("lr_scheduler", schedule), ("lr_warmup_steps", "2"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("lr_scheduler", schedule), ("lr_warmup_steps", "2"),
                           ("lr_scheduler_num_cycles", "3"), ("lr_scheduler_power", "2.0"), max_train_steps=12)
     lrs = []
     original = trainer.scheduler.step
@@ -92,7 +87,7 @@ def test_every_schedule(tmp_path, tiny_models, images, schedule, check):
 
 def test_warmup_fraction_and_max_train_epochs(tmp_path, tiny_models, images):
     assert warmup_steps(0.1, 200) == 20 and warmup_steps(5, 200) == 5 and warmup_steps(0, 10) == 0
-    trainer = trainer_for(tmp_path, tiny_models, images, ("max_train_epochs", "3"))
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("max_train_epochs", "3"))
     assert trainer.plan.steps_per_epoch == 2 and trainer.total_steps == 6  # 4 images, batch 2
     trainer.run()
     assert trainer.step == 6
@@ -126,13 +121,13 @@ def test_noise_and_timestep_options():
     [("clip_skip", "2"), ("full_bf16", "true"), ("mixed_precision", "bf16")],
 ])
 def test_loss_options_train(tmp_path, tiny_models, images, overrides):
-    trainer = trainer_for(tmp_path, tiny_models, images, *overrides)
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, *overrides)
     trainer.run()
     assert len(trainer.losses) == 3 and all(math.isfinite(v) for v in trainer.losses)
 
 
 def test_v_prediction_uses_velocity_target(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models, images, ("v_parameterization", "true"))
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("v_parameterization", "true"))
     d = trainer.denoiser.diffusion
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     a = d.scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
@@ -162,7 +157,7 @@ def test_masked_loss_from_alpha_channel(tmp_path, tiny_models):
 
 
 def test_intermediate_saves_and_pruning(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models, images, ("save_every_n_steps", "2"), ("save_last_n_steps", "4"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("save_every_n_steps", "2"), ("save_last_n_steps", "4"),
                           ("save_every_n_epochs", "1"), ("save_last_n_epochs", "2"), ("save_state", "true"),
                           max_train_steps=10)
     trainer.run()
@@ -190,13 +185,13 @@ def poison_step(trainer, at: int):
 
 
 def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models, images, max_train_steps=4)
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, max_train_steps=4)
     poison_step(trainer, 2)
     with pytest.raises(UserError) as err:
         trainer.run()
     assert "loss became nan at step 3 (epoch 2)" in str(err.value)
     assert not (tmp_path / "out" / "lora.safetensors").exists()
-    trainer = trainer_for(tmp_path, tiny_models, images, ("skip_nan_steps", "true"), ("lr_scheduler", "linear"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("skip_nan_steps", "true"), ("lr_scheduler", "linear"),
                           max_train_steps=4)
     poison_step(trainer, 2)
     before = None

@@ -14,16 +14,7 @@ from library.lora.network import ADAPTER
 from library.train.diffusion import step_generator
 from library.train.loop import Trainer
 from library.train.method import MethodStep
-from tests.helpers import make_images, tiny_config, write_config
-
-
-def trainer_for(tmp_path, model, images, *overrides, **training) -> Trainer:
-    path = tiny_config(tmp_path, model, images, **training)
-    return Trainer(build_config(str(path), [("log_with", "none"), *overrides]))
-
-
-def first_batch(trainer):
-    return trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+from tests.helpers import first_batch, make_images, tiny_config, tiny_trainer, write_config
 
 
 def perturb_lora(network, std: float = 0.05, seed: int = 0) -> None:
@@ -91,7 +82,7 @@ def test_reg_images_keep_prior_loss_weight_and_are_never_augmented_under_apt(tmp
 # --- APT's weighting and augmentation end to end ------------------------------------------------
 
 def test_forced_gamma_scales_the_loss_and_fires_augmentation_at_its_rate(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
                           ("apt.aa", "false"), ("apt.augment", "false"))
     perturb_lora(trainer.network)
     batch = first_batch(trainer)
@@ -102,7 +93,7 @@ def test_forced_gamma_scales_the_loss_and_fires_augmentation_at_its_rate(tmp_pat
             losses[gamma] = trainer.denoiser.loss(batch, step_generator(1, 0, 0), trainer.method.step(batch, 0)).loss
     assert losses[0.5].item() == pytest.approx(0.5 * losses[0.0].item(), rel=1e-5)
 
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
                           ("apt.aa", "false"), ("apt.p_max", "0.8"))
     force_gamma(trainer.method, 0.6)
     batch = first_batch(trainer)
@@ -118,7 +109,7 @@ def test_forced_gamma_scales_the_loss_and_fires_augmentation_at_its_rate(tmp_pat
 # --- the reference pass is the base model, also with the text encoder trained ------------------
 
 def test_reference_conditioning_is_the_base_text_encoders_when_they_are_trained(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sdxl"], images, ("apt", "true"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sdxl"], images, ("apt", "true"),
                           ("network_train_unet_only", "false"))
     perturb_lora(trainer.network)
     batch = first_batch(trainer)
@@ -149,7 +140,7 @@ def test_reference_conditioning_is_the_base_text_encoders_when_they_are_trained(
 # --- precision islands ------------------------------------------------------------------------
 
 def test_vae_encode_ignores_autocast(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images)
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     encoder = trainer.batches.encoder
     encoder.vae.to(trainer.device)
@@ -183,7 +174,7 @@ def test_recorded_attention_maps_are_fp32_under_autocast():
 # --- non-finite references --------------------------------------------------------------------
 
 def test_non_finite_reference_never_reaches_the_indicator(tmp_path, tiny_models, images, caplog):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("learning_rate", "5e-3"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("learning_rate", "5e-3"),
                           max_train_steps=4)
     unet = trainer.bundle.unet
     original = unet.forward
@@ -222,7 +213,7 @@ def test_resume_refuses_changed_indicator_settings(tmp_path, tiny_models, images
 # --- gradient accumulation --------------------------------------------------------------------
 
 def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("max_grad_norm", "0"), max_train_steps=2)
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("max_grad_norm", "0"), max_train_steps=2)
     perturb_lora(trainer.network)
     samples = trainer.step_samples(0)[0]
     assert len(samples) == 2
@@ -266,7 +257,7 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_pat
 def test_clip_skip_takes_the_penultimate_layer_through_the_final_norm(tmp_path, tiny_models, images):
     from library.models.conditioning import TextConditioner
 
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images)
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images)
     b = trainer.bundle
     skip1 = TextConditioner(b.arch, b.tokenizers, b.text_encoders, 1)
     skip2 = TextConditioner(b.arch, b.tokenizers, b.text_encoders, 2)
@@ -282,7 +273,7 @@ def test_clip_skip_takes_the_penultimate_layer_through_the_final_norm(tmp_path, 
 
 
 def test_full_bf16_trains_bf16_lora_parameters(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("full_bf16", "true"), ("mixed_precision", "bf16"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("full_bf16", "true"), ("mixed_precision", "bf16"),
                           ("learning_rate", "1e-2"), max_train_steps=2)
     params = list(trainer.network.parameters())
     assert params and all(p.dtype == torch.bfloat16 for p in params)
@@ -337,7 +328,7 @@ def test_only_the_main_process_prints_info_and_warnings(monkeypatch):
 # --- reference_every --------------------------------------------------------------------------
 
 def test_reference_every_runs_the_reference_pass_and_indicator_update_every_kth_step(tmp_path, tiny_models, images):
-    trainer = trainer_for(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.reference_every", "2"),
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.reference_every", "2"),
                           ("learning_rate", "5e-3"), max_train_steps=5)
     unet = trainer.bundle.unet
     original = unet.forward

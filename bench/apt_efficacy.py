@@ -345,13 +345,20 @@ def paired(rows: list[dict], baseline: list[dict], key: str) -> tuple[float, flo
     return interval([r[key] - base[r["seed"]] for r in rows if r["seed"] in base])
 
 
+def loss_weights(indicator_csv: str, early: int = 100) -> tuple[float, float]:
+    """From a run's apt_indicator.csv: the lowest mean loss weight (1 - gamma, averaged over the bins)
+    in the first `early` steps, and the mean loss weight at the last step."""
+    rows = [line.split(",") for line in indicator_csv.strip().splitlines()[1:]]
+    weights = [(int(r[0]), 1 - statistics.mean(float(g) for g in r[1:])) for r in rows]
+    return min(w for s, w in weights if s <= early), weights[-1][1]
+
+
 def write_report(results: dict[str, list[dict]], args, steps: int, seconds: float) -> None:
     def cell(values):
         mean, half = interval(values)
         return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} +- {half:.3f}"
 
     names = list(results)
-    lora = results.get("LoRA")
     lines = [f"{args.regime} regime, seeds {args.seeds}, {steps} steps, {args.images_per_prompt} images per prompt, "
              f"DDIM {args.sample_steps} steps, CFG {args.cfg}; {seconds / 60:.0f} minutes so far; mean +- 95% "
              "confidence interval over seeds", "",
@@ -361,16 +368,26 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
                      + " |")
     lines.append("| training time per run (s) | | " + " | ".join(cell([r["train_seconds"] for r in rows])
                                                         for rows in results.values()) + " |")
-    if lora and len(args.seeds) > 1:
-        others = [n for n in names if n not in (BASE, "LoRA")]
-        lines += ["", "Paired difference to plain LoRA (same seed), mean +- 95% interval:", "",
+    # Plain LoRA is what APT must not lose to; prior preservation is what users would pick instead.
+    for baseline, label_of in (("LoRA", "plain LoRA"), ("LoRA + prior preservation", "LoRA + prior preservation")):
+        others = [n for n in names if n not in (BASE, "LoRA", baseline) and (baseline == "LoRA" or "APT" in n)]
+        if baseline not in results or not others or len(args.seeds) < 2:
+            continue
+        lines += ["", f"Paired difference to {label_of} (same seed), mean +- 95% interval:", "",
                   "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         for key, label, _ in METRICS:
             cells = []
             for n in others:
-                mean, half = paired(results[n], lora, key)
+                mean, half = paired(results[n], results[baseline], key)
                 cells.append(f"{mean:+.3f} +- {half:.3f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    with_indicator = [n for n in names if all("indicator_csv" in r for r in results[n])]
+    if with_indicator:
+        lines += ["", "APT's mean loss weight (1 - gamma over the bins; mean +- 95% interval over seeds):", "",
+                  "| variant | lowest in steps 1-100 | at the last step |", "|---|---|---|"]
+        for n in with_indicator:
+            early, end = zip(*(loss_weights(r["indicator_csv"]) for r in results[n]))
+            lines.append(f"| {n} | {cell(list(early))} | {cell(list(end))} |")
     text = "\n".join(lines) + "\n"
     stem = f"apt_efficacy_{args.regime}_{steps}"
     (args.out / f"{stem}.md").write_text(text)

@@ -129,6 +129,7 @@ def test_efficacy_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     assert 0 <= results["LoRA"][0]["prior_shape"] <= 1
     assert results["LoRA"][0]["memorisation"] > 0  # two steps already fit the training images better
     assert "indicator_csv" in results["APT + prior preservation"][0]
+    assert "| APT + prior preservation | " in table.split("APT's mean loss weight")[1]
     assert (tmp_path / "apt_efficacy_demo_2.png").stat().st_size > 1000
     # The class images were generated once, from the captions without the identifier.
     captions = {p.read_text() for p in (tmp_path / "class_images").glob("*.txt")}
@@ -149,3 +150,33 @@ def test_efficacy_intervals():
     rows = [{"seed": 0, "x": 1.5}, {"seed": 1, "x": 2.5}, {"seed": 5, "x": 9.0}]
     base = [{"seed": 0, "x": 1.0}, {"seed": 1, "x": 2.0}]
     assert apt_efficacy.paired(rows, base, "x") == (0.5, 0.0)  # seed 5 has no pair
+
+
+def test_efficacy_loss_weights_read_the_indicator_csv():
+    sys.path.insert(0, str(REPO / "bench"))
+    import apt_efficacy
+
+    csv = "step,t0-499,t500-999\n1,0.0,0.0\n2,0.4,0.2\n3,0.6,0.0\n4,0.9,0.5\n"
+    # mean weights per step: 1.0, 0.7, 0.7, 0.3; "early" = steps 1-3
+    assert apt_efficacy.loss_weights(csv, early=3) == pytest.approx((0.7, 0.3))
+
+
+def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from types import SimpleNamespace
+
+    import apt_efficacy
+
+    def run(seed, fidelity):
+        return {**{k: 0.5 for k, _, _ in apt_efficacy.METRICS}, "fidelity": fidelity, "seed": seed, "train_seconds": 1.0}
+
+    results = {apt_efficacy.BASE: [run(-1, 0.8)], "LoRA": [run(0, 0.90), run(1, 0.92)],
+               "LoRA + prior preservation": [run(0, 0.88), run(1, 0.88)], "APT": [run(0, 0.91), run(1, 0.91)]}
+    args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path)
+    apt_efficacy.write_report(results, args, 7, 60.0)
+    table = (tmp_path / "apt_efficacy_demo_7.md").read_text()
+    to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")
+    assert "| metric | LoRA + prior preservation | APT |" in to_lora
+    assert "| concept fidelity (feature similarity to training images) | -0.030 +- 0.127 | +0.000 +- 0.127 |" in to_lora
+    assert "| metric | APT |" in to_pp  # only APT variants against prior preservation
+    assert "| concept fidelity (feature similarity to training images) | +0.030 +- 0.000 |" in to_pp

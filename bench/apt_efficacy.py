@@ -353,6 +353,12 @@ def loss_weights(indicator_csv: str, early: int = 100) -> tuple[float, float]:
     return min(w for s, w in weights if s <= early), weights[-1][1]
 
 
+def relative(rows: list[dict], baseline: list[dict], key: str) -> tuple[float, float]:
+    """Mean per-seed ratio to the baseline minus 1 (-0.3 = 30% lower), with its 95% interval."""
+    base = {r["seed"]: r[key] for r in baseline}
+    return interval([r[key] / base[r["seed"]] - 1 for r in rows if r["seed"] in base and base[r["seed"]]])
+
+
 def write_report(results: dict[str, list[dict]], args, steps: int, seconds: float) -> None:
     def cell(values):
         mean, half = interval(values)
@@ -380,6 +386,17 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
             for n in others:
                 mean, half = paired(results[n], results[baseline], key)
                 cells.append(f"{mean:+.3f} +- {half:.3f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    others = [n for n in names if n not in (BASE, "LoRA")]
+    if "LoRA" in results and others and len(args.seeds) > 1:  # the issue's bars are stated in percent
+        lines += ["", "Relative to plain LoRA (per-seed ratio - 1), mean +- 95% interval:", "",
+                  "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for key in ("fidelity", "prior_drift"):
+            label = next(lab for k, lab, _ in METRICS if k == key)
+            cells = []
+            for n in others:
+                mean, half = relative(results[n], results["LoRA"], key)
+                cells.append(f"{100 * mean:+.1f}% +- {100 * half:.1f}%")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     with_indicator = [n for n in names if all("indicator_csv" in r for r in results[n])]
     if with_indicator:

@@ -180,3 +180,8 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     assert "| concept fidelity (feature similarity to training images) | -0.030 +- 0.127 | +0.000 +- 0.127 |" in to_lora
     assert "| metric | APT |" in to_pp  # only APT variants against prior preservation
     assert "| concept fidelity (feature similarity to training images) | +0.030 +- 0.000 |" in to_pp
+    ratios = table.split("Relative to plain LoRA")[1]
+    # LoRA + PP: 0.88/0.90 - 1 and 0.88/0.92 - 1; APT: 0.91/0.90 - 1 and 0.91/0.92 - 1
+    pp = [0.88 / 0.90 - 1, 0.88 / 0.92 - 1]
+    assert f"| {100 * sum(pp) / 2:+.1f}% +- " in ratios.splitlines()[4]
+    assert "| prior prompts: feature drift from the base model | +0.0% +- 0.0% | +0.0% +- 0.0% |" in ratios

@@ -262,8 +262,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, tiny
               ("apt.aa_layers", "[\"mid\", \"down_blocks.2\"]"), ("apt.min_weight", "0.2")]),
 ])
 def test_end_to_end_runs_with_each_component(tmp_path, tiny_models, images, model, overrides):
+    # 5 steps: the last one (step index 4) runs the reference pass under the default reference_every = 4
     trainer = apt_trainer(tmp_path, tiny_models, images, ("learning_rate", "5e-3"), *overrides, model=model,
-                          max_train_steps=4)
+                          max_train_steps=5)
     out = trainer.run()
     assert all(math.isfinite(v) for v in trainer.losses)
     gamma = trainer.method.apt.indicator.gamma()
@@ -289,7 +290,7 @@ def test_end_to_end_runs_with_each_component(tmp_path, tiny_models, images, mode
         assert stats["apt/loss_weight"] == 1
     assert (tmp_path / "out" / "apt_indicator.png").is_file()
     rows = (tmp_path / "out" / "apt_indicator.csv").read_text().strip().split("\n")
-    assert rows[0].startswith("step,t0-99,") and len(rows) == 5
+    assert rows[0].startswith("step,t0-99,") and len(rows) == 6
 
 
 def test_indicator_is_logged_and_restored_on_resume(tmp_path, tiny_models, images):

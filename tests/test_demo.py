@@ -171,15 +171,20 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
         return {**{k: 0.5 for k, _, _ in apt_efficacy.METRICS}, "fidelity": fidelity, "seed": seed, "train_seconds": 1.0}
 
     results = {apt_efficacy.BASE: [run(-1, 0.8)], "LoRA": [run(0, 0.90), run(1, 0.92)],
-               "LoRA + prior preservation": [run(0, 0.88), run(1, 0.88)], "APT": [run(0, 0.91), run(1, 0.91)]}
+               "LoRA + prior preservation": [run(0, 0.88), run(1, 0.88)], "APT": [run(0, 0.91), run(1, 0.91)],
+               "APT (reference every 4)": [run(0, 0.90), run(1, 0.92)]}
     args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path)
     apt_efficacy.write_report(results, args, 7, 60.0)
     table = (tmp_path / "apt_efficacy_demo_7.md").read_text()
     to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")
-    assert "| metric | LoRA + prior preservation | APT |" in to_lora
-    assert "| concept fidelity (feature similarity to training images) | -0.030 +- 0.127 | +0.000 +- 0.127 |" in to_lora
-    assert "| metric | APT |" in to_pp  # only APT variants against prior preservation
-    assert "| concept fidelity (feature similarity to training images) | +0.030 +- 0.000 |" in to_pp
+    to_pp, to_apt = to_pp.split("Paired difference to APT with the reference pass on every step")
+    assert "| metric | LoRA + prior preservation | APT | APT (reference every 4) |" in to_lora
+    assert ("| concept fidelity (feature similarity to training images) | -0.030 +- 0.127 | +0.000 +- 0.127 "
+            "| +0.000 +- 0.000 |") in to_lora
+    assert "| metric | APT | APT (reference every 4) |" in to_pp  # only APT variants against prior preservation
+    assert "| concept fidelity (feature similarity to training images) | +0.030 +- 0.000 | +0.030 +- 0.127 |" in to_pp
+    assert "| metric | APT (reference every 4) |" in to_apt  # only the cheaper schedules against every step
+    assert "| concept fidelity (feature similarity to training images) | +0.000 +- 0.127 |" in to_apt.split("Relative")[0]
     ratios = table.split("Relative to plain LoRA")[1]
     # LoRA + PP: 0.88/0.90 - 1 and 0.88/0.92 - 1; APT: 0.91/0.90 - 1 and 0.91/0.92 - 1
     pp = [0.88 / 0.90 - 1, 0.88 / 0.92 - 1]

@@ -174,8 +174,9 @@ def test_recorded_attention_maps_are_fp32_under_autocast():
 # --- non-finite references --------------------------------------------------------------------
 
 def test_non_finite_reference_never_reaches_the_indicator(tmp_path, tiny_models, images, caplog):
+    # reference passes at steps 0 and 4 (the default reference_every = 4); the second one is poisoned
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("learning_rate", "5e-3"),
-                          max_train_steps=4)
+                           max_train_steps=6)
     unet = trainer.bundle.unet
     original = unet.forward
     calls = {"n": 0}
@@ -183,14 +184,14 @@ def test_non_finite_reference_never_reaches_the_indicator(tmp_path, tiny_models,
     def poisoned(sample, *args, **kw):
         if not torch.is_grad_enabled():  # the reference pass
             calls["n"] += 1
-            if calls["n"] == 2:  # step 2 of 4: its prediction and recordings become NaN
+            if calls["n"] == 2:  # its prediction and recordings become NaN
                 sample = sample * float("nan")
         return original(sample, *args, **kw)
 
     unet.forward = poisoned
     with caplog.at_level(logging.WARNING, logger="library"):
         trainer.run()
-    assert all(math.isfinite(v) for v in trainer.losses) and len(trainer.losses) == 4
+    assert calls["n"] == 2 and all(math.isfinite(v) for v in trainer.losses) and len(trainer.losses) == 6
     ind = trainer.method.apt.indicator
     assert torch.isfinite(ind.ema_ref).all() and torch.isfinite(ind.gamma()).all()
     assert trainer.method.skipped == {"indicator": 1, "regularisers": 1}

@@ -225,7 +225,7 @@ class AptOptions:
         None, "k: gamma = 1 - (L_theta / L_ref)^k for the relative indicator (unset = 0.5), 1 - exp(-k * "
               "(L_ref - L_theta)) for the paper's (unset = the number of training timesteps, 1000)", gt=0)
     reference_every: int = option(
-        1, "run the reference pass, the RS/AA terms and the indicator update every N-th step only; the steps "
+        4, "run the reference pass, the RS/AA terms and the indicator update every N-th step only; the steps "
            "between train with the last indicator (cheaper; 1 = every step, as the paper)", ge=1)
     indicator_includes_reg: bool = option(False, "let regularisation images update the indicator too")
     augment: bool = option(True, "adaptive augmentation: zoom-out and rotation with probability min(gamma, p_max)")

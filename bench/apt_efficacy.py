@@ -344,10 +344,12 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def paired(rows: list[dict], baseline: list[dict], key: str) -> tuple[float, float]:
-    """Mean difference to the baseline over the seeds both have, with its 95% interval."""
+def paired(rows: list[dict], baseline: list[dict], key: str, ratio: bool = False) -> tuple[float, float]:
+    """Mean per-seed difference to the baseline over the seeds both have, with its 95% interval; with
+    `ratio`, the per-seed ratio minus 1 (-0.3 = 30% lower)."""
     base = {r["seed"]: r[key] for r in baseline}
-    return interval([r[key] - base[r["seed"]] for r in rows if r["seed"] in base])
+    pairs = [(r[key], base[r["seed"]]) for r in rows if r["seed"] in base]
+    return interval([x / b - 1 for x, b in pairs if b] if ratio else [x - b for x, b in pairs])
 
 
 def loss_weights(indicator_csv: str, early: int = 100) -> tuple[float, float]:
@@ -356,12 +358,6 @@ def loss_weights(indicator_csv: str, early: int = 100) -> tuple[float, float]:
     rows = [line.split(",") for line in indicator_csv.strip().splitlines()[1:]]
     weights = [(int(r[0]), 1 - statistics.mean(float(g) for g in r[1:])) for r in rows]
     return min(w for s, w in weights if s <= early), weights[-1][1]
-
-
-def relative(rows: list[dict], baseline: list[dict], key: str) -> tuple[float, float]:
-    """Mean per-seed ratio to the baseline minus 1 (-0.3 = 30% lower), with its 95% interval."""
-    base = {r["seed"]: r[key] for r in baseline}
-    return interval([r[key] / base[r["seed"]] - 1 for r in rows if r["seed"] in base and base[r["seed"]]])
 
 
 def write_report(results: dict[str, list[dict]], args, steps: int, seconds: float) -> None:
@@ -405,7 +401,7 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
             label = next(lab for k, lab, _ in METRICS if k == key)
             cells = []
             for n in others:
-                mean, half = relative(results[n], results["LoRA"], key)
+                mean, half = paired(results[n], results["LoRA"], key, ratio=True)
                 cells.append(f"{100 * mean:+.1f}% +- {100 * half:.1f}%")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     with_indicator = [n for n in names if all("indicator_csv" in r for r in results[n])]

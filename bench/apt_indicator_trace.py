@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -27,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# No augmentation: cached latents are exact. The indicator is updated on every step, as when k was chosen.
 OBSERVE_ONLY = [("apt", "true"), ("apt.augment", "false"), ("apt.loss_weighting", "false"), ("apt.rs", "false"),
-                ("apt.aa", "false"), ("cache_latents", "true")]  # no augmentation: cached latents are exact
+                ("apt.aa", "false"), ("apt.reference_every", "1"), ("cache_latents", "true")]
 
 
 def trace(seed: int, args) -> list[dict]:

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, prompt in enumerate(PRIOR_PROMPTS):
             (prior / f"img{i:02d}.txt").write_text(prompt)
     variants = [("plain LoRA", [])]
-    off = [("apt", "true"), ("apt.augment", "false"), ("apt.loss_weighting", "false")]
+    # RS/AA on every step, as when the default weights were chosen (docs/apt.md)
+    off = [("apt", "true"), ("apt.augment", "false"), ("apt.loss_weighting", "false"), ("apt.reference_every", "1")]
     variants += [(f"RS lambda_dist={v:g}", off + [("apt.aa", "false"), ("apt.lambda_dist", str(v))])
                  for v in args.lambda_dist]
     variants += [(f"AA lambda_attn={v:g}", off + [("apt.rs", "false"), ("apt.lambda_attn", str(v))])

@@ -157,3 +157,10 @@ def test_check_within_a_tiny_budget_drops_everything_and_still_reports(tmp_path)
     assert {r["status"] for r in rows} == {"dropped", "skipped"}
     assert all(r["error"].startswith("budget") for r in rows if r["status"] == "dropped")
     assert not (tmp_path / "w" / "models").exists()  # nothing was built for runs that never start
+
+
+def test_step_time_counts_the_reference_pass_every_4th_step_at_its_share():
+    # 12 timed steps after a 3-step warm-up, every 4th one dearer (reference_every = 4)
+    times = [(step, 2.0 if step % 4 == 0 else 1.0) for step in range(1, 16)]
+    metrics = gpu_check.train_metrics({"s_per_it": times, "loss": [(s, 0.1) for s in range(1, 16)]}, 3, 15)
+    assert metrics["s_per_step"] == 1.25  # a plain median would say 1.0

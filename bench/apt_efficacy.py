@@ -142,50 +142,45 @@ class References:
 def references(trainer, classifier, args) -> References:
     from PIL import Image
 
-    from library.demo.evaluate import generate, pipeline, score
+    from library.demo.evaluate import generate, score
     from library.demo.models import to_tensor
 
     compositional, prior = evaluation_prompts()
-    trainer.network.set_enabled(False)
-    try:
-        with torch.no_grad():
-            pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
-            base_prior = score(classifier, generate(pipeline(trainer.bundle, trainer.bundle.unet), pri,
-                                                    steps=args.sample_steps, scale=args.cfg))
-            train = to_tensor([Image.open(r.path).convert("RGB") for r in trainer.data.records])
-            train_emb = torch.nn.functional.normalize(classifier.embed(train), dim=1)
-    finally:
-        trainer.network.set_enabled(True)
+    probe = trainer.probe
+    with probe.adapters(False), torch.no_grad():
+        pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
+        base_prior = score(classifier, generate(probe.pipeline(), pri, steps=args.sample_steps, scale=args.cfg))
+        train = to_tensor([Image.open(path).convert("RGB") for path, _ in probe.training_images()])
+        train_emb = torch.nn.functional.normalize(classifier.embed(train), dim=1)
     comp_truth = [sc for sc in compositional for _ in range(args.images_per_prompt)]
     return References(base_prior, scene_embeddings(classifier, comp_truth), train_emb)
 
 
 def memorisation(trainer, per_bin_seeds: int = 3) -> float:
     """1000 x (L_ref - L_theta) on the training images with fixed noise, averaged over 10 bins."""
-    batch = trainer.batches.build_fixed(trainer.data.train_indices())
+    probe = trainer.probe
+    batch = probe.training_batch()
     gaps = []
-    with torch.no_grad():
-        for b in range(10):
-            t = torch.full((len(batch.records),), b * 100 + 50)
-            theta, ref = [], []
-            for s in range(per_bin_seeds):
-                for enabled, losses in ((True, theta), (False, ref)):
-                    trainer.network.set_enabled(enabled)
+    for b in range(10):
+        t = torch.full((len(batch.records),), b * 100 + 50)
+        theta, ref = [], []
+        for s in range(per_bin_seeds):
+            for enabled, losses in ((True, theta), (False, ref)):
+                with probe.adapters(enabled):
                     gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
-                    losses.append(trainer.denoiser.loss(batch, gen, timesteps=t, unet=trainer.bundle.unet,
-                                                        weighted=False, frozen_text=True).loss.item())
-            trainer.network.set_enabled(True)
-            gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
+                    losses.append(probe.losses(batch, t, gen=gen).mean().item())
+        gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
     return statistics.mean(gaps)
 
 
 def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float]:
-    from library.demo.evaluate import generate, mean_pairwise_distance, pipeline, score
+    from library.demo.evaluate import generate, mean_pairwise_distance, score
 
     compositional, prior = evaluation_prompts()
-    pipe = pipeline(trainer.bundle, trainer.bundle.unet)
-    with torch.no_grad(), trainer.accelerator.autocast():
-        train_caps = sorted({r.caption for r in trainer.data.records})
+    probe = trainer.probe
+    pipe = probe.pipeline()
+    with torch.no_grad(), probe.autocast():
+        train_caps = sorted({caption for _, caption in probe.training_images()})
         ident = [(c, 500 + s) for c in train_caps for s in range(args.images_per_prompt * 2)]
         comp = [(sc.caption(), 600 + s) for sc in compositional for s in range(args.images_per_prompt)]
         pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
@@ -216,21 +211,16 @@ def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float
 def class_images(trainer, args) -> Path:
     """DreamBooth-style class images: the base model's generations of the training captions with the
     identifier removed, 4 per caption, cached in --out/class_images."""
-    from library.demo.evaluate import generate, pipeline
+    from library.demo.evaluate import generate
 
     folder = args.out / "class_images"
     if (folder / "done").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    captions = sorted({r.caption.replace("sks ", "") for r in trainer.data.records})
+    captions = sorted({caption.replace("sks ", "") for _, caption in trainer.probe.training_images()})
     prompts = [(c, 900 + k) for c in captions for k in range(4)]
-    trainer.network.set_enabled(False)
-    try:
-        with torch.no_grad():
-            images = generate(pipeline(trainer.bundle, trainer.bundle.unet), prompts, steps=args.sample_steps,
-                              scale=args.cfg)
-    finally:
-        trainer.network.set_enabled(True)
+    with trainer.probe.adapters(False), torch.no_grad():
+        images = generate(trainer.probe.pipeline(), prompts, steps=args.sample_steps, scale=args.cfg)
     for n, (image, (caption, _)) in enumerate(zip(images, prompts)):
         image.save(folder / f"class_{n:02d}.png")
         (folder / f"class_{n:02d}.txt").write_text(caption)
@@ -290,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [("max_train_steps", str(steps)), ("seed", str(seed)), ("output_dir", str(args.out / "lora")),
                      ("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
                      ("cpu_threads", str(args.cpu_threads)), *REGIMES[args.regime], *variants.get(name, APT_OFF)]
-        trainer = Trainer(build_config(str(config), overrides))
-        trainer.bundle.vae.to(trainer.device)
-        return trainer
+        return Trainer(build_config(str(config), overrides))
 
     # The reference point: the base model, scored like the LoRAs (its drift and memorisation are 0).
     trainer = make_trainer("LoRA", 0, 1, preset)
@@ -303,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if base_file.is_file():
         base_metrics = json.loads(base_file.read_text())
     else:
-        trainer.network.set_enabled(False)
-        base_metrics = evaluate_run(trainer, classifier, refs, args)
+        with trainer.probe.adapters(False):
+            base_metrics = evaluate_run(trainer, classifier, refs, args)
         base_file.write_text(json.dumps(base_metrics))
     print(f"{BASE} " + " ".join(f"{k}={v:.3f}" for k, v in base_metrics.items()), flush=True)
     for steps in args.steps:
@@ -319,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
                     trainer = make_trainer(name, seed, steps, config)
                     tick = time.time()
                     trainer.run()
-                    trainer.bundle.vae.to(trainer.device)
                     metrics = evaluate_run(trainer, classifier, refs, args)
                     metrics["train_seconds"] = time.time() - tick
                     metrics["seed"] = seed

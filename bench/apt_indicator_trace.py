@@ -41,16 +41,14 @@ def trace(seed: int, args) -> list[dict]:
                  ("sample_prompts", "none"), ("sample_every_n_steps", "none"), ("max_data_loader_n_workers", "0"), ("cpu_threads", "1"),
                  *OBSERVE_ONLY]
     trainer = Trainer(build_config(str(ROOT / "presets" / "demo.toml"), overrides))
-    ind = trainer.method.apt.indicator
+    probe = trainer.probe
     rows = []
-    end_step = trainer.method.end_step
 
-    def record(step, losses):
-        end_step(step, losses)
-        rows.append({"step": step, "ref": ind.ema_ref.tolist(), "theta": ind.ema_theta.tolist(),
-                     "seen": ind.seen.tolist()})
+    def record(report, values):
+        ind = probe.indicator()
+        rows.append({"step": report.step, "ref": ind["ema_ref"], "theta": ind["ema_theta"], "seen": ind["seen"]})
 
-    trainer.method.end_step = record
+    probe.on_step(record)
     trainer.run()
     return rows
 

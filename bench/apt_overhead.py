@@ -125,15 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.config import build_config
     from library.models.tiny import build_tiny_pipeline, save_diffusers
-    from library.train.apt_method import make_apt
     from library.train.loop import Trainer
-    from library.train.method import TrainingMethod
-    from library.train.setup import set_attention
     from tests.helpers import make_images, write_config
 
     resolution = args.resolution or (64 if args.model == "tiny" else 256)
     work = Path(tempfile.mkdtemp(prefix="apt_bench_"))
-    pipe = build_tiny_pipeline("sd15") if args.model == "tiny" else mid_pipeline(0)
+    pipe = build_tiny_pipeline("sd1") if args.model == "tiny" else mid_pipeline(0)
     save_diffusers(pipe, work / "model")
     del pipe
     images = make_images(work / "images", args.batch_size, size=(resolution, resolution))
@@ -147,38 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     }, [{"resolution": resolution, "subsets": [{"image_dir": str(images)}]}])
     cfg = build_config(str(cfg_path), [])
     trainer = Trainer(cfg)
-    device = trainer.device
-    samples = trainer.step_samples(0)
-    trainer.step_samples = lambda step: samples  # the same batch every step, no loading cost
-    controllers = {}
-    for name, parts in VARIANTS.items():
-        if parts is None:
-            controllers[name] = None
-            continue
-        opts = replace(cfg.apt, **parts)
-        controllers[name] = (opts, parts)
+    probe = trainer.probe
+    device = probe.device
+    probe.fix_samples(0)  # the same batch every step, no loading cost
+    variants = {name: None if parts is None else replace(cfg.apt, **parts) for name, parts in VARIANTS.items()}
     base = rss_now()
     results: dict[str, dict[str, list]] = {name: {"time": [], "peak": []} for name in VARIANTS}
     step = 0
     for _ in range(args.rounds):
-        for name, spec in controllers.items():
-            if spec is None:
-                trainer.use_method(TrainingMethod())
-                set_attention(trainer.bundle.unet, args.attention, device)
+        for name, opts in variants.items():
+            if opts is None:
+                probe.use_method("plain")
             else:
-                trainer.use_method(make_apt(spec[0], trainer.bundle, trainer.bundle.unet, trainer.denoiser,
-                                            trainer.batches.encoder, torch.zeros(4), trainer.network.set_enabled,
-                                            trains_text=False, xformers=args.attention == "xformers",
-                                            gather=lambda rows: rows, settings={}))
+                probe.use_method("apt", apt=opts)
             for _ in range(2):  # warm-up
-                trainer.train_step(step)
+                probe.train_step(step)
                 step += 1
             reset_peak(device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             tick = time.perf_counter()
             for _ in range(args.steps):
-                trainer.train_step(step)
+                probe.train_step(step)
                 step += 1
             if device.type == "cuda":
                 torch.cuda.synchronize()

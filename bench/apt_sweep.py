@@ -30,28 +30,21 @@ PRIOR_PROMPTS = ["a blue square on a white background", "a green triangle", "a p
                  "a purple heart on a striped background"]
 
 
-def measure(trainer, train_batch, prior_batch, seeds=(101, 202, 303)) -> tuple[float, float]:
+def measure(probe, train_batch, prior_batch, seeds=(101, 202, 303)) -> tuple[float, float]:
     """(fit loss on the training batch, drift on the prior batch) with fixed noise and timesteps."""
     import torch
 
     from library.train.diffusion import step_generator
 
     fit, drift = [], []
-    with torch.no_grad(), trainer.accelerator.autocast():
-        for seed in seeds:
-            fit.append(trainer.denoiser.loss(train_batch, step_generator(seed, 0, 0), unet=trainer.bundle.unet,
-                                             weighted=False, frozen_text=True).loss.item())
-            gen = step_generator(seed, 1, 0)
-            latents = prior_batch.latents.to(trainer.device)
-            t = torch.randint(0, 1000, (latents.shape[0],), generator=gen)
-            noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-            noisy = trainer.denoiser.diffusion.add_noise(latents, noise, t)
-            cond = trainer.denoiser.conditions.frozen_encoder.encode(prior_batch.captions)
-            tuned = trainer.bundle.unet(noisy, t.to(trainer.device), cond.hidden_states).sample
-            trainer.network.set_enabled(False)
-            base = trainer.bundle.unet(noisy, t.to(trainer.device), cond.hidden_states).sample
-            trainer.network.set_enabled(True)
-            drift.append(((tuned - base) ** 2).mean().item())
+    for seed in seeds:
+        fit.append(probe.losses(train_batch, seed=seed).mean().item())
+        gen = step_generator(seed, 1, 0)
+        t = torch.randint(0, 1000, (prior_batch.latents.shape[0],), generator=gen)
+        tuned = probe.predictions(prior_batch, t, gen=gen.clone_state())
+        with probe.adapters(False):
+            base = probe.predictions(prior_batch, t, gen=gen)
+        drift.append(((tuned - base) ** 2).mean().item())
     return statistics.mean(fit), statistics.mean(drift)
 
 
@@ -60,18 +53,16 @@ def run(cfg_path: Path, overrides: list[tuple[str, str]], prior_dir: Path) -> tu
     from library.train.loop import Trainer
 
     trainer = Trainer(build_config(str(cfg_path), overrides))
-    train_batch = trainer.batches.build_fixed(trainer.data.train_indices())
+    probe = trainer.probe
+    train_batch = probe.training_batch()
     trainer.run()
     from library.config.dataset import parse_blueprint
     from library.data.dataset import TrainingData
-    from library.train.batches import BatchBuilder
 
-    prior = TrainingData(parse_blueprint({"datasets": [{"resolution": trainer.data.tables[0].resolution[0],
+    prior = TrainingData(parse_blueprint({"datasets": [{"resolution": probe.resolution[0],
                                                         "subsets": [{"image_dir": str(prior_dir)}]}]}, "prior", ROOT),
                          native_resolution=64, default_batch_size=4, seed=0)
-    trainer.bundle.vae.to(trainer.device)
-    prior_batch = BatchBuilder(prior, trainer.batches.encoder, 1.0).build_fixed(list(range(len(prior.records))))
-    return measure(trainer, train_batch, prior_batch)
+    return measure(probe, train_batch, probe.batch_of(prior))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="apt_sweep_"))
     model = args.model
     if model is None and not args.demo:
-        save_diffusers(build_tiny_pipeline("sd15"), work / "model")
+        save_diffusers(build_tiny_pipeline("sd1"), work / "model")
         model = str(work / "model")
     prior = work / "prior"
     if args.demo:

@@ -142,7 +142,7 @@ def build_model(arch: str, tiny: bool, folder: Path) -> None:
 
     setup_logging()  # no progress bars from save_pretrained
     device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
-    pipe = build_random_pipeline(ARCHS[arch]["trees"][tiny], arch, seed=0, device=device)
+    pipe = build_random_pipeline(ARCHS[arch]["trees"][tiny], seed=0, device=device)
     pipe.to("cpu", torch.float32 if tiny else torch.float16)
     save_diffusers(pipe, folder)
     del pipe

@@ -23,13 +23,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD1.5 and SDXL models as diffusers folders and original-format single files."""
     from safetensors.torch import save_file
 
-    from library.models.single_file import to_original_state_dict
+    from library.models.families import to_original_state_dict
     from library.models.tiny import build_tiny_pipeline, save_diffusers
 
     root = tmp_path_factory.mktemp("models")
     out = {}
     for arch, family in (("sd15", "sd1"), ("sdxl", "sdxl")):
-        pipe = build_tiny_pipeline(arch, seed=0)
+        pipe = build_tiny_pipeline(family, seed=0)
         folder = root / f"tiny-{arch}"
         save_diffusers(pipe, folder)
         encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])

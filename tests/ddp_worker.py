@@ -22,19 +22,19 @@ def main() -> None:
     config, out = sys.argv[1], Path(sys.argv[2])
     trainer = Trainer(build_config(config, []))
     seen = []
-    plan = trainer.plan.step_batches
+    plan = trainer.parts.plan.step_batches
 
     def spy(step):
         epoch, micro = plan(step)
         seen.extend([epoch, position, list(ref.items)] for position, ref in micro)
         return epoch, micro
 
-    trainer.plan.step_batches = spy
+    trainer.parts.plan.step_batches = spy
     trainer.run()
-    rank = trainer.accelerator.process_index
+    rank = trainer.parts.accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
-    save_file(trainer.network.kohya_state_dict(), str(out / f"rank{rank}.safetensors"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.accelerator.num_processes, "seen": seen,
+    save_file(trainer.parts.network.kohya_state_dict(), str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.parts.accelerator.num_processes, "seen": seen,
                                                       "steps": trainer.step}))
 
 

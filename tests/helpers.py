@@ -75,7 +75,7 @@ def tiny_trainer(tmp_path: Path, model: Path, image_dir: Path, *overrides, **tra
 
 def first_batch(trainer):
     """The trainer's first micro-batch of epoch 1, built as the loop builds it."""
-    return trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+    return trainer.parts.batches.build(trainer.parts.data.epoch_batches(1)[0], 1, 0)
 
 
 def random_lora(model: Path, spec, seed: int = 0, scale: float = 0.2):

@@ -26,7 +26,7 @@ def apt_trainer(tmp_path, tiny_models, images, *overrides, model="sd15", **train
 
 def apt_loss(trainer, batch, gen=None, step: int = 0):
     """One micro-batch through the shared training step with APT's hooks."""
-    return trainer.denoiser.loss(batch, gen or step_generator(0, step, 0), trainer.method.step(batch, step))
+    return trainer.parts.denoiser.loss(batch, gen or step_generator(0, step, 0), trainer.parts.method.step(batch, step))
 
 
 # --- indicator --------------------------------------------------------------------------------
@@ -197,14 +197,14 @@ def test_token_mask_and_attention_distances():
 def test_at_step_zero_everything_is_zero(tmp_path, tiny_models, images, model):
     trainer = apt_trainer(tmp_path, tiny_models, images, model=model)
     batch = first_batch(trainer)
-    micro = trainer.method.step(batch, 0)
-    with trainer.accelerator.autocast():
-        result = trainer.denoiser.loss(batch, step_generator(0, 0, 0), micro)
+    micro = trainer.parts.method.step(batch, 0)
+    with trainer.parts.accelerator.autocast():
+        result = trainer.parts.denoiser.loss(batch, step_generator(0, 0, 0), micro)
     assert torch.equal(result.per_sample, micro.loss_ref)  # LoRA up-weights are zero: same prediction
     assert result.stats["apt/l_mu"] == 0 and result.stats["apt/l_sigma"] == 0 and result.stats["apt/l_attn"] == 0
     assert result.stats["apt/augment_rate"] == 0.0 and result.stats["apt/loss_weight"] == 1.0
-    trainer.method.end_step(1, [(result, batch)])
-    apt = trainer.method.apt
+    trainer.parts.method.end_step(0, [(result, batch)])
+    apt = trainer.parts.method.controller
     assert apt.indicator.seen.any() and apt.indicator.gamma().max() == 0.0
     assert apt.layers["rs"] and apt.layers["aa"]
 
@@ -212,16 +212,16 @@ def test_at_step_zero_everything_is_zero(tmp_path, tiny_models, images, model):
 def test_apt_terms_reach_only_lora_parameters(tmp_path, tiny_models, images):
     trainer = apt_trainer(tmp_path, tiny_models, images, ("apt.lambda_attn", "100"))
     with torch.no_grad():
-        for _, layer in trainer.network.layers.values():
+        for _, layer in trainer.parts.network.layers.values():
             layer.lora_B[ADAPTER].weight.normal_(0, 0.05)
     batch = first_batch(trainer)
     result = apt_loss(trainer, batch)
-    terms = trainer.method.apt.regularisers(trainer.denoiser.conditions.tokenize(batch.captions)[0])
+    terms = trainer.parts.method.controller.regularisers(trainer.parts.denoiser.conditioning.tokenize(batch.captions)[0])
     assert terms.l_mu > 0 and terms.l_sigma > 0 and terms.l_attn > 0
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.parts.optimizer.zero_grad(set_to_none=True)
     terms.total(1.0, 1.0).backward()
-    lora = {id(p) for p in trainer.network.parameters()}
-    with_grad = [(n, p) for n, p in trainer.bundle.unet.named_parameters() if p.grad is not None]
+    lora = {id(p) for p in trainer.parts.network.parameters()}
+    with_grad = [(n, p) for n, p in trainer.parts.bundle.unet.named_parameters() if p.grad is not None]
     assert with_grad and all(id(p) in lora for _, p in with_grad)
     assert any(p.grad.abs().sum() > 0 for _, p in with_grad)
     assert result.loss.requires_grad
@@ -234,13 +234,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, tiny
         d.mkdir()
         trainer = apt_trainer(d, tiny_models, images, ("gradient_checkpointing", checkpointing), model="sdxl")
         with torch.no_grad():
-            for _, layer in trainer.network.layers.values():
+            for _, layer in trainer.parts.network.layers.values():
                 layer.lora_B[ADAPTER].weight.copy_(torch.linspace(-0.05, 0.05, layer.lora_B[ADAPTER].weight.numel())
                                                    .reshape(layer.lora_B[ADAPTER].weight.shape))
         result = apt_loss(trainer, first_batch(trainer))
         result.loss.backward()
-        trainer.method.after_backward()
-        grads = {n: p.grad.clone() for n, p in trainer.bundle.unet.named_parameters() if p.grad is not None}
+        trainer.parts.method.after_backward()
+        grads = {n: p.grad.clone() for n, p in trainer.parts.bundle.unet.named_parameters() if p.grad is not None}
         results.append((result.loss.item(), grads, result.stats))
     (loss_a, grads_a, stats_a), (loss_b, grads_b, stats_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-6) and stats_a["apt/l_attn"] > 0
@@ -267,8 +267,8 @@ def test_end_to_end_runs_with_each_component(tmp_path, tiny_models, images, mode
                           max_train_steps=5)
     out = trainer.run()
     assert all(math.isfinite(v) for v in trainer.losses)
-    gamma = trainer.method.apt.indicator.gamma()
-    assert trainer.method.apt.indicator.seen.any() and (gamma >= 0).all() and (gamma <= 1).all()
+    gamma = trainer.parts.method.controller.indicator.gamma()
+    assert trainer.parts.method.controller.indicator.seen.any() and (gamma >= 0).all() and (gamma <= 1).all()
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
     assert meta["apt_enabled"] == "True"
@@ -279,7 +279,7 @@ def test_end_to_end_runs_with_each_component(tmp_path, tiny_models, images, mode
             assert settings[key[4:]] == (value == "true")
     # A component switched off does nothing (the last step's APT statistics).
     off = {key for key, value in overrides if value == "false"}
-    stats = trainer.method.last_stats
+    stats = trainer.parts.method.last_stats
     if "apt.rs" in off:
         assert stats["apt/l_mu"] == 0 and stats["apt/l_sigma"] == 0
     if "apt.aa" in off:
@@ -315,7 +315,7 @@ def test_indicator_is_logged_and_restored_on_resume(tmp_path, tiny_models, image
     Trainer(build_config(str(path), [*common, ("save_state", "true")])).run()
     resumed = Trainer(build_config(str(path), [*common, ("resume", "latest"), ("max_train_steps", "6")]))
     state = json.loads((split / "out" / "lora-state" / "state.json").read_text())["extra"]["apt"]["indicator"]
-    assert resumed.method.apt.indicator.state_dict() == state  # restored exactly
+    assert resumed.parts.method.controller.indicator.state_dict() == state  # restored exactly
     resumed.run()
-    assert torch.allclose(resumed.method.apt.indicator.gamma(), full.method.apt.indicator.gamma(), atol=1e-9)
-    assert resumed.method.apt.history.steps == list(range(1, 7))
+    assert torch.allclose(resumed.parts.method.controller.indicator.gamma(), full.parts.method.controller.indicator.gamma(), atol=1e-9)
+    assert resumed.parts.method.controller.history.steps == list(range(1, 7))

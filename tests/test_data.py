@@ -150,7 +150,7 @@ def test_without_buckets_every_image_is_scaled_and_centre_cropped(tmp_path):
     s = data.sample(0, 1, "0:0")
     assert s.crop_left_top == (21, 0) and tuple(s.pixels.shape) == (3, 64, 64)
     # SDXL conditioning: true original size (h, w), crop (top, left), target (h, w)
-    assert data.time_ids(s) == (60, 100, 0, 21, 64, 64)
+    assert data.size_info(s) == (60, 100, 0, 21, 64, 64)
 
 
 def test_sdxl_crop_offset_is_mirrored_when_flipped(tmp_path):
@@ -163,7 +163,7 @@ def test_sdxl_crop_offset_is_mirrored_when_flipped(tmp_path):
         s = data.sample(0, 1, str(slot))
         left = s.crop_left_top[0]
         expected_left = (107 - 64 - left) if s.flipped else left
-        assert data.time_ids(s)[3] == expected_left
+        assert data.size_info(s)[3] == expected_left
         seen.add(s.flipped)
     assert seen == {True, False}
 

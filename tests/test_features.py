@@ -8,7 +8,9 @@ import torch
 
 from library.config import build_config
 from library.errors import UserError
-from library.train.diffusion import Diffusion, pyramid_noise, step_generator
+from library.models.objectives import DDPMObjective
+from library.train.diffusion import NoiseSampler, TimestepSampler, pyramid_noise, step_generator
+from library.train.loss import Loss
 from library.train.loop import Trainer
 from library.train.schedules import warmup_steps
 from tests.helpers import make_images, run_main, tiny_config, tiny_trainer
@@ -32,11 +34,11 @@ def test_every_optimizer_trains(tmp_path, tiny_models, images, optimizer, args):
                           ("learning_rate", lr))
     expected = {"AdamW": "AdamW", "AdamW8bit": "AdamW8bit", "Lion": "Lion", "Lion8bit": "Lion8bit",
                 "Prodigy": "Prodigy", "Adafactor": "Adafactor", "SGD": "SGD"}[optimizer]
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    inner = getattr(trainer.parts.optimizer, "optimizer", trainer.parts.optimizer)
     assert type(inner).__name__ == expected
-    before = {k: v.clone() for k, v in trainer.network.kohya_state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.parts.network.kohya_state_dict().items()}
     trainer.run()
-    after = trainer.network.kohya_state_dict()
+    after = trainer.parts.network.kohya_state_dict()
     assert all(math.isfinite(v) for v in trainer.losses)
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_up" in k)
 
@@ -46,7 +48,7 @@ def test_optimizer_args_as_a_table_and_errors(tmp_path, tiny_models, images):
     text = path.read_text().replace("[optimizer]", "[optimizer]\noptimizer_args = { weight_decay = 0.05 }")
     path.write_text(text)
     trainer = Trainer(build_config(str(path), []))
-    assert trainer.optimizer.param_groups[0]["weight_decay"] == 0.05
+    assert trainer.parts.optimizer.param_groups[0]["weight_decay"] == 0.05
     with pytest.raises(UserError, match="not key=value"):
         Trainer(build_config(str(path), [("optimizer_args", '["weight_decay"]')]))
     with pytest.raises(UserError, match="not accepted by AdamW"):
@@ -74,13 +76,13 @@ def test_every_schedule(tmp_path, tiny_models, images, schedule, check):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("lr_scheduler", schedule), ("lr_warmup_steps", "2"),
                           ("lr_scheduler_num_cycles", "3"), ("lr_scheduler_power", "2.0"), max_train_steps=12)
     lrs = []
-    original = trainer.scheduler.step
+    original = trainer.parts.scheduler.step
 
     def record():
         original()
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        lrs.append(trainer.parts.optimizer.param_groups[0]["lr"])
 
-    trainer.scheduler.step = record
+    trainer.parts.scheduler.step = record
     trainer.run()
     assert len(lrs) == 12 and check(lrs), lrs
 
@@ -88,7 +90,7 @@ def test_every_schedule(tmp_path, tiny_models, images, schedule, check):
 def test_warmup_fraction_and_max_train_epochs(tmp_path, tiny_models, images):
     assert warmup_steps(0.1, 200) == 20 and warmup_steps(5, 200) == 5 and warmup_steps(0, 10) == 0
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("max_train_epochs", "3"))
-    assert trainer.plan.steps_per_epoch == 2 and trainer.total_steps == 6  # 4 images, batch 2
+    assert trainer.parts.plan.steps_per_epoch == 2 and trainer.parts.total_steps == 6  # 4 images, batch 2
     trainer.run()
     assert trainer.step == 6
 
@@ -97,19 +99,19 @@ def test_noise_and_timestep_options():
     gen = step_generator(1, 2, 3)
     noise = pyramid_noise((2, 4, 32, 32), gen, 6, 0.3)
     assert abs(noise.std().item() - 1.0) < 1e-4
-    diff = Diffusion(SD_SCHEDULER, v_prediction=False, min_timestep=200, max_timestep=300, noise_offset=0.1,
-                     min_snr_gamma=5.0)
-    t = diff.sample_timesteps(2000, step_generator(0, 0, 0))
+    eps = DDPMObjective(SD_SCHEDULER, v_prediction=False)
+    t = TimestepSampler(eps.num_timesteps, 200, 300).sample(2000, step_generator(0, 0, 0))
     assert t.min() >= 200 and t.max() < 300
-    weights = diff.loss_weights(torch.tensor([10, 500, 990]))
-    snr = diff.snr[torch.tensor([10, 500, 990])]
+    weights = Loss(eps, min_snr_gamma=5.0).timestep_weights(torch.tensor([10, 500, 990]))
+    snr = eps.snr(torch.tensor([10, 500, 990]))
     assert torch.allclose(weights, torch.clamp(snr, max=5.0) / snr)
     assert weights[0] < 1.0 and weights[2] == 1.0  # low t (high SNR) down-weighted, high t untouched
-    v = Diffusion(SD_SCHEDULER, v_prediction=True, min_snr_gamma=5.0)
-    assert torch.allclose(v.loss_weights(torch.tensor([10])), torch.clamp(v.snr[[10]], max=5.0) / (v.snr[[10]] + 1))
-    zero = Diffusion(SD_SCHEDULER, v_prediction=True, zero_terminal_snr=True)
-    assert zero.scheduler.alphas_cumprod[-1] < 1e-6 < Diffusion(SD_SCHEDULER, False).scheduler.alphas_cumprod[-1]
-    offset = diff.sample_noise(torch.zeros(64, 4, 8, 8), step_generator(0, 0, 0))
+    v = DDPMObjective(SD_SCHEDULER, v_prediction=True)
+    snr_v = v.snr(torch.tensor([10]))
+    assert torch.allclose(Loss(v, 5.0).timestep_weights(torch.tensor([10])), torch.clamp(snr_v, max=5.0) / (snr_v + 1))
+    zero = DDPMObjective(SD_SCHEDULER, v_prediction=True, zero_terminal_snr=True)
+    assert zero.scheduler.alphas_cumprod[-1] < 1e-6 < DDPMObjective(SD_SCHEDULER, False).scheduler.alphas_cumprod[-1]
+    offset = NoiseSampler(offset=0.1).sample(torch.zeros(64, 4, 8, 8), step_generator(0, 0, 0))
     channel_means = offset.mean(dim=(2, 3))
     assert channel_means.std() > 0.05  # per-channel constant offsets are present
 
@@ -128,7 +130,7 @@ def test_loss_options_train(tmp_path, tiny_models, images, overrides):
 
 def test_v_prediction_uses_velocity_target(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("v_parameterization", "true"))
-    d = trainer.denoiser.diffusion
+    d = trainer.parts.denoiser.objective
     latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     a = d.scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - d.scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
@@ -148,7 +150,7 @@ def test_masked_loss_from_alpha_channel(tmp_path, tiny_models):
     path = tiny_config(tmp_path, tiny_models["sd15"], folder)
     path.write_text(path.read_text().replace('image_dir = ', 'alpha_mask = true\nimage_dir = '))
     trainer = Trainer(build_config(str(path), []))
-    batch = trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+    batch = trainer.parts.batches.build(trainer.parts.data.epoch_batches(1)[0], 1, 0)
     assert batch.mask.shape == (2, 1, 8, 8)
     assert batch.mask[0, 0, :, :4].min() == 1.0 and batch.mask[0, 0, :, 4:].max() == 0.0 or \
         batch.mask[0, 0, :, 4:].min() == 1.0  # a flipped sample has the opaque half on the right
@@ -173,7 +175,7 @@ def test_intermediate_saves_and_pruning(tmp_path, tiny_models, images):
 
 def poison_step(trainer, at: int):
     """Make the training step's loss NaN at optimizer step `at` (from 0)."""
-    original = trainer.denoiser.loss
+    original = trainer.parts.denoiser.loss
 
     def poisoned(batch, gen, *args, **kw):
         result = original(batch, gen, *args, **kw)
@@ -181,7 +183,7 @@ def poison_step(trainer, at: int):
             result.loss = result.loss * float("nan")
         return result
 
-    trainer.denoiser.loss = poisoned
+    trainer.parts.denoiser.loss = poisoned
 
 
 def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path, tiny_models, images):
@@ -200,12 +202,12 @@ def test_nan_loss_stops_with_the_step_or_is_skipped(tmp_path, tiny_models, image
     def spy_step(step):
         nonlocal before
         if step == 2:
-            before = {k: v.clone() for k, v in trainer.network.kohya_state_dict().items()}
+            before = {k: v.clone() for k, v in trainer.parts.network.kohya_state_dict().items()}
         result = Trainer.train_step(trainer, step)
-        lrs.append(trainer.scheduler.get_last_lr()[0])
+        lrs.append(trainer.parts.scheduler.get_last_lr()[0])
         if step == 2:
             assert result is None
-            after = trainer.network.kohya_state_dict()
+            after = trainer.parts.network.kohya_state_dict()
             assert all(torch.equal(before[k], after[k]) for k in before)
         return result
 
@@ -221,12 +223,12 @@ def test_validation_loss_is_logged(tmp_path, tiny_models):
     path = tiny_config(tmp_path, tiny_models["sd15"], folder, max_train_steps=4, validate_every_n_steps=2)
     path.write_text(path.read_text().replace("resolution = 64", "resolution = 64\nvalidation_split = 0.34"))
     trainer = Trainer(build_config(str(path), [("learning_rate", "5e-3")]))
-    assert len(trainer.data.validation) == 2
+    assert len(trainer.parts.data.validation) == 2
     trainer.run()
-    steps = [s for s, _ in trainer.outputs.validation_history]
+    steps = [s for s, _ in trainer.reporting.outputs.validation_history]
     assert steps == [0, 2, 4]
-    first = trainer.validator.run(trainer.batches, trainer.denoiser)
-    assert first["val/loss"] == pytest.approx(trainer.outputs.validation_history[-1][1], rel=1e-5)  # fixed noise: repeatable
+    first = trainer.parts.validator.run(trainer.parts.batches, trainer.parts.denoiser)
+    assert first["val/loss"] == pytest.approx(trainer.reporting.outputs.validation_history[-1][1], rel=1e-5)  # fixed noise: repeatable
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logs = list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))

@@ -37,11 +37,11 @@ def test_auto_precision_is_fp16_on_gpus_that_only_emulate_bf16(monkeypatch):
 
 
 def test_vae_dtype_rule():
-    assert vae_dtype(None, is_sdxl=True, precision="fp16") == torch.float32  # the SDXL VAE overflows in fp16
-    assert vae_dtype(None, is_sdxl=False, precision="fp16") == torch.float16
-    assert vae_dtype(None, is_sdxl=True, precision="bf16") == torch.bfloat16
-    assert vae_dtype(True, is_sdxl=False, precision="bf16") == torch.float32
-    assert vae_dtype(False, is_sdxl=True, precision="fp16") == torch.float16
+    assert vae_dtype(None, overflows_in_fp16=True, precision="fp16") == torch.float32  # the SDXL VAE overflows in fp16
+    assert vae_dtype(None, overflows_in_fp16=False, precision="fp16") == torch.float16
+    assert vae_dtype(None, overflows_in_fp16=True, precision="bf16") == torch.bfloat16
+    assert vae_dtype(True, overflows_in_fp16=False, precision="bf16") == torch.float32
+    assert vae_dtype(False, overflows_in_fp16=True, precision="fp16") == torch.float16
 
 
 def test_peak_memory_is_per_step_with_a_run_maximum(monkeypatch):
@@ -99,11 +99,11 @@ def test_vae_batch_size_sets_the_latent_cache_batch(tmp_path, tiny_models, image
     path = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=1)
     trainer = Trainer(build_config(str(path), [("cache_latents", "true"), ("vae_batch_size", "3"),
                                                ("log_with", "none")]))
-    assert trainer.batches.cache.batch_size == 3
-    encoder = trainer.batches.cache.encode
-    trainer.batches.cache.encode = lambda pixels: calls.append(len(pixels)) or encoder(pixels)
-    trainer.batches.cache.entries.clear()
-    trainer.batches.cache.fill()
+    assert trainer.parts.batches.cache.batch_size == 3
+    encoder = trainer.parts.batches.cache.encode
+    trainer.parts.batches.cache.encode = lambda pixels: calls.append(len(pixels)) or encoder(pixels)
+    trainer.parts.batches.cache.entries.clear()
+    trainer.parts.batches.cache.fill()
     assert calls == [3, 1]  # four images of one bucket
 
 
@@ -139,7 +139,7 @@ def test_fp32_vae_decodes_in_fp32_outside_bf16_autocast(tmp_path, tiny_models):
     assert images[0][1].size == (64, 64)
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_decode_matches_the_pipeline_in_fp32(arch):
     from library.models.tiny import build_tiny_pipeline
     from library.train.sampling import decode

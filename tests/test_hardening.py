@@ -365,7 +365,7 @@ def trainer(run_dir):
 
 def restore(trainer, out: Path, where: str = "latest"):
     # the torch optimizer itself: accelerate's wrapper does not outlive the test that made it
-    return resume.restore(where, out, "lora", trainer.network, trainer.optimizer.optimizer, trainer.scheduler, 3)
+    return resume.restore(where, out, "lora", trainer.parts.network, trainer.parts.optimizer.optimizer, trainer.parts.scheduler, 3)
 
 
 @pytest.mark.parametrize("kind", STATE_DAMAGE)
@@ -380,7 +380,7 @@ def test_resume_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tm
     assert str(out / "lora-state" / name) in warning and "resuming from" in warning and "at step 1" in warning
     # the weights of step 1 were loaded, whatever the damaged state had partly loaded before
     saved = load_file(str(out / "lora-step00000001-state" / "lora.safetensors"))
-    mine = trainer.network.kohya_state_dict()
+    mine = trainer.parts.network.kohya_state_dict()
     assert all(torch.equal(mine[k], saved[k]) for k in saved)
     # an explicitly named damaged state is an error, not a silent switch to another one
     with pytest.raises(UserError, match=f"{name}.*cannot be resumed from"):
@@ -388,13 +388,13 @@ def test_resume_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tm
 
 
 def test_resume_refuses_a_state_of_another_optimizer_or_network(run_dir, trainer):
-    sgd = torch.optim.SGD([{"params": g["params"], "lr": 0.1} for g in trainer.optimizer.param_groups])
+    sgd = torch.optim.SGD([{"params": g["params"], "lr": 0.1} for g in trainer.parts.optimizer.param_groups])
     with pytest.raises(UserError, match=r"saved by the optimizer torch\.optim\.adamw\.AdamW; this config uses "
                                         r"torch\.optim\.sgd\.SGD"):
-        resume.restore("latest", run_dir / "out", "lora", trainer.network, sgd, trainer.scheduler, 3)
+        resume.restore("latest", run_dir / "out", "lora", trainer.parts.network, sgd, trainer.parts.scheduler, 3)
     with pytest.raises(UserError, match="already at step 2; raise max_train_steps"):
-        resume.restore("latest", run_dir / "out", "lora", trainer.network, trainer.optimizer.optimizer,
-                       trainer.scheduler, 2)
+        resume.restore("latest", run_dir / "out", "lora", trainer.parts.network, trainer.parts.optimizer.optimizer,
+                       trainer.parts.scheduler, 2)
 
 
 def test_resume_with_no_intact_state_is_one_error_and_changes_nothing(run_dir, tmp_path):
@@ -427,7 +427,7 @@ def test_a_state_saved_on_a_gpu_loads_on_the_cpu(run_dir, trainer, tmp_path):
             torch.load(folder / "optimizer.pt", weights_only=True)
     folder_used, loaded = restore(trainer, run / "out")
     assert folder_used == folder and loaded.step == 2
-    for value in trainer.optimizer.state.values():
+    for value in trainer.parts.optimizer.state.values():
         assert all(t.device.type == "cpu" for t in value.values() if torch.is_tensor(t))
 
 

@@ -57,7 +57,7 @@ def inputs(bundle, seed: int = 1):
     x = torch.randn(2, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 77, cfg.cross_attention_dim, generator=g)
     kw = {}
-    if bundle.is_sdxl:
+    if bundle.arch == "sdxl":
         pooled = bundle.text_encoders[1].config.projection_dim
         kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pooled, generator=g),
                                    "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}

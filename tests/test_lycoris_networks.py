@@ -122,15 +122,15 @@ def reference_equals_base(trainer, fresh) -> None:
     """APT's reference pass (adapters switched off through LoraNetwork.set_enabled) predicts
     exactly what the base model predicts, and the adapters are on again afterwards."""
     with torch.no_grad():
-        for p in trainer.network.parameters():  # every adapter parameter changes the prediction
+        for p in trainer.parts.network.parameters():  # every adapter parameter changes the prediction
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
     gen = torch.Generator().manual_seed(0)
     latents, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
     t = torch.tensor([500])
-    unet = trainer.bundle.unet
+    unet = trainer.parts.bundle.unet
     with torch.no_grad():
         tuned = unet(latents, t, context).sample
-        with trainer.method.adapters_off():  # what APT's reference pass runs under
+        with trainer.probe.adapters(False):  # what APT's reference pass runs under
             reference = unet(latents, t, context).sample
         base = fresh.unet(latents, t, context).sample
         again = unet(latents, t, context).sample
@@ -151,7 +151,7 @@ def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, ti
     trainer, path = train(tmp_path, tiny_models[arch], images, network, ("apt", "true"))
     assert len(trainer.losses) == 1 and all(torch.isfinite(torch.tensor(trainer.losses)))
     tensors = load_file(str(path))
-    names = set(trainer.network.layers)
+    names = set(trainer.parts.network.layers)
     assert {k.split(".", 1)[0] for k in tensors} == names
     assert {k.split(".", 1)[1] for k in tensors} == SUFFIXES[network_type]
     with safe_open(str(path), "pt") as f:
@@ -165,7 +165,7 @@ def test_trained_file_merges_in_lycoris_to_the_weights_trained_here(tmp_path, ti
         assert any(".".join(k.split(".")[:1]).endswith("conv1") for k in tensors)
         assert any(k.startswith("lora_te_") for k in tensors)
 
-    expected = peft_merged(trainer.network)
+    expected = peft_merged(trainer.parts.network)
     fresh = fresh_bundle(tiny_models[arch])
     base = {k: v.clone() for k, v in layer_weights(fresh, names).items()}
     assert lycoris_merge(fresh, tensors) == len(names)

@@ -10,7 +10,8 @@ from library.config.options import ModelOptions
 from library.errors import UserError
 from library.models import shipped
 from library.models.loader import load_models, plan_model
-from library.models.single_file import detect_architecture, read_safetensors_header
+from library.models.families import detect_architecture
+from library.models.single_file import read_safetensors_header
 
 
 def opts(path, **kw) -> ModelOptions:

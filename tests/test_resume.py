@@ -56,7 +56,7 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, tiny_models, four_i
     run(straight)
     split = tiny_config(split_dir, tiny_models["sd15"], four_images, max_train_steps=3)
     first = run(split, ("save_state", "true"))
-    assert first.plan.epoch_of(2) == 2 and not first.plan.ends_epoch(2)  # stopped in the middle of epoch 2
+    assert first.parts.plan.epoch_of(2) == 2 and not first.parts.plan.ends_epoch(2)  # stopped in the middle of epoch 2
     state = json.loads((split_dir / "out" / "lora-state" / "state.json").read_text())
     assert (state["step"], state["epoch"], state["position"]) == (3, 2, 1)
     resumed = run(split, ("resume", "latest"), ("max_train_steps", "6"))
@@ -77,7 +77,7 @@ def test_cosine_schedule_resumed_ends_with_the_same_lr_and_weights(tmp_path, tin
     (b_dir / "out" / "lora.safetensors").unlink()
     b = run(b_cfg, *extra, ("resume", str(b_dir / "out" / "lora-step00000003-state")))
     assert b.step == 6
-    assert b.optimizer.param_groups[0]["lr"] == pytest.approx(a.optimizer.param_groups[0]["lr"], abs=1e-15)
+    assert b.parts.optimizer.param_groups[0]["lr"] == pytest.approx(a.parts.optimizer.param_groups[0]["lr"], abs=1e-15)
     assert max_diff(weights(a_dir / "out" / "lora.safetensors"), weights(b_dir / "out" / "lora.safetensors")) < 1e-6
 
 

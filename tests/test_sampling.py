@@ -118,8 +118,8 @@ def test_every_sampler(tmp_path, tiny_models, images, sampler):
                        [("sample_prompts", prompts), ("sample_at_first", "true"), ("sample_sampler", sampler),
                         ("log_with", "none")])
     trainer = Trainer(cfg)
-    images_out = trainer.sampler.run(trainer.bundle, trainer.bundle.unet, trainer.device, 0,
-                                     trainer.accelerator.autocast)
+    images_out = trainer.reporting.sampler.run(trainer.parts.bundle, trainer.parts.bundle.unet, trainer.parts.device, 0,
+                                     trainer.parts.accelerator.autocast)
     assert len(images_out) == 2 and images_out[0][1].size == (64, 64)
 
 
@@ -128,7 +128,7 @@ def test_samples_every_n_epochs(tmp_path, tiny_models, images):
     cfg = build_config(str(tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=6)),
                        [("sample_prompts", prompts), ("sample_every_n_epochs", "2")])
     trainer = Trainer(cfg)
-    assert trainer.plan.steps_per_epoch == 2  # 4 images, batch 2: epochs end at steps 2, 4, 6
+    assert trainer.parts.plan.steps_per_epoch == 2  # 4 images, batch 2: epochs end at steps 2, 4, 6
     trainer.run()
     grids = sorted(p.name for p in (tmp_path / "out" / "sample").glob("*_grid.png"))
     # after epoch 2 (step 4), and at the end of the run (step 6, epoch 3)

@@ -28,7 +28,7 @@ def perturb_lora(network, std: float = 0.05, seed: int = 0) -> None:
 
 def force_gamma(method, gamma: float) -> None:
     """Every bin of the indicator at `gamma` (whichever form the indicator has)."""
-    ind = method.apt.indicator
+    ind = method.controller.indicator
     ind.seen[:] = True
     if ind.form == "relative":  # gamma = 1 - (theta / ref)^k
         ind.ema_ref[:] = 1.0
@@ -52,24 +52,24 @@ def test_reg_images_keep_prior_loss_weight_and_are_never_augmented_under_apt(tmp
         {"image_dir": str(train_dir)}, {"image_dir": str(reg_dir), "is_reg": True}]}])
     common = [("apt.rs", "false"), ("apt.aa", "false"), ("apt.p_max", "1.0"), ("apt.rotation_max", "90")]
     trainer = Trainer(build_config(str(path), [("apt", "true"), *common]))
-    perturb_lora(trainer.network)
-    force_gamma(trainer.method, 0.999999)  # training images: augmented (p_max 1) and weighted ~0
+    perturb_lora(trainer.parts.network)
+    force_gamma(trainer.parts.method, 0.999999)  # training images: augmented (p_max 1) and weighted ~0
     batch = first_batch(trainer)
     reg = batch.is_reg
     assert reg.sum() == 2 and (~reg).sum() == 2
     seen = []
-    original = trainer.denoiser.noisy_inputs
+    original = trainer.parts.denoiser.noisy_inputs
 
     def spy(*args, **kw):
         inputs = original(*args, **kw)
         seen.append(inputs.latents.cpu())
         return inputs
 
-    trainer.denoiser.noisy_inputs = spy
+    trainer.parts.denoiser.noisy_inputs = spy
     with torch.no_grad():
         gen = step_generator(0, 0, 0)
-        apt = trainer.denoiser.loss(batch, gen, trainer.method.step(batch, 0))
-        plain = trainer.denoiser.loss(batch, step_generator(0, 0, 0), MethodStep())
+        apt = trainer.parts.denoiser.loss(batch, gen, trainer.parts.method.step(batch, 0))
+        plain = trainer.parts.denoiser.loss(batch, step_generator(0, 0, 0), MethodStep())
     augmented, untouched = seen
     assert torch.equal(augmented[reg], untouched[reg])  # reg images: never augmented
     assert not torch.equal(augmented[~reg], untouched[~reg])  # training images: all augmented (p_max 1)
@@ -84,23 +84,23 @@ def test_reg_images_keep_prior_loss_weight_and_are_never_augmented_under_apt(tmp
 def test_forced_gamma_scales_the_loss_and_fires_augmentation_at_its_rate(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
                           ("apt.aa", "false"), ("apt.augment", "false"))
-    perturb_lora(trainer.network)
+    perturb_lora(trainer.parts.network)
     batch = first_batch(trainer)
     losses = {}
     for gamma in (0.0, 0.5):
-        force_gamma(trainer.method, gamma)
+        force_gamma(trainer.parts.method, gamma)
         with torch.no_grad():
-            losses[gamma] = trainer.denoiser.loss(batch, step_generator(1, 0, 0), trainer.method.step(batch, 0)).loss
+            losses[gamma] = trainer.parts.denoiser.loss(batch, step_generator(1, 0, 0), trainer.parts.method.step(batch, 0)).loss
     assert losses[0.5].item() == pytest.approx(0.5 * losses[0.0].item(), rel=1e-5)
 
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.rs", "false"),
                           ("apt.aa", "false"), ("apt.p_max", "0.8"))
-    force_gamma(trainer.method, 0.6)
+    force_gamma(trainer.parts.method, 0.6)
     batch = first_batch(trainer)
     rates = []
     with torch.no_grad():
         for k in range(40):
-            result = trainer.denoiser.loss(batch, step_generator(2, k, 0), trainer.method.step(batch, k))
+            result = trainer.parts.denoiser.loss(batch, step_generator(2, k, 0), trainer.parts.method.step(batch, k))
             rates.append(result.stats["apt/augment_rate"])
             assert result.stats["apt/loss_weight"] == pytest.approx(0.4, rel=1e-5)
     assert abs(sum(rates) / len(rates) - 0.6) < 0.12, sum(rates) / len(rates)
@@ -111,25 +111,25 @@ def test_forced_gamma_scales_the_loss_and_fires_augmentation_at_its_rate(tmp_pat
 def test_reference_conditioning_is_the_base_text_encoders_when_they_are_trained(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sdxl"], images, ("apt", "true"),
                           ("network_train_unet_only", "false"))
-    perturb_lora(trainer.network)
+    perturb_lora(trainer.parts.network)
     batch = first_batch(trainer)
     captured = []
-    original = trainer.denoiser.predict
+    original = trainer.parts.denoiser.predict
 
     def spy(inputs, unet=None, cond=None):
         captured.append((inputs.cond if cond is None else cond, unet))
         return original(inputs, unet, cond)
 
-    trainer.denoiser.predict = spy
-    trainer.denoiser.loss(batch, step_generator(0, 0, 0), trainer.method.step(batch, 0))
-    trainer.method.after_backward()
+    trainer.parts.denoiser.predict = spy
+    trainer.parts.denoiser.loss(batch, step_generator(0, 0, 0), trainer.parts.method.step(batch, 0))
+    trainer.parts.method.after_backward()
     (ref_cond, ref_unet), (tuned_cond, _) = captured
-    assert ref_unet is trainer.bundle.unet
-    conditioner = trainer.denoiser.conditions.frozen_encoder
+    assert ref_unet is trainer.parts.bundle.unet
+    conditioner = trainer.parts.denoiser.conditioning.local
     with torch.no_grad():
-        trainer.network.set_enabled(False)
+        trainer.parts.network.set_enabled(False)
         base = conditioner.encode(batch.captions)
-        trainer.network.set_enabled(True)
+        trainer.parts.network.set_enabled(True)
         tuned = conditioner.encode(batch.captions)
     assert not torch.allclose(base.hidden_states, tuned.hidden_states)  # the TE LoRA matters
     assert torch.equal(ref_cond.hidden_states, base.hidden_states) and torch.equal(ref_cond.pooled, base.pooled)
@@ -142,8 +142,8 @@ def test_reference_conditioning_is_the_base_text_encoders_when_they_are_trained(
 def test_vae_encode_ignores_autocast(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    encoder = trainer.batches.encoder
-    encoder.vae.to(trainer.device)
+    encoder = trainer.parts.batches.encoder
+    encoder.vae.to(trainer.parts.device)
     plain = encoder(pixels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = encoder(pixels)
@@ -177,7 +177,7 @@ def test_non_finite_reference_never_reaches_the_indicator(tmp_path, tiny_models,
     # reference passes at steps 0 and 4 (the default reference_every = 4); the second one is poisoned
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("learning_rate", "5e-3"),
                            max_train_steps=6)
-    unet = trainer.bundle.unet
+    unet = trainer.parts.bundle.unet
     original = unet.forward
     calls = {"n": 0}
 
@@ -192,9 +192,9 @@ def test_non_finite_reference_never_reaches_the_indicator(tmp_path, tiny_models,
     with caplog.at_level(logging.WARNING, logger="library"):
         trainer.run()
     assert calls["n"] == 2 and all(math.isfinite(v) for v in trainer.losses) and len(trainer.losses) == 6
-    ind = trainer.method.apt.indicator
+    ind = trainer.parts.method.controller.indicator
     assert torch.isfinite(ind.ema_ref).all() and torch.isfinite(ind.gamma()).all()
-    assert trainer.method.skipped == {"indicator": 1, "regularisers": 1}
+    assert trainer.parts.method.skipped == {"indicator": 1, "regularisers": 1}
     assert any("non-finite reference" in r.message for r in caplog.records)
 
 
@@ -215,38 +215,38 @@ def test_resume_refuses_changed_indicator_settings(tmp_path, tiny_models, images
 
 def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("max_grad_norm", "0"), max_train_steps=2)
-    perturb_lora(trainer.network)
+    perturb_lora(trainer.parts.network)
     samples = trainer.step_samples(0)[0]
     assert len(samples) == 2
-    d = trainer.denoiser.diffusion
+    d = trainer.parts.denoiser
     noise = {s.record: torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s.record)) for s in samples}
     current = {}
-    assemble = trainer.batches.assemble
+    assemble = trainer.parts.batches.assemble
 
     def spy_assemble(chunk):
         batch = assemble(chunk)
         current["records"] = batch.records
         return batch
 
-    trainer.batches.assemble = spy_assemble
-    d.sample_timesteps = lambda n, gen: torch.tensor([(200 + 300 * r) % 1000 for r in current["records"]])
-    d.sample_noise = lambda latents, gen: torch.stack([noise[r] for r in current["records"]]).to(latents)
+    trainer.parts.batches.assemble = spy_assemble
+    d.timesteps.sample = lambda n, gen: torch.tensor([(200 + 300 * r) % 1000 for r in current["records"]])
+    d.noise.sample = lambda latents, gen: torch.stack([noise[r] for r in current["records"]]).to(latents)
     grads = []
-    trainer.optimizer.step = lambda *a, **k: None
+    trainer.parts.optimizer.step = lambda *a, **k: None
     for split in ([samples], [samples[:1], samples[1:]]):
         trainer.step_samples = lambda step, split=split: split
-        trainer.optimizer.zero_grad(set_to_none=True)
-        original_zero = trainer.optimizer.zero_grad
+        trainer.parts.optimizer.zero_grad(set_to_none=True)
+        original_zero = trainer.parts.optimizer.zero_grad
         captured = {}
 
         def capture(*a, **k):
-            captured.update({n: p.grad.clone() for n, p in trainer.bundle.unet.named_parameters()
+            captured.update({n: p.grad.clone() for n, p in trainer.parts.bundle.unet.named_parameters()
                              if p.grad is not None})
             original_zero(*a, **k)
 
-        trainer.optimizer.zero_grad = capture
+        trainer.parts.optimizer.zero_grad = capture
         trainer.train_step(0)
-        trainer.optimizer.zero_grad = original_zero
+        trainer.parts.optimizer.zero_grad = original_zero
         grads.append(captured)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
@@ -256,12 +256,11 @@ def test_two_micro_batches_of_one_give_the_gradients_of_one_batch_of_two(tmp_pat
 # --- conditioning, full_bf16, samplers ----------------------------------------------------------
 
 def test_clip_skip_takes_the_penultimate_layer_through_the_final_norm(tmp_path, tiny_models, images):
-    from library.models.conditioning import TextConditioner
 
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images)
-    b = trainer.bundle
-    skip1 = TextConditioner(b.arch, b.tokenizers, b.text_encoders, 1)
-    skip2 = TextConditioner(b.arch, b.tokenizers, b.text_encoders, 2)
+    b = trainer.parts.bundle
+    skip1 = b.family.caption_encoder(b.tokenizers, b.text_encoders, 1)
+    skip2 = b.family.caption_encoder(b.tokenizers, b.text_encoders, 2)
     captions = ["a red circle", "a blue square"]
     with torch.no_grad():
         ids = b.tokenizers[0](captions, padding="max_length", max_length=77, truncation=True,
@@ -276,12 +275,12 @@ def test_clip_skip_takes_the_penultimate_layer_through_the_final_norm(tmp_path, 
 def test_full_bf16_trains_bf16_lora_parameters(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("full_bf16", "true"), ("mixed_precision", "bf16"),
                           ("learning_rate", "1e-2"), max_train_steps=2)
-    params = list(trainer.network.parameters())
+    params = list(trainer.parts.network.parameters())
     assert params and all(p.dtype == torch.bfloat16 for p in params)
     before = [p.detach().clone() for p in params]
     trainer.run()
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
-    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    inner = getattr(trainer.parts.optimizer, "optimizer", trainer.parts.optimizer)
     states = [s for s in inner.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == torch.bfloat16 for s in states)
 
@@ -331,7 +330,7 @@ def test_only_the_main_process_prints_info_and_warnings(monkeypatch):
 def test_reference_every_runs_the_reference_pass_and_indicator_update_every_kth_step(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", "true"), ("apt.reference_every", "2"),
                           ("learning_rate", "5e-3"), max_train_steps=5)
-    unet = trainer.bundle.unet
+    unet = trainer.parts.bundle.unet
     original = unet.forward
     passes = []
 
@@ -341,14 +340,12 @@ def test_reference_every_runs_the_reference_pass_and_indicator_update_every_kth_
 
     unet.forward = spy
     states, stats = [], []
-    end_step = trainer.method.end_step
 
-    def record(step, losses):
-        end_step(step, losses)
-        states.append(trainer.method.apt.indicator.ema_ref.clone())
-        stats.append(dict(trainer.method.last_stats))
+    def record(report, values):
+        states.append(torch.tensor(trainer.probe.indicator()["ema_ref"], dtype=torch.float64))
+        stats.append(dict(values))
 
-    trainer.method.end_step = record
+    trainer.probe.on_step(record)
     trainer.run()
     references = [step for step, grad in passes if not grad]
     assert references == [0, 2, 4]  # one no-grad reference pass on steps 0, 2, 4 (one micro-batch each)
@@ -356,4 +353,4 @@ def test_reference_every_runs_the_reference_pass_and_indicator_update_every_kth_
     assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])  # no update in between
     assert not torch.equal(states[1], states[2])
     assert "apt/l_mu" in stats[0] and "apt/l_mu" not in stats[1] and "apt/loss_weight" in stats[1]
-    assert trainer.method.apt.history.steps == [1, 2, 3, 4, 5]
+    assert trainer.parts.method.controller.history.steps == [1, 2, 3, 4, 5]

@@ -79,12 +79,12 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_models, images):
     path = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=40)
     cfg = build_config(str(path), [("learning_rate", "1e-2"), ("network_dim", "8")])
     trainer = Trainer(cfg)
-    ref = trainer.data.epoch_batches(1)[0]
-    batch = trainer.batches.build(ref, 1, 0)
+    ref = trainer.parts.data.epoch_batches(1)[0]
+    batch = trainer.parts.batches.build(ref, 1, 0)
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return trainer.denoiser.loss(batch, step_generator(123, 0, 0)).loss.item()
+            return trainer.parts.denoiser.loss(batch, step_generator(123, 0, 0)).loss.item()
 
     before = fixed_loss()
     trainer.run()
@@ -101,11 +101,11 @@ def test_loss_by_timestep_table_reports_ten_times_per_run_with_raw_losses(tmp_pa
     assert len(reports) == 10 and "step 25/25" in reports[-1] and "step 3/25" in reports[0]
     # The per-sample values behind the table are the plain MSE, not the Min-SNR-weighted loss.
     trainer = Trainer(build_config(str(path), [("min_snr_gamma", "1")]))
-    batch = trainer.batches.build(trainer.data.epoch_batches(1)[0], 1, 0)
+    batch = trainer.parts.batches.build(trainer.parts.data.epoch_batches(1)[0], 1, 0)
     with torch.no_grad():
-        result = trainer.denoiser.loss(batch, step_generator(5, 0, 0))
+        result = trainer.parts.denoiser.loss(batch, step_generator(5, 0, 0))
         weighted, raw = result.loss, result.per_sample
-        plain = trainer.denoiser.loss(batch, step_generator(5, 0, 0), weighted=False).loss
+        plain = trainer.parts.denoiser.loss(batch, step_generator(5, 0, 0), weighted=False).loss
     assert torch.allclose(raw.mean(), plain) and not torch.allclose(weighted, plain)
 
 
@@ -114,7 +114,7 @@ def test_text_encoders_and_conv_layers_with_separate_learning_rates(tmp_path, ti
     cfg = build_config(str(path), [("network_train_unet_only", "false"), ("conv_dim", "2"), ("conv_alpha", "1"),
                                    ("text_encoder_lr", "[1e-5, 3e-5]"), ("unet_lr", "2e-4")])
     trainer = Trainer(cfg)
-    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    lrs = {g["name"]: g["lr"] for g in trainer.parts.optimizer.param_groups}
     assert lrs == {"unet": 2e-4, "te1": 1e-5, "te2": 3e-5}
     trainer.run()
     tensors = load_file(str(lora_file(tmp_path)))
@@ -137,7 +137,7 @@ def test_network_weights_continues_from_a_file(tmp_path, tiny_models, images):
     saved = load_file(str(lora_file(tmp_path)))
     cfg = build_config(str(first), [("network_weights", str(lora_file(tmp_path)))])
     trainer = Trainer(cfg)
-    state = trainer.network.kohya_state_dict()
+    state = trainer.parts.network.kohya_state_dict()
     assert all(torch.equal(state[k], saved[k]) for k in saved)
     wrong = build_config(str(first), [("network_weights", str(lora_file(tmp_path))), ("network_dim", "8")])
     with pytest.raises(UserError, match="rank 4 does not match the configured rank 8"):
@@ -149,8 +149,8 @@ def test_accumulation_bf16_and_checkpointing_run(tmp_path, tiny_models, images):
     cfg = build_config(str(path), [("gradient_accumulation_steps", "2"), ("mixed_precision", "bf16"),
                                    ("gradient_checkpointing", "true")])
     trainer = Trainer(cfg)
-    assert trainer.bundle.unet.dtype == torch.bfloat16
-    assert trainer.network.layers["lora_unet_input_blocks_4_1_proj_in"][1].lora_A["default"].weight.dtype == \
+    assert trainer.parts.bundle.unet.dtype == torch.bfloat16
+    assert trainer.parts.network.layers["lora_unet_input_blocks_4_1_proj_in"][1].lora_A["default"].weight.dtype == \
         torch.float32
     trainer.run()
     assert len(trainer.losses) == 2 and all(map(lambda v: v == v, trainer.losses))

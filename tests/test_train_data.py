@@ -24,7 +24,7 @@ def test_two_resolutions_and_a_regularisation_subset(tmp_path, tiny_models):
     cfg = build_config(str(write_config(tmp_path / "c.toml", tables, datasets)), [])
     trainer = Trainer(cfg)
     seen_shapes, weights = set(), []
-    assemble = trainer.batches.assemble
+    assemble = trainer.parts.batches.assemble
 
     def spy(samples):
         batch = assemble(samples)
@@ -32,11 +32,11 @@ def test_two_resolutions_and_a_regularisation_subset(tmp_path, tiny_models):
         weights.extend(batch.weights.tolist())
         return batch
 
-    trainer.batches.assemble = spy
+    trainer.parts.batches.assemble = spy
     trainer.run()
     assert seen_shapes == {(8, 8), (8, 12)}  # 64x64 and 96x64 images, 8x smaller latents
     assert 0.5 in weights and 1.0 in weights
-    assert sum(1 for r in trainer.data.records if r.subset.is_reg) == 2  # balanced to the 2 training images
+    assert sum(1 for r in trainer.parts.data.records if r.subset.is_reg) == 2  # balanced to the 2 training images
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
@@ -56,7 +56,7 @@ def test_disk_latent_cache_reused_and_training_identical(tmp_path, tiny_models, 
         d.mkdir()
         cfg = build_config(str(tiny_config(d, tiny_models["sd15"], images)), [("save_precision", "float"), *extra])
         trainer = Trainer(cfg)
-        cache = trainer.batches.cache
+        cache = trainer.parts.batches.cache
         if run == 1:
             assert cache.encoded == 4 and cache.hits == 0
         if run == 2:
@@ -71,18 +71,18 @@ def test_sdxl_text_encoder_cache_equals_live_conditioning(tmp_path, tiny_models,
     cfg = build_config(str(tiny_config(tmp_path, tiny_models["sdxl"], images)),
                        [("cache_text_encoder_outputs", "true")])
     trainer = Trainer(cfg)
-    cache = trainer.denoiser.conditions.cache
-    captions = [r.caption for r in trainer.data.records]
+    cache = trainer.parts.denoiser.conditioning.cache
+    captions = [r.caption for r in trainer.parts.data.records]
     assert set(cache.entries) == set(captions)
     cached = cache.get(captions)
-    for te in trainer.bundle.text_encoders:
-        te.to(trainer.device)
+    for te in trainer.parts.bundle.text_encoders:
+        te.to(trainer.parts.device)
     with torch.no_grad():
-        live = trainer.denoiser.conditions.frozen_encoder.encode(captions)
+        live = trainer.parts.denoiser.conditioning.local.encode(captions)
     assert cached.hidden_states.shape == (4, 77, 96) and cached.pooled.shape == (4, 64)
     assert torch.equal(cached.hidden_states, live.hidden_states.cpu())
     assert torch.equal(cached.pooled, live.pooled.cpu())
-    for te in trainer.bundle.text_encoders:
+    for te in trainer.parts.bundle.text_encoders:
         te.to("cpu")
     trainer.run()  # trains with the text encoders off the device
 
@@ -95,5 +95,5 @@ def test_folder_convention_trains(tmp_path, tiny_models):
               "training": {"max_train_steps": 2}, "saving": {"output_dir": str(tmp_path / "out")}}
     cfg = build_config(str(write_config(tmp_path / "c.toml", tables)), [])
     trainer = Trainer(cfg)
-    assert trainer.data.batches_per_epoch() == 6
+    assert trainer.parts.data.batches_per_epoch() == 6
     trainer.run()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a tiny random-weight SD1.5- or SDXL-architecture model for smoke tests.
 
-    python tools/make_tiny_model.py --arch sd15 --out models/tiny-sd15
+    python tools/make_tiny_model.py --arch sd1 --out models/tiny-sd15
     python tools/make_tiny_model.py --arch sdxl --out models/tiny-sdxl --single_file models/tiny-sdxl.safetensors
 
 The diffusers folder loads with `StableDiffusionPipeline.from_pretrained` (or the XL pipeline);
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_and_quiet()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", choices=["sd15", "sdxl"], required=True, help="architecture to imitate")
+    ap.add_argument("--arch", choices=["sd1", "sdxl"], required=True, help="model family to imitate")
     ap.add_argument("--out", type=Path, required=True, help="diffusers folder to write")
     ap.add_argument("--single_file", type=Path, help="also write an original-format .safetensors file here")
     ap.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from safetensors.torch import save
 
-    from library.models.single_file import to_original_state_dict
+    from library.models.families import to_original_state_dict
     from library.models.tiny import build_tiny_pipeline, save_diffusers
     from library.utils.atomic import atomic_write_bytes
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     save_diffusers(pipe, args.out)
     print(f"wrote diffusers folder {args.out}")
     if args.single_file is not None:
-        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if args.arch == "sdxl" else [])
-        state = to_original_state_dict("sdxl" if args.arch == "sdxl" else "sd1", pipe.unet, pipe.vae, encoders)
+        encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if hasattr(pipe, "text_encoder_2") else [])
+        state = to_original_state_dict(args.arch, pipe.unet, pipe.vae, encoders)
         atomic_write_bytes(args.single_file, save(state, metadata={"format": "pt"}))
         print(f"wrote single file {args.single_file}")
     return 0

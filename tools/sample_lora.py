@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     for module in [bundle.unet, *bundle.text_encoders]:
         module.to(device=device, dtype=DTYPES[precision]).eval()
     # The sampler decodes in the VAE's own dtype, so an fp32 VAE beside a half-precision UNet works.
-    bundle.vae.to(device=device, dtype=vae_dtype(args.no_half_vae or None, bundle.is_sdxl, precision)).eval()
+    bundle.vae.to(device=device, dtype=vae_dtype(args.no_half_vae or None, bundle.family.vae_overflows_in_fp16, precision)).eval()
     size = bundle.native_resolution
     default_size = (args.size[0], args.size[-1]) if args.size else (size, size)
     name = args.name or parse_lora(args.lora[0])[0].stem

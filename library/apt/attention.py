@@ -152,24 +152,19 @@ def select_layers(names: list[str], selectors: tuple[str, ...], key: str = "laye
     return [n for n in names if any(n.startswith(p) for p in prefixes)]
 
 
-def install(unet, recorder: Recorder, rs_selectors: tuple[str, ...], aa_selectors: tuple[str, ...],
-            rs_features: str | None, aa_maps: str | None, xformers: bool) -> dict[str, list[str]]:
-    """Recording processors on the chosen attn1 (RS) and attn2 (AA) layers, stock ones elsewhere.
-    Returns the chosen layer paths. Install after any enable_xformers_memory_efficient_attention()."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
-
-    keys = list(unet.attn_processors)
-    layers = [k.removesuffix(".processor") for k in keys]
-    rs = select_layers([n for n in layers if n.endswith("attn1")], rs_selectors, "rs_layers") if rs_features else []
-    aa = select_layers([n for n in layers if n.endswith("attn2")], aa_selectors, "aa_layers") if aa_maps else []
+def recording_processors(layers, recorder: Recorder, rs_selectors: tuple[str, ...], aa_selectors: tuple[str, ...],
+                         rs_features: str | None, aa_maps: str | None, xformers: bool) -> tuple[dict, dict]:
+    """Recording processors for the chosen self-attention (RS) and cross-attention (AA) layers of a
+    model whose attention layers are `layers` (library.models.family.AttentionLayer); returns
+    ({layer name: processor}, {"rs": names, "aa": names}). The other layers keep their processors."""
+    names = [layer.name for layer in layers]
+    self_attn = [layer.name for layer in layers if not layer.cross]
+    cross_attn = [layer.name for layer in layers if layer.cross]
+    rs = select_layers(self_attn, rs_selectors, "rs_layers") if rs_features else []
+    aa = select_layers(cross_attn, aa_selectors, "aa_layers") if aa_maps else []
     chosen_rs, chosen_aa = set(rs), set(aa)
-    processors = {}
-    for key, layer in zip(keys, layers):
-        if layer in chosen_rs or layer in chosen_aa:
-            processors[key] = RecordingAttnProcessor(recorder, layer, record_maps=aa_maps if layer in chosen_aa else None,
-                                                     record_features=rs_features if layer in chosen_rs else None,
-                                                     xformers=xformers)
-        else:
-            processors[key] = XFormersAttnProcessor() if xformers else AttnProcessor2_0()
-    unet.set_attn_processor(processors)
-    return {"rs": rs, "aa": aa}
+    processors = {name: RecordingAttnProcessor(recorder, name, record_maps=aa_maps if name in chosen_aa else None,
+                                               record_features=rs_features if name in chosen_rs else None,
+                                               xformers=xformers)
+                  for name in names if name in chosen_rs or name in chosen_aa}
+    return processors, {"rs": rs, "aa": aa}

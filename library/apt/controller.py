@@ -1,9 +1,9 @@
 """APT for one training run: the indicator, augmentation draws, loss weights, the recording
 processors and the RS/AA terms from what they recorded.
 
-The model calls (the reference pass with the adapters off, the trained pass) belong to the
-training step (library.train.apt_method), so this package needs neither the data pipeline nor
-the loop.
+The model calls (the reference pass with the adapters off, the trained pass) and installing the
+processors belong to the training method (library.train.apt_method), so this package needs
+neither the model, the data pipeline nor the loop.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from library.apt import augment as aug
-from library.apt.attention import Recorder, install
+from library.apt.attention import Recorder, recording_processors
 from library.apt.indicator import OverfitIndicator
 from library.apt.losses import attention_loss, representation_loss, token_mask
 
@@ -37,7 +37,11 @@ class AptHistory:
 
 
 class AptController:
-    def __init__(self, opts, unet, num_timesteps: int, xformers: bool = False, eos_id: int = 49407,
+    """`layers` are the model's attention layers (library.models.family.AttentionLayer); the
+    recording processors for the chosen ones are in `processors`, for the training method to
+    install."""
+
+    def __init__(self, opts, layers: list, num_timesteps: int, xformers: bool = False, eos_id: int = 49407,
                  exclude_ids: list[int] | None = None):
         self.opts = opts
         self.indicator = OverfitIndicator(opts.bins, opts.ema_alpha, num_timesteps, opts.indicator_scale,
@@ -48,7 +52,8 @@ class AptController:
         self.exclude_ids = exclude_ids or []
         rs_features = opts.rs_features if opts.rs and opts.lambda_dist > 0 else None
         aa_maps = ("logits" if opts.aa_distance == "logits" else "probs") if opts.aa and opts.lambda_attn > 0 else None
-        self.layers = install(unet, self.recorder, opts.rs_layers, opts.aa_layers, rs_features, aa_maps, xformers)
+        self.processors, self.layers = recording_processors(layers, self.recorder, opts.rs_layers, opts.aa_layers,
+                                                            rs_features, aa_maps, xformers)
         self.fill: torch.Tensor | float = 0.0
 
     # --- per step -----------------------------------------------------------------------------
@@ -85,10 +90,11 @@ class AptController:
     def observe(self, timesteps: torch.Tensor, loss_theta: torch.Tensor, loss_ref: torch.Tensor) -> None:
         self.indicator.update(timesteps, loss_theta, loss_ref)
 
-    def end_step(self, step: int) -> None:
+    def end_step(self, steps_done: int) -> None:
+        """After an optimizer step: recordings dropped, the indicator noted at `steps_done` steps."""
         self.stop_recording()
         self.recorder.clear()
-        self.history.add(step, self.indicator.gamma())
+        self.history.add(steps_done, self.indicator.gamma())
 
     # --- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict:

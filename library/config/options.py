@@ -19,8 +19,9 @@ LAYER_ALIASES = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "
 class ModelOptions:
     pretrained_model_name_or_path: str = option(
         None, "base model: a diffusers folder or a single-file .safetensors (SD1.x, SD2.x or SDXL)", required=True)
-    model_arch: Literal["auto", "sd1", "sd2", "sdxl"] = option(
-        "auto", "architecture; auto detects it from the checkpoint", kohya=False)
+    model_arch: str = option(
+        "auto", "model family: auto detects it from the checkpoint; or sd1, sd2, sdxl (any registered family, "
+                "checked when the model is planned)", kohya=False)
     model_config: Optional[str] = option(
         None, "diffusers folder with the configs of a single-file model whose architecture is not a shipped one",
         kohya=False)

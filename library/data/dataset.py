@@ -163,8 +163,8 @@ class TrainingData:
         mask_t = torch.from_numpy(np.ascontiguousarray(mask))[None] if mask is not None else None
         return pixels, mask_t
 
-    def time_ids(self, sample: Sample) -> tuple[int, int, int, int, int, int]:
-        """SDXL micro-conditioning: original (h, w), crop (top, left), target (h, w)."""
+    def size_info(self, sample: Sample) -> tuple[int, int, int, int, int, int]:
+        """Original (h, w), crop (top, left), target (h, w): SDXL's micro-conditioning."""
         p = sample.placement
         top, left = _sdxl_crop(p, sample.crop_left_top[0], sample.crop_left_top[1], sample.flipped)
         return (p.original[1], p.original[0], top, left, p.bucket[1], p.bucket[0])

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from library.lora.names import LoraTarget
+from library.lora.names import LoraTarget, as_family
 from library.lora.weights import LoraWeights
-from library.models.ldm_names import unet_path_to_ldm
-from library.models.single_file import TEXT_ENCODER_PREFIXES, UNET_PREFIX
-
-_OPEN_CLIP = {"self_attn.out_proj": "attn.out_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
-def original_key(arch: str, target: LoraTarget, unet_config) -> tuple[str, int | None]:
+def original_key(family, target: LoraTarget, unet_config) -> tuple[str, int | None]:
     """(key of the weight in an original-format checkpoint, q/k/v row block or None)."""
-    if target.component == "unet":
-        return UNET_PREFIX + unet_path_to_ldm(target.path, unet_config) + ".weight", None
-    prefix, kind = TEXT_ENCODER_PREFIXES[arch][int(target.component[-1]) - 1]
-    if kind == "clip":
-        return prefix + target.path + ".weight", None
-    layer, module = target.path.removeprefix("text_model.encoder.layers.").split(".", 1)
-    base = f"{prefix}transformer.resblocks.{layer}."
-    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        return base + "attn.in_proj_weight", "qkv".index(module[-6])  # OpenCLIP stacks q, k, v
-    return base + _OPEN_CLIP[module] + ".weight", None
+    return as_family(family).original_weight_key(target.component, target.path, unet_config)
 
 
 def _add(weight: torch.Tensor, module, mult: float, block: int | None) -> torch.Tensor:
@@ -45,7 +32,7 @@ def merge_into_original(state: dict[str, torch.Tensor], loras: list[tuple[LoraWe
     for weights, mult in loras:
         for name, mod in weights.modules.items():
             target = weights.index.targets[name]
-            key, block = original_key(weights.arch, target, unet_config)
+            key, block = original_key(weights.index.family, target, unet_config)
             if key not in state:
                 missing.append(key)
                 continue

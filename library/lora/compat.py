@@ -31,7 +31,6 @@ from library.models import shipped
 
 log = logging.getLogger(__name__)
 
-ARCH_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _TENSOR_SUFFIX = re.compile(r"\.(?:lora_(?:down|up)\.weight|lora_[AB](?:\.default)?\.weight|alpha|"
                             r"processor\.\w+_lora\.(?:down|up)\.weight)$")
 
@@ -66,7 +65,14 @@ class Fit:
 
 
 def arch_name(arch: str) -> str:
-    return ARCH_NAMES.get(arch, arch)
+    """How messages call a model family ("SD1.x" for "sd1")."""
+    from library.errors import UserError as Unknown
+    from library.models.families import get_family
+
+    try:
+        return get_family(arch).label
+    except Unknown:
+        return arch
 
 
 # --- targets -----------------------------------------------------------------------------------
@@ -97,10 +103,10 @@ def _header_target(plan, header: dict, label: str) -> Target:
     """An original-format checkpoint, from its safetensors header (no tensor is read)."""
     from library.lora.apply import original_key
 
-    index = NameIndex.for_tree(plan.arch, plan.config_tree)
+    index = NameIndex.for_tree(plan.family, plan.config_tree)
     shapes = {}
     for name, target in index.targets.items():
-        key, block = original_key(plan.arch, target, plan.unet_config)
+        key, block = original_key(plan.family, target, plan.unet_config)
         entry = header.get(key)
         if isinstance(entry, dict) and "shape" in entry:
             shape = list(entry["shape"])
@@ -125,17 +131,9 @@ def network_target(network, label: str) -> Target:
 def config_target(folder: str, arch: str, label: str) -> Target:
     """A model with the configs in the diffusers-layout `folder`, its layer shapes from modules built on
     the meta device (no memory, no weights)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tree = Path(folder)
     index = NameIndex.for_tree(arch, tree)
-    with init_empty_weights():
-        components = {"unet": UNet2DConditionModel.from_config(shipped.read_json(tree / "unet" / "config.json"))}
-        for i, sub in enumerate(["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])):
-            components[f"te{i + 1}"] = CLIPTextModel(CLIPTextConfig(**shipped.read_json(tree / sub / "config.json")))
-    return Target(label, arch, index, _shapes_of(index, components))
+    return Target(label, arch, index, _shapes_of(index, index.family.empty_components(tree)))
 
 
 def tree_target(name: str) -> Target:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from library.lora.names import LoraTarget, text_encoder_targets, unet_targets
-from library.models.ldm_names import unet_path_to_ldm
+from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
 from library.models import shipped
+from library.models.family import ModelFamily
 
 # PEFT/diffusers component prefixes, by our component names.
 PEFT_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
@@ -22,35 +22,39 @@ PEFT_PREFIX = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 @dataclass
 class NameIndex:
-    arch: str
+    family: ModelFamily
     targets: dict[str, LoraTarget]            # our kohya name -> target
     aliases: dict[str, str]                   # any accepted kohya-style name -> our kohya name
     by_path: dict[tuple[str, str], str]       # (component, module path) -> our kohya name
 
+    @property
+    def arch(self) -> str:
+        return self.family.name
+
     @classmethod
-    def build(cls, arch: str, unet_config: Mapping, te_layers: list[int]) -> "NameIndex":
-        targets = unet_targets(unet_config, arch, include_conv=True) + text_encoder_targets(arch, te_layers)
-        index = cls(arch, {}, {}, {})
+    def build(cls, family: ModelFamily | str, unet_config: Mapping, te_layers: list[int]) -> "NameIndex":
+        family = as_family(family)
+        targets = unet_targets(unet_config, family, include_conv=True) + text_encoder_targets(family, te_layers)
+        index = cls(family, {}, {}, {})
         for t in targets:
             index.targets[t.name] = t
             index.aliases[t.name] = t.name
             index.by_path[(t.component, t.path)] = t.name
             if t.component == "unet":
-                # Other trainers' spellings: diffusers paths (SDXL) and original SGM paths (SD1.x).
-                index.aliases["lora_unet_" + t.path.replace(".", "_")] = t.name
-                index.aliases["lora_unet_" + unet_path_to_ldm(t.path, unet_config).replace(".", "_")] = t.name
+                for other in family.lora_alias_paths(t.path, unet_config):
+                    index.aliases["lora_unet_" + other.replace(".", "_")] = t.name
         return index
 
     @classmethod
-    def for_tree(cls, arch: str, tree: Path) -> "NameIndex":
+    def for_tree(cls, family: ModelFamily | str, tree: Path) -> "NameIndex":
+        family = as_family(family)
         unet = shipped.read_json(tree / "unet" / "config.json")
-        folders = ["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else [])
-        layers = [shipped.read_json(tree / f / "config.json")["num_hidden_layers"] for f in folders]
-        return cls.build(arch, unet, layers)
+        layers = [shipped.read_json(tree / f / "config.json")["num_hidden_layers"] for f in family.text_encoder_folders]
+        return cls.build(family, unet, layers)
 
     @classmethod
     def for_model(cls, bundle) -> "NameIndex":
-        return cls.build(bundle.arch, bundle.unet.config, [te.config.num_hidden_layers for te in bundle.text_encoders])
+        return cls.build(bundle.family, bundle.unet.config, [te.config.num_hidden_layers for te in bundle.text_encoders])
 
     def resolve(self, name: str) -> str | None:
         return self.aliases.get(name)

@@ -34,7 +34,6 @@ def _verdicts(tensors: dict, weights: LoraWeights | None, error: str | None) -> 
     peft_keys = [k for k in keys if ".lora_A." in k or ".lora_B." in k or k.endswith(("lora_A.weight", "lora_B.weight"))]
     names = sorted({k.split(".", 1)[0] for k in kohya_keys})
     naming = unet_naming(names)
-    arch = weights.arch if weights else None
     problems = {"a1111": [], "comfyui": [], "diffusers": []}
     notes = {"a1111": [], "comfyui": [], "diffusers": []}
     if error:
@@ -56,11 +55,9 @@ def _verdicts(tensors: dict, weights: LoraWeights | None, error: str | None) -> 
     if naming == "mixed":
         problems["diffusers"].append("UNet names mix diffusers and SGM paths: diffusers silently drops the SGM ones")
         notes["a1111"].append("UNet names mix diffusers and SGM paths")
-    if arch in ("sd1", "sd2") and naming == "sgm":
-        problems["diffusers"].append("SD1.x/2.x UNet with SGM names (input_blocks...): diffusers does not load them")
-    if arch == "sdxl" and naming == "diffusers" and any("up_blocks_0_upsamplers_0_conv" in n for n in names):
-        problems["a1111"].append("SDXL names in diffusers style include up_blocks_0_upsamplers_0_conv, which A1111 "
-                                 "maps to the wrong layer")
+    if weights is not None:
+        for loader, found in weights.index.family.lora_file_problems(naming, names).items():
+            problems[loader].extend(found)
     bad_dots = [k for k in kohya_keys if "." in k.split(".", 1)[0]]
     if bad_dots:
         problems["a1111"].append("module names contain dots; A1111 splits at the first dot")
@@ -92,14 +89,12 @@ def _verdicts(tensors: dict, weights: LoraWeights | None, error: str | None) -> 
 
 def diffusers_check(tensors: dict, weights: LoraWeights | None) -> str | None:
     """Run diffusers' own key conversion; returns its error, or None when it accepts the file."""
+    if weights is None:
+        return None
     try:
-        from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+        weights.index.family.diffusers_lora_state_dict({k: v.clone() for k, v in tensors.items()})
     except ImportError:
         return None
-    mixin = StableDiffusionXLLoraLoaderMixin if weights is not None and weights.arch == "sdxl" \
-        else StableDiffusionLoraLoaderMixin
-    try:
-        mixin.lora_state_dict({k: v.clone() for k, v in tensors.items()})
     except Exception as exc:  # any failure of the independent loader is the verdict
         return f"diffusers' lora_state_dict rejects the file: {' '.join(str(exc).split())[:300]}"
     return None

@@ -14,19 +14,15 @@ from typing import Any
 from library.config import Config
 from library.lora.lycoris import ALGO
 
-ARCHITECTURES = {
-    "sd_v1": "stable-diffusion-v1/lora",
-    "sd_v2": "stable-diffusion-v2-512/lora",
-    "sd_v2_v": "stable-diffusion-v2-768-v/lora",
-    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
-}
 IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"  # the layout our files follow
 
 
 @dataclass
 class TrainingFacts:
     """What happened in a run, beyond the config."""
-    base_model_version: str
+    base_model_version: str          # ss_base_model_version (the model family's name for WebUIs)
+    architecture: str                # modelspec.architecture
+    text_encoders: int
     resolution: tuple[int, int]
     steps: int
     epochs: int
@@ -38,7 +34,8 @@ class TrainingFacts:
     optimizer: str = "torch.optim.adamw.AdamW"
     datasets: list[dict] = field(default_factory=list)
     tag_frequency: dict[str, dict[str, int]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)  # what the run's loss, noise, timesteps... report
+    extra: dict[str, Any] = field(default_factory=dict)       # the training method's metadata
 
 
 def _num(value: float | None) -> str:
@@ -65,7 +62,7 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
     net, opt = cfg.network, cfg.optimizer
     finished_at = finished_at or time.time()
     args = network_args(net)
-    te_lrs = opt.text_encoder_lrs(2 if facts.base_model_version.startswith("sdxl") else 1)
+    te_lrs = opt.text_encoder_lrs(facts.text_encoders)
     w, h = facts.resolution
     meta = {
         "ss_base_model_version": facts.base_model_version,
@@ -88,14 +85,7 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "ss_max_grad_norm": _num(opt.max_grad_norm),
         "ss_max_train_steps": str(cfg.training.max_train_steps),
         "ss_max_train_epochs": str(cfg.training.max_train_epochs),
-        "ss_noise_offset": _num(cfg.training.noise_offset),
-        "ss_multires_noise_iterations": str(cfg.training.multires_noise_iterations),
-        "ss_multires_noise_discount": _num(cfg.training.multires_noise_discount),
-        "ss_min_snr_gamma": _num(cfg.training.min_snr_gamma),
         "ss_zero_terminal_snr": str(cfg.training.zero_terminal_snr),
-        "ss_ip_noise_gamma": _num(cfg.training.ip_noise_gamma),
-        "ss_min_timestep": str(cfg.training.min_timestep),
-        "ss_max_timestep": str(cfg.training.max_timestep),
         "ss_prior_loss_weight": _num(cfg.training.prior_loss_weight),
         "ss_full_bf16": str(cfg.training.full_bf16),
         "ss_cache_latents": str(cfg.data.cache_latents or cfg.data.cache_latents_to_disk),
@@ -116,13 +106,14 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "ss_datasets": json.dumps(facts.datasets),
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ARCHITECTURES[facts.base_model_version],
+        "modelspec.architecture": facts.architecture,
         "modelspec.implementation": IMPLEMENTATION,
         "modelspec.title": cfg.saving.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
     }
+    meta.update(facts.components)
     for key, value in facts.extra.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return meta

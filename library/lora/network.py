@@ -20,7 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from library.errors import UserError
 from library.lora.index import NameIndex
 from library.lora.lycoris import DORA_SUFFIX, build_module
-from library.lora.names import LoraTarget, text_encoder_targets, unet_targets
+from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
 from library.lora.weights import LoraModule
 
 ADAPTER = "default"
@@ -123,17 +123,19 @@ def _lora_module(parts: dict, alpha: float | None) -> LoraModule:
 class LoraNetwork:
     """The adapter layers (LoRA, DoRA, LoHa or LoKr) injected into a loaded model bundle."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], arch: str, spec: NetworkSpec):
+    def __init__(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family, spec: NetworkSpec):
+        """`family`: the model family (library.models.family), or its name."""
         self.spec = spec
-        self.arch = arch
+        self.family = as_family(family)
+        self.enabled = True
         self.components: dict[str, torch.nn.Module] = {}
         self.layers: dict[str, tuple[LoraTarget, BaseTunerLayer]] = {}
-        self.index = NameIndex.build(arch, unet.config, [te.config.num_hidden_layers for te in text_encoders])
+        self.index = NameIndex.build(self.family, unet.config, [te.config.num_hidden_layers for te in text_encoders])
         if spec.train_unet:
-            self._inject("unet", unet, unet_targets(unet.config, arch, spec.conv_dim is not None))
+            self._inject("unet", unet, unet_targets(unet.config, self.family, spec.conv_dim is not None))
         if spec.train_text_encoders:
             counts = [te.config.num_hidden_layers for te in text_encoders]
-            targets = text_encoder_targets(arch, counts)
+            targets = text_encoder_targets(self.family, counts)
             for index, te in enumerate(text_encoders):
                 comp = f"te{index + 1}"
                 self._inject(comp, te, [t for t in targets if t.component == comp])
@@ -172,6 +174,10 @@ class LoraNetwork:
             if component is None or target.component == component:
                 yield from _peft_params(layer).values()
 
+    @property
+    def arch(self) -> str:
+        return self.family.name
+
     def trainable_components(self) -> list[str]:
         return list(self.components)
 
@@ -179,6 +185,7 @@ class LoraNetwork:
     def set_enabled(self, enabled: bool) -> None:
         for _, layer in self.layers.values():  # every injected layer, without walking the models
             layer.enable_adapters(enabled)
+        self.enabled = enabled
 
     # --- file layout --------------------------------------------------------------------------
     def _file_module(self, name: str):

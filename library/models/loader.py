@@ -9,24 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from library.errors import UserError
 from library.models import shipped
-from library.models.single_file import detect_architecture, read_safetensors_header
+from library.models.families import detect_folder_family as family_of_folder
+from library.models.families import families, get_family
+from library.models.family import CheckpointFacts, ModelFamily
+from library.models.families import detect_architecture
+from library.models.single_file import read_safetensors_header
 
 log = logging.getLogger(__name__)
 
-# ss_base_model_version values that WebUIs filter on.
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
-
-
 @dataclass
 class ModelBundle:
-    arch: str
+    family: ModelFamily
     unet: Any
     vae: Any
     text_encoders: list
@@ -37,8 +36,9 @@ class ModelBundle:
     extra: dict = field(default_factory=dict)
 
     @property
-    def is_sdxl(self) -> bool:
-        return self.arch == "sdxl"
+    def arch(self) -> str:
+        """The family's name: what model_arch and LoRA files call the architecture."""
+        return self.family.name
 
     @property
     def vae_scale_factor(self) -> int:
@@ -50,9 +50,7 @@ class ModelBundle:
 
     @property
     def base_model_version(self) -> str:
-        if self.arch == "sd2" and self.v_parameterization:
-            return "sd_v2_v"
-        return BASE_MODEL_VERSION[self.arch]
+        return self.family.base_model_version(self.v_parameterization)
 
 
 def _short(exc: BaseException) -> str:
@@ -60,53 +58,20 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def detect_folder_arch(folder: Path) -> str:
+def detect_folder_family(folder: Path) -> ModelFamily:
     index = folder / "model_index.json"
-    if index.is_file():
-        name = shipped.read_json(index).get("_class_name", "")
-        if "XL" in name:
-            return "sdxl"
-    elif not (folder / "unet" / "config.json").is_file():
+    if not index.is_file() and not (folder / "unet" / "config.json").is_file():
         raise UserError(f"{folder}: not a diffusers model folder (no model_index.json or unet/config.json)")
-    unet = shipped.read_json(folder / "unet" / "config.json")
-    if unet.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+    model_index = shipped.read_json(index) if index.is_file() else {}
+    unet = folder / "unet" / "config.json"
+    return family_of_folder(folder, model_index, shipped.read_json(unet) if unet.is_file() else {})
 
 
-def _load_folder(folder: Path, arch: str, dtype) -> tuple:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", **kw)
-    encoders = [CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", **kw)]
-    tokenizers = [shipped.load_tokenizer(folder / "tokenizer")]
-    if arch == "sdxl":
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(str(folder), subfolder="text_encoder_2", **kw))
-        tokenizers.append(shipped.load_tokenizer(folder / "tokenizer_2"))
-    scheduler_config = shipped.read_json(folder / "scheduler" / "scheduler_config.json")
-    return unet, vae, encoders, tokenizers, scheduler_config
+def detect_folder_arch(folder: Path) -> str:
+    return detect_folder_family(folder).name
 
 
-def _load_single_file(path: Path, arch: str, config_tree: Path, dtype) -> tuple:
-    import diffusers
-
-    pipe_cls = getattr(diffusers, PIPELINES[arch])
-    tokenizers = [shipped.load_tokenizer(config_tree / "tokenizer")]
-    kw: dict[str, Any] = {"tokenizer": tokenizers[0]}
-    if arch == "sdxl":
-        tokenizers.append(shipped.load_tokenizer(config_tree / "tokenizer_2"))
-        kw["tokenizer_2"] = tokenizers[1]
-    pipe = pipe_cls.from_single_file(str(path), config=str(config_tree), local_files_only=True, torch_dtype=dtype,
-                                     **kw)
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if arch == "sdxl" else [])
-    scheduler_config = shipped.read_json(config_tree / "scheduler" / "scheduler_config.json")
-    return pipe.unet, pipe.vae, encoders, tokenizers, scheduler_config
-
-
-def _single_file_plan(path: Path, forced_arch: str, model_config: str | None) -> tuple[str, Path]:
+def _single_file_plan(path: Path, forced: ModelFamily | None, model_config: str | None) -> tuple[ModelFamily, Path]:
     if path.suffix.lower() == ".safetensors":
         shapes = {k: v["shape"] for k, v in read_safetensors_header(path).items() if k != "__metadata__"}
         found = detect_architecture(shapes, str(path))
@@ -118,16 +83,21 @@ def _single_file_plan(path: Path, forced_arch: str, model_config: str | None) ->
                                                    ("VAE", found.has_vae)) if not ok)
             raise UserError(f"{path}: the checkpoint has no {missing}; use a full checkpoint "
                             "(UNet-only files cannot be trained)")
-        arch = found.arch if forced_arch == "auto" else forced_arch
-        if forced_arch != "auto" and forced_arch != found.arch:
-            log.warning("model_arch = %s overrides the detected architecture %s", forced_arch, found.arch)
-        tree = Path(model_config) if model_config else shipped.choose_tree(arch, found.unet_width)
+        family = forced or found.family
+        if forced is not None and forced is not found.family:
+            log.warning("model_arch = %s overrides the detected architecture %s", forced.name, found.arch)
+        if model_config:
+            tree = Path(model_config)
+        else:
+            tree = family.shipped_tree(replace(found, family=family))
     else:  # a pickle the user allowed; its keys cannot be read without unpickling
-        if forced_arch == "auto" and not model_config:
-            raise UserError(f"{path}: set model_arch (sd1, sd2 or sdxl) to load a pickle checkpoint")
-        arch = forced_arch if forced_arch != "auto" else detect_folder_arch(Path(model_config))
-        tree = Path(model_config) if model_config else shipped.choose_tree(arch, 320)
-    return arch, tree
+        if forced is None and not model_config:
+            names = ", ".join(f.name for f in families())
+            raise UserError(f"{path}: set model_arch ({names}) to load a pickle checkpoint")
+        family = forced or detect_folder_family(Path(model_config))
+        tree = Path(model_config) if model_config else family.shipped_tree(
+            CheckpointFacts(family, 320, None, 4, True, True))
+    return family, tree
 
 
 def load_vae(path: Path, reference_config: dict, dtype):
@@ -156,11 +126,15 @@ def load_vae(path: Path, reference_config: dict, dtype):
 class ModelPlan:
     """What will be loaded, known from configs and headers alone (cheap: no weights read)."""
     path: Path
-    arch: str
+    family: ModelFamily
     single_file: bool
     config_tree: Path  # diffusers folder holding the component configs
     unet_config: dict
     vae_config: dict
+
+    @property
+    def arch(self) -> str:
+        return self.family.name
 
     @property
     def native_resolution(self) -> int:
@@ -172,15 +146,16 @@ def plan_model(opts) -> ModelPlan:
     path = Path(opts.pretrained_model_name_or_path)
     if not path.exists():
         raise UserError(f"{path}: no such model file or folder")
+    forced = None if opts.model_arch == "auto" else get_family(opts.model_arch)
     if path.is_dir():
-        arch = detect_folder_arch(path) if opts.model_arch == "auto" else opts.model_arch
+        family = forced or detect_folder_family(path)
         tree, single = path, False
     else:
-        arch, tree = _single_file_plan(path, opts.model_arch, opts.model_config)
+        family, tree = _single_file_plan(path, forced, opts.model_config)
         single = True
     unet_config = shipped.read_json(tree / "unet" / "config.json")
     vae_config = shipped.read_json(tree / "vae" / "config.json")
-    return ModelPlan(path, arch, single, tree, unet_config, vae_config)
+    return ModelPlan(path, family, single, tree, unet_config, vae_config)
 
 
 def load_models(opts, plan: ModelPlan | None = None, dtype=None) -> ModelBundle:
@@ -192,10 +167,11 @@ def load_models(opts, plan: ModelPlan | None = None, dtype=None) -> ModelBundle:
     path = plan.path
     try:
         if plan.single_file:
-            parts = _load_single_file(path, plan.arch, plan.config_tree, dtype)
+            parts = plan.family.load_single_file(path, plan.config_tree, dtype)
         else:
-            parts = _load_folder(path, plan.arch, dtype)
-        unet, vae, encoders, tokenizers, scheduler_config = parts
+            parts = plan.family.load_folder(path, dtype)
+        unet, vae, encoders, tokenizers = parts.unet, parts.vae, parts.text_encoders, parts.tokenizers
+        scheduler_config = parts.scheduler_config
         if opts.vae:
             vae = load_vae(Path(opts.vae), dict(vae.config), dtype)
     except UserError:
@@ -211,5 +187,5 @@ def load_models(opts, plan: ModelPlan | None = None, dtype=None) -> ModelBundle:
         module.eval()
     if not opts.v_parameterization and scheduler_config.get("prediction_type") == "v_prediction" and not plan.single_file:
         log.warning("%s: the model's scheduler predicts v; set v_parameterization = true if it is a v-model", path)
-    return ModelBundle(arch=plan.arch, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
+    return ModelBundle(family=plan.family, unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                        scheduler_config=scheduler_config, source=str(path), v_parameterization=opts.v_parameterization)

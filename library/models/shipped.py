@@ -36,20 +36,6 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
-def choose_tree(arch: str, unet_width: int) -> Path:
-    """The shipped tree of `arch` whose UNet width matches the checkpoint (full-size or tiny)."""
-    for name, family in SHIPPED_TREES.items():
-        if family != arch:
-            continue
-        unet = read_json(CONFIG_ROOT / name / "unet" / "config.json")
-        if unet["block_out_channels"][0] == unet_width:
-            return CONFIG_ROOT / name
-    raise UserError(
-        f"no shipped {arch} config has a UNet of width {unet_width}; "
-        "pass `model_config = \"<diffusers folder with the model's configs>\"`"
-    )
-
-
 @lru_cache(maxsize=None)
 def _bpe() -> tuple[dict, tuple]:
     vocab = json.loads((CLIP_BPE / "vocab.json").read_text(encoding="utf-8"))

@@ -1,14 +1,13 @@
-"""Original-format ("single file") checkpoints: key layout, architecture detection, writing.
+"""Original-format ("single file") checkpoints of Stable Diffusion: header reading, key layout, writing.
 
 diffusers reads single files (`from_single_file`) but has no writer; tools that emit a checkpoint
-(tiny test models, merging a LoRA into a model) need one, so it is here. Detection works on key
-names and shapes only (read from the safetensors header, no tensor is loaded).
+(tiny test models, merging a LoRA into a model) need one, so it is here. Which family a file
+holds is decided from its header by the families (library.models.families.detect_architecture).
 """
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -17,12 +16,6 @@ from library.models.ldm_names import unet_path_to_ldm, vae_path_to_ldm
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-# Where each architecture keeps its text encoders, and in which format (HF CLIP or OpenCLIP).
-TEXT_ENCODER_PREFIXES = {
-    "sd1": [("cond_stage_model.transformer.", "clip")],
-    "sd2": [("cond_stage_model.model.", "open_clip")],
-    "sdxl": [("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip")],
-}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -42,50 +35,9 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-@dataclass(frozen=True)
-class Detected:
-    arch: str  # "sd1" | "sd2" | "sdxl"
-    unet_width: int  # block_out_channels[0], tells full-size models from tiny ones
-    cross_attention_dim: int | None
-    in_channels: int
-    has_text_encoders: bool
-    has_vae: bool
-
-
-def detect_architecture(shapes: Mapping[str, list[int]], source: str) -> Detected:
-    """Tell SD1.x, SD2.x and SDXL apart from an original-format checkpoint's key names and shapes."""
-    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is None:
-        raise UserError(
-            f"{source}: no Stable Diffusion UNet found (key {UNET_PREFIX}input_blocks.0.0.weight missing); "
-            "expected an SD1.x, SD2.x or SDXL checkpoint in the original single-file layout"
-        )
-    if any(k.startswith("conditioner.embedders.1.model.") for k in shapes) or UNET_PREFIX + "label_emb.0.0.weight" in shapes:
-        arch = "sdxl"
-    elif any(k.startswith("cond_stage_model.model.") for k in shapes):
-        arch = "sd2"
-    else:
-        arch = "sd1"
-    cross = None
-    for key, shape in shapes.items():
-        if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight"):
-            cross = shape[1]
-            break
-    if arch == "sd1" and cross == 1024:
-        arch = "sd2"  # an SD2 UNet saved without its text encoder
-    return Detected(
-        arch=arch,
-        unet_width=conv_in[0],
-        cross_attention_dim=cross,
-        in_channels=conv_in[1],
-        has_text_encoders=any(k.startswith(("cond_stage_model.", "conditioner.")) for k in shapes),
-        has_vae=any(k.startswith(VAE_PREFIX) for k in shapes),
-    )
-
-
 # --- writing -----------------------------------------------------------------------------------
 
-def _clip_to_ldm(state: Mapping, prefix: str) -> dict:
+def clip_to_ldm(state: Mapping, prefix: str) -> dict:
     # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the original layout keeps it.
     out = {}
     for key, value in state.items():
@@ -97,7 +49,7 @@ def _clip_to_ldm(state: Mapping, prefix: str) -> dict:
     return out
 
 
-def _open_clip_to_ldm(state: Mapping, prefix: str) -> dict:
+def open_clip_to_ldm(state: Mapping, prefix: str) -> dict:
     import torch
 
     state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state.items()}
@@ -121,8 +73,8 @@ def _open_clip_to_ldm(state: Mapping, prefix: str) -> dict:
     return out
 
 
-def to_original_state_dict(arch: str, unet, vae, text_encoders: list) -> dict:
-    """The whole pipeline as one original-format state dict (what A1111/ComfyUI load)."""
+def unet_vae_to_ldm(unet, vae) -> dict:
+    """The UNet and VAE of a Stable Diffusion model in the original layout."""
     out = {}
     for key, value in unet.state_dict().items():
         out[UNET_PREFIX + unet_path_to_ldm(key, unet.config)] = value
@@ -131,7 +83,4 @@ def to_original_state_dict(arch: str, unet, vae, text_encoders: list) -> dict:
         if ".mid.attn_1." in name and name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")) and value.ndim == 2:
             value = value[:, :, None, None]  # the original attention uses 1x1 convolutions
         out[VAE_PREFIX + name] = value
-    for (prefix, kind), encoder in zip(TEXT_ENCODER_PREFIXES[arch], text_encoders):
-        state = encoder.state_dict()
-        out.update(_clip_to_ldm(state, prefix) if kind == "clip" else _open_clip_to_ldm(state, prefix))
-    return {k: v.contiguous() for k, v in out.items()}
+    return out

@@ -11,49 +11,40 @@ from pathlib import Path
 
 from library.models import shipped
 
-TINY_TREES = {"sd15": "tiny_sd15", "sdxl": "tiny_sdxl"}
+TINY_TREES = {"sd1": "tiny_sd15", "sdxl": "tiny_sdxl"}  # family -> shipped tree
 
 
 def build_tiny_pipeline(arch: str, seed: int = 0):
-    """A diffusers pipeline with random weights, deterministic for a given seed."""
-    return build_random_pipeline(TINY_TREES[arch], arch, seed)
+    """A diffusers pipeline of family `arch` ("sd1" or "sdxl") with random weights, deterministic
+    for a given seed."""
+    return build_random_pipeline(TINY_TREES[arch], seed)
 
 
-def build_random_pipeline(tree: str, arch: str, seed: int = 0, device: str = "cpu"):
+def build_random_pipeline(tree: str, seed: int = 0, device: str = "cpu"):
     """A pipeline of a shipped config tree (tiny or full-size) with random weights, built on
     `device` (a full-size SDXL initialises in seconds on a GPU, minutes on a CPU)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
 
+    from library.models.families import get_family
+    from library.models.family import Components
+
+    family = get_family(shipped.SHIPPED_TREES[tree])
     root = shipped.tree(tree)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(shipped.read_json(root / "unet" / "config.json"))
         vae = AutoencoderKL.from_config(shipped.read_json(root / "vae" / "config.json"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(str(root / "text_encoder")))
-        te2 = None
-        if arch != "sd15":
-            te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(root / "text_encoder_2")))
-    tok1 = shipped.load_tokenizer(root / "tokenizer")
-    if arch == "sd15":
-        scheduler = PNDMScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
-        return StableDiffusionPipeline(
-            vae=vae, text_encoder=te1, tokenizer=tok1, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    tok2 = shipped.load_tokenizer(root / "tokenizer_2")
-    scheduler = EulerDiscreteScheduler.from_config(shipped.read_json(root / "scheduler" / "scheduler_config.json"))
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2, unet=unet, scheduler=scheduler,
-    )
+        encoders = [getattr(transformers, cls)(CLIPTextConfig.from_pretrained(str(root / sub)))
+                    for cls, sub in zip(family.text_encoder_classes, family.text_encoder_folders)]
+    tokenizers = [shipped.load_tokenizer(root / sub) for sub in family.tokenizer_folders]
+    scheduler_config = shipped.read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+    pipe = family.pipeline(Components(unet, vae, encoders, tokenizers, scheduler_config), unet, scheduler)
+    return pipe
 
 
 def save_diffusers(pipe, out: Path) -> None:

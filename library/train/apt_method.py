@@ -1,18 +1,22 @@
 """APT as a training method: the hooks it adds to the shared training step.
 
 Per micro-batch, once the timesteps are drawn: gamma of each sample's bin and the augmentation it
-calls for (training images only); then, before the trained pass, the reference pass: the same
-UNet with every adapter switched off (UNet and text encoders), without gradients, on the same
-noisy input, with the base text encoders' conditioning; the trained pass records what RS and AA
+calls for (training images only); then, before the trained pass, the reference pass (the step
+context's base-model prediction: every adapter off, no gradients, the same noisy input, the base
+text encoders' conditioning) while the recorder records; the trained pass records what RS and AA
 compare; the loss weights (1 - gamma) apply to training images only, regularisation images keep
 prior_loss_weight exactly as without APT. After the step the indicator is updated from both
 passes' losses, gathered from every process, skipping non-finite values.
+
+`attach` installs the recording attention processors on the chosen layers (the others keep
+theirs); `detach` puts the previous processors back.
 """
 from __future__ import annotations
 
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -22,18 +26,17 @@ from library.apt import augment as aug
 from library.apt.controller import AptController
 from library.apt.indicator import bin_ranges
 from library.errors import UserError
-from library.train.batches import Batch, VaeEncoder
-from library.train.denoiser import Denoiser, NoisyInputs, StepLoss
-from library.train.diffusion import per_sample_mse
-from library.train.method import MethodStep, TrainingMethod
+from library.train.batches import Batch
+from library.train.method import MethodSetup, MethodStep, TrainingMethod, register_method
+from library.train.step import StepContext, StepLoss
 
 log = logging.getLogger(__name__)
 
 
-def black_fill(encoder: VaeEncoder, size: tuple[int, int] = (64, 64)) -> torch.Tensor:
+def black_fill(encode: Callable[[torch.Tensor], torch.Tensor], size: tuple[int, int] = (64, 64)) -> torch.Tensor:
     """Per-channel latent of a black image: what a zoomed-out image's border encodes to."""
     black = -torch.ones(1, 3, size[1], size[0])
-    return encoder(black)[0].float().mean(dim=(1, 2)).cpu()
+    return encode(black)[0].float().mean(dim=(1, 2)).cpu()
 
 
 class AptStep(MethodStep):
@@ -48,7 +51,7 @@ class AptStep(MethodStep):
         self._stats: dict[str, float] = {}
 
     def augment(self, latents, mask, timesteps, gen):
-        apt = self.method.apt
+        apt = self.method.controller
         # Regularisation images are the prior: never augmented, never down-weighted.
         self.gamma = torch.where(self.batch.is_reg, 0.0, apt.indicator.gamma_at(timesteps))
         self.weights = apt.loss_weights(self.gamma)
@@ -60,42 +63,40 @@ class AptStep(MethodStep):
             pixels = aug.apply(self.batch.pixels, self.draw, -1.0 if fill_black else 0.0)
             chosen = self.draw.apply.nonzero().flatten().to(latents.device)
             latents = latents.clone()
-            latents[chosen] = self.method.encoder(pixels[chosen.cpu()]).to(latents.device, latents.dtype)
+            latents[chosen] = self.method.encode(pixels[chosen.cpu()]).to(latents.device, latents.dtype)
         else:
-            latents = aug.apply(latents, self.draw, apt.fill if fill_black else 0.0)
+            latents = aug.apply(latents, self.draw, self.method.fill if fill_black else 0.0)
         if mask is not None:
             mask = aug.apply(mask, self.draw, 0.0)  # the uncovered border is not part of the subject
         return latents, mask
 
-    def before_prediction(self, inputs: NoisyInputs) -> None:
+    def before_prediction(self, ctx: StepContext) -> None:
         if not self.reference:
             return
-        method = self.method
-        method.apt.recorder.clear()
-        with method.adapters_off(), torch.no_grad(), method.apt.recorder.recording("ref"):
-            # With the text encoders trained, the reference conditioning is the base encoders'.
-            cond = method.denoiser.conditions(self.batch, frozen=True)[0] if method.trains_text else None
-            pred = method.denoiser.predict(inputs, unet=method.denoiser.frozen_unet, cond=cond)
-        self.loss_ref = per_sample_mse(pred, inputs.target, inputs.mask)
+        recorder = self.method.controller.recorder
+        recorder.clear()
+        with recorder.recording("ref"):
+            pred = ctx.reference()
+        self.loss_ref = ctx.per_sample_loss(pred)
 
     @contextmanager
     def prediction(self):
         # Left on after the forward: see AptController.stop_recording.
         if self.reference:
-            self.method.apt.recorder.active = "tuned"
+            self.method.controller.recorder.active = "tuned"
         yield
 
     def sample_weights(self) -> torch.Tensor:
         return self.weights
 
-    def extra_loss(self, per_sample: torch.Tensor) -> torch.Tensor | None:
-        apt = self.method.apt
+    def extra_loss(self, ctx: StepContext, per_sample: torch.Tensor) -> torch.Tensor | None:
+        apt = self.method.controller
         self._stats = {"apt/loss_theta": per_sample.detach().mean().item(),
                        "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
                        "apt/loss_weight": float(self.weights.mean())}
         if not self.reference:
             return None
-        input_ids = self.method.denoiser.conditions.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
+        input_ids = ctx.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
         terms = apt.regularisers(input_ids)
         total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
         finite = bool(torch.isfinite(total))
@@ -115,15 +116,19 @@ class AptStep(MethodStep):
         return self._stats
 
 
+@register_method
 class AptMethod(TrainingMethod):
-    def __init__(self, apt: AptController, denoiser: Denoiser, encoder: VaeEncoder,
-                 set_adapters: Callable[[bool], None], trains_text: bool, includes_reg: bool,
-                 gather: Callable[[torch.Tensor], torch.Tensor], settings: dict):
-        self.apt = apt
-        self.denoiser = denoiser
-        self.encoder = encoder
-        self.set_adapters = set_adapters
-        self.trains_text = trains_text
+    name = "apt"
+    inactive_metadata = {"apt_enabled": "False"}
+
+    def __init__(self, controller: AptController, family, model, encode: Callable[[torch.Tensor], torch.Tensor],
+                 fill: torch.Tensor, includes_reg: bool, gather: Callable[[torch.Tensor], torch.Tensor],
+                 settings: dict):
+        self.controller = controller
+        self.family = family
+        self.model = model
+        self.encode = encode
+        self.fill = fill
         self.includes_reg = includes_reg
         self.gather = gather
         self.settings = settings
@@ -131,14 +136,41 @@ class AptMethod(TrainingMethod):
         self._steps: list[AptStep] = []  # the micro-batches of the step in progress
         self.last_stats: dict[str, float] = {}  # mean APT statistics of the last finished step
         self._step = -1
+        self._saved_processors: dict | None = None
 
-    @contextmanager
-    def adapters_off(self):
-        self.set_adapters(False)
-        try:
-            yield
-        finally:
-            self.set_adapters(True)
+    @classmethod
+    def selected(cls, cfg) -> bool:
+        return cfg.training.apt
+
+    @classmethod
+    def build(cls, setup: MethodSetup) -> "AptMethod":
+        """For a model whose network is injected and whose attention kernel is chosen; the VAE must be
+        on the device (the black border's latent is encoded here)."""
+        opts, tokenizer = setup.cfg.apt, setup.tokenizers[0]
+        exclude = []
+        if opts.aa_exclude_token:
+            exclude = tokenizer(opts.aa_exclude_token, add_special_tokens=False).input_ids
+            if not exclude:
+                raise UserError(f"[apt] aa_exclude_token: {opts.aa_exclude_token!r} gives no tokens")
+        controller = AptController(opts, setup.family.attention_layers(setup.model), setup.num_timesteps,
+                                   xformers=setup.cfg.training.attention == "xformers",
+                                   eos_id=tokenizer.eos_token_id, exclude_ids=exclude)
+        log.info("APT on: %d RS layers, %d AA layers, augmentation %s", len(controller.layers["rs"]),
+                 len(controller.layers["aa"]), f"in {opts.augment_space} space" if opts.augment else "off")
+        return cls(controller, setup.family, setup.model, setup.encoder, black_fill(setup.encoder),
+                   opts.indicator_includes_reg, setup.gather, asdict(opts))
+
+    def attach(self) -> None:
+        if self._saved_processors is not None:
+            return
+        self._saved_processors = self.family.attention_processors(self.model)
+        self.family.set_attention_processors(self.model, {**self._saved_processors, **self.controller.processors})
+
+    def detach(self) -> None:
+        if self._saved_processors is None:
+            return
+        self.family.set_attention_processors(self.model, self._saved_processors)
+        self._saved_processors = None
 
     def count_skipped(self, what: str) -> None:
         self.skipped[what] += 1
@@ -148,12 +180,12 @@ class AptMethod(TrainingMethod):
     def step(self, batch: Batch, step: int) -> AptStep:
         if step != self._step:  # a new step (a skipped one leaves its micro-batches behind)
             self._steps, self._step = [], step
-        micro = AptStep(self, batch, reference=step % self.apt.opts.reference_every == 0)
+        micro = AptStep(self, batch, reference=step % self.controller.opts.reference_every == 0)
         self._steps.append(micro)
         return micro
 
     def after_backward(self) -> None:
-        self.apt.stop_recording()
+        self.controller.stop_recording()
 
     def end_step(self, step: int, losses: list[tuple[StepLoss, Batch]]) -> None:
         results = [r for r, _ in losses]
@@ -166,69 +198,49 @@ class AptMethod(TrainingMethod):
             rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
                                      micro.loss_ref.float().cpu(), keep.float()]).T)
         self._steps = []
-        if not rows:  # a step between reference passes: the indicator stays as it was
-            self.apt.end_step(step)
-            return
-        gathered = self.gather(torch.cat(rows))
-        gathered = gathered[gathered[:, 3] > 0]  # padding rows and excluded samples have keep = 0
-        finite = torch.isfinite(gathered[:, 1:3]).all(1)
-        if not bool(finite.all()):
-            self.count_skipped("indicator")
-        gathered = gathered[finite]
-        if len(gathered):
-            self.apt.observe(gathered[:, 0].long(), gathered[:, 1], gathered[:, 2])
-        self.apt.end_step(step)
+        if rows:  # between reference passes the indicator stays as it was
+            gathered = self.gather(torch.cat(rows))
+            gathered = gathered[gathered[:, 3] > 0]  # padding rows and excluded samples have keep = 0
+            finite = torch.isfinite(gathered[:, 1:3]).all(1)
+            if not bool(finite.all()):
+                self.count_skipped("indicator")
+            gathered = gathered[finite]
+            if len(gathered):
+                self.controller.observe(gathered[:, 0].long(), gathered[:, 1], gathered[:, 2])
+        self.controller.end_step(step + 1)
 
     def metrics(self) -> dict[str, float]:
         out = dict(self.last_stats)
-        ind = self.apt.indicator
+        ind = self.controller.indicator
         out.update({f"apt/gamma_t{lo:03d}": float(g)
                     for (lo, _), g in zip(bin_ranges(ind.bins, ind.num_timesteps), ind.gamma())})
         out.update({f"apt/skipped_{k}_updates": float(v) for k, v in self.skipped.items()})
         return out
 
     def state_dict(self) -> dict:
-        return {"apt": self.apt.state_dict()}
+        return {"apt": self.controller.state_dict()}
 
     def load_state_dict(self, extra: dict, source: str) -> None:
         if "apt" not in extra:
             log.warning("%s: the state has no APT indicator (saved without apt); it starts from zero", source)
             return
         try:
-            self.apt.load_state_dict(extra["apt"])
+            self.controller.load_state_dict(extra["apt"])
         except ValueError as exc:
             raise UserError(f"{source}: cannot continue APT: {exc}; use the [apt] settings the state was "
                             "saved with, or start a new run") from None
 
     def metadata(self) -> dict[str, str]:
-        ind = self.apt.indicator
+        ind = self.controller.indicator
         return {"apt_enabled": "True", "apt_settings": json.dumps(self.settings),
                 "apt_indicator": json.dumps([round(float(g), 6) for g in ind.gamma()]),
                 "apt_indicator_bins": json.dumps([list(r) for r in bin_ranges(ind.bins, ind.num_timesteps)])}
 
     def write_reports(self, folder: Path, title: str) -> None:
-        h, n = self.apt.history, self.apt.indicator.num_timesteps
+        h, n = self.controller.history, self.controller.indicator.num_timesteps
         if not h.steps:
             return
         from library.apt.plot import write_csv, write_png
 
         write_csv(folder / "apt_indicator.csv", h.steps, h.gammas, n)
         write_png(folder / "apt_indicator.png", h.steps, h.gammas, n, title=f"APT overfitting indicator: {title}")
-
-
-def make_apt(opts, bundle, unet, denoiser: Denoiser, encoder: VaeEncoder, fill: torch.Tensor,
-             set_adapters: Callable[[bool], None], trains_text: bool, xformers: bool,
-             gather: Callable[[torch.Tensor], torch.Tensor], settings: dict) -> AptMethod:
-    """APT for a run whose network is injected and whose attention kernel is chosen (the recording
-    processors replace the chosen layers' processors)."""
-    exclude = []
-    if opts.aa_exclude_token:
-        exclude = bundle.tokenizers[0](opts.aa_exclude_token, add_special_tokens=False).input_ids
-        if not exclude:
-            raise UserError(f"[apt] aa_exclude_token: {opts.aa_exclude_token!r} gives no tokens")
-    apt = AptController(opts, unet, int(bundle.scheduler_config.get("num_train_timesteps", 1000)), xformers=xformers,
-                        eos_id=bundle.tokenizers[0].eos_token_id, exclude_ids=exclude)
-    apt.fill = fill
-    log.info("APT on: %d RS layers, %d AA layers, augmentation %s", len(apt.layers["rs"]), len(apt.layers["aa"]),
-             f"in {opts.augment_space} space" if opts.augment else "off")
-    return AptMethod(apt, denoiser, encoder, set_adapters, trains_text, opts.indicator_includes_reg, gather, settings)

@@ -1,5 +1,5 @@
-"""Assembling a training batch: latents (encoded now or taken from the cache), captions, SDXL time
-ids, loss weights and loss masks."""
+"""Assembling a training batch: latents (encoded now or taken from the cache), captions, each
+sample's size and crop (SDXL conditions on them), loss weights and loss masks."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +18,7 @@ from library.data.dataset import BatchRef, Sample, TrainingData
 class Batch:
     latents: torch.Tensor             # B x 4 x h x w, scaled by the VAE scaling factor
     captions: list[str]
-    time_ids: list[tuple[int, ...]]   # SDXL micro-conditioning per sample
+    size_info: list[tuple[int, ...]]  # per sample: original (h, w), crop (top, left), target (h, w)
     weights: torch.Tensor             # B, prior_loss_weight for regularisation images
     is_reg: torch.Tensor              # B bool: regularisation (prior) images
     mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
@@ -85,7 +85,7 @@ class BatchBuilder:
         is_reg = torch.tensor([self.data.records[s.record].subset.is_reg for s in samples], dtype=torch.bool)
         weights = torch.where(is_reg, self.prior_loss_weight, 1.0)
         return Batch(latents=latents, captions=[s.caption for s in samples],
-                     time_ids=[self.data.time_ids(s) for s in samples], weights=weights, is_reg=is_reg, mask=masks,
+                     size_info=[self.data.size_info(s) for s in samples], weights=weights, is_reg=is_reg, mask=masks,
                      records=[s.record for s in samples], pixels=pixels)
 
 

@@ -18,7 +18,7 @@ from library.lora.kohya_file import write_lora
 from library.lora.metadata import TrainingFacts, build_metadata
 from library.train import checkpoint
 from library.train.batches import StepPlan
-from library.train.method import TrainingMethod
+from library.train.method import TrainingMethod, method_metadata
 from library.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Outputs:
     def metadata(self) -> dict[str, str]:
         n = self.step
         facts = replace(self.handles.facts, steps=n, epochs=self.plan.epoch_of(max(n - 1, 0)) if n else 0,
-                        started_at=self.started, extra=self.method.metadata())
+                        started_at=self.started, extra=method_metadata(self.method))
         return build_metadata(self.cfg, facts)
 
     # --- samples and validation ---------------------------------------------------------------

@@ -45,18 +45,8 @@ def make_scheduler(sampler: str, base_config: dict, v_prediction: bool, zero_ter
 
 
 def build_pipeline(bundle, unet, scheduler):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if bundle.is_sdxl:
-        pipe = StableDiffusionXLPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
-                                         text_encoder_2=bundle.text_encoders[1], tokenizer=bundle.tokenizers[0],
-                                         tokenizer_2=bundle.tokenizers[1], unet=unet, scheduler=scheduler)
-    else:
-        pipe = StableDiffusionPipeline(vae=bundle.vae, text_encoder=bundle.text_encoders[0],
-                                       tokenizer=bundle.tokenizers[0], unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    """The model family's diffusers pipeline over the loaded components."""
+    return bundle.family.pipeline(bundle, unet, scheduler)
 
 
 @torch.no_grad()
@@ -143,9 +133,9 @@ class Sampler:
         return self.output_name if step is None else f"{self.output_name}_{step:06d}"
 
     @torch.no_grad()
-    def run(self, bundle, unet, device, step: int | None, autocast, set_lora=None) -> list[tuple[str, Image.Image]]:
+    def run(self, bundle, unet, device, step: int | None, autocast, set_enabled=None) -> list[tuple[str, Image.Image]]:
         """Make every prompt's image (and, with compare_base, the base model's for the same seed, the
-        LoRA switched off through `set_lora`); returns (file name, image) pairs, grid last."""
+        LoRA switched off through `set_enabled`); returns (file name, image) pairs, grid last."""
         saved = rng_state()
         was_training = unet.training
         unet.eval()
@@ -167,12 +157,12 @@ class Sampler:
                                        generator=gen, output_type="latent").images
                         return decode(pipe, latents)[0]
 
-                    if self.compare_base and set_lora is not None:
-                        set_lora(False)
+                    if self.compare_base and set_enabled is not None:
+                        set_enabled(False)
                         try:
                             base = generate()
                         finally:
-                            set_lora(True)
+                            set_enabled(True)
                         results.append((self.file_name(step, index, seed).replace(".png", "_base.png"), base))
                     results.append((self.file_name(step, index, seed), generate()))
         finally:
@@ -182,7 +172,7 @@ class Sampler:
         for name, image in results:
             with atomic_path(self.folder / name) as tmp:
                 image.save(tmp, format="PNG")
-        if self.compare_base and set_lora is not None:
+        if self.compare_base and set_enabled is not None:
             sheet = grid([img for _, img in results], columns=2, row_labels=[p.prompt for p in self.prompts],
                          column_labels=["base model", "with LoRA"])
         else:

@@ -37,11 +37,12 @@ def resolve_precision(requested: str, cpu: bool, option: str = "mixed_precision 
     return requested
 
 
-def vae_dtype(no_half_vae: bool | None, is_sdxl: bool, precision: str) -> torch.dtype:
-    """The VAE's dtype: fp32 when asked (no_half_vae) and, unless told otherwise, for the SDXL VAE
-    under fp16, where it overflows to NaN; else the run's precision."""
+def vae_dtype(no_half_vae: bool | None, overflows_in_fp16: bool, precision: str) -> torch.dtype:
+    """The VAE's dtype: fp32 when asked (no_half_vae) and, unless told otherwise, for a VAE that
+    overflows to NaN in fp16 (the SDXL VAE: ModelFamily.vae_overflows_in_fp16); else the run's
+    precision."""
     if no_half_vae is None:
-        no_half_vae = is_sdxl and precision == "fp16"
+        no_half_vae = overflows_in_fp16 and precision == "fp16"
     return torch.float32 if no_half_vae else DTYPES[precision]
 
 
@@ -73,19 +74,3 @@ def set_cpu_threads(requested: int, local_processes: int) -> int:
     threads = requested or max(1, (os.cpu_count() or 1) // max(local_processes, 1))
     torch.set_num_threads(threads)
     return threads
-
-
-def set_attention(unet, backend: str, device: torch.device) -> None:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    if backend == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise UserError('attention = "xformers" needs the xformers package (pip install xformers, CUDA only); '
-                            'or use attention = "sdpa"') from None
-        if device.type != "cuda":
-            raise UserError('attention = "xformers" runs only on a CUDA GPU; use attention = "sdpa" here')
-        unet.enable_xformers_memory_efficient_attention()
-        return
-    unet.set_attn_processor(AttnProcessor2_0())

@@ -30,8 +30,7 @@ class Validator:
             for t in self.timesteps:
                 gen = step_generator(self.seed, 10_000_000 + t, k)
                 timesteps = torch.full((len(chunk),), t, dtype=torch.long)
-                result = denoiser.loss(batch, gen, timesteps=timesteps, unet=denoiser.frozen_unet, weighted=False,
-                                       frozen_text=True)
+                result = denoiser.loss(batch, gen, timesteps=timesteps, local=True, weighted=False)
                 sums[t] += result.per_sample.sum().item()
         n = len(self.indices)
         out = {f"val/loss_t{t:03d}": s / n for t, s in sums.items()}

@@ -47,9 +47,8 @@ from pathlib import Path
 
 IMPORTED = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.helpers import make_images, write_config  # noqa: E402  (plain PIL and text; no test code runs)
+from library.devkit import make_images, write_config  # noqa: E402
 INTERPRETER_START_S = 5  # before IMPORTED: the interpreter and this module's imports
 
 

@@ -14,6 +14,8 @@ from library.config.schema import option
 
 # Names of UNet block groups accepted by [apt] rs_layers/aa_layers, and the path prefix each stands for.
 LAYER_ALIASES = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+# network_args of the options only some network kinds read ("factor, " for LoKr's lokr_factor).
+_KIND_ARGS = "".join(f"{o.arg}, " for o in network_kinds.kind_options().values())
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,7 @@ class NetworkOptions:
                          "network_args = [\"algo=loha\", ...] (mapped to network_type and the options here)")
     network_args: tuple[str, ...] = option(
         (), f'kohya\'s "key=value" network arguments: algo ({", ".join(network_kinds.algorithms())}), conv_dim, '
-            f'conv_alpha, {"".join(o.arg + ", " for o in network_kinds.kind_options().values())}dora_wd / use_dora, '
-            "dropout; each mapped to the option of the same meaning")
+            f"conv_alpha, {_KIND_ARGS}dora_wd / use_dora, dropout; each mapped to the option of the same meaning")
     network_dim: int = option(16, "LoRA rank of the linear layers", ge=1)
     network_alpha: Optional[float] = option(
         None, "LoRA alpha (scale = alpha / dim); unset = network_dim, i.e. scale 1. Written to the file as trained",

@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The preset's APT without its [apt] table's augmentation choices would be another method; these
 # pin only what each variant changes.

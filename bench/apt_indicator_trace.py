@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # No augmentation: cached latents are exact. The indicator is updated on every step, as when k was chosen.
 OBSERVE_ONLY = [("apt", "true"), ("apt.augment", "false"), ("apt.loss_weighting", "false"), ("apt.rs", "false"),

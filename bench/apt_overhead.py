@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The component variants run the reference pass on every step (as the paper), whatever the default.
 VARIANTS = {
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.config import build_config
     from library.models.tiny import build_tiny_pipeline, save_diffusers
     from library.train.loop import Trainer
-    from tests.helpers import make_images, write_config
+    from library.devkit import make_images, write_config
 
     resolution = args.resolution or (64 if args.model == "tiny" else 256)
     work = Path(tempfile.mkdtemp(prefix="apt_bench_"))

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PRIOR_PROMPTS = ["a blue square on a white background", "a green triangle", "a photo of a yellow star",
                  "a purple heart on a striped background"]
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_and_quiet()
     setup_logging(main_process=False)
     from library.models.tiny import build_tiny_pipeline, save_diffusers
-    from tests.helpers import make_images, write_config
+    from library.devkit import make_images, write_config
 
     work = Path(tempfile.mkdtemp(prefix="apt_sweep_"))
     model = args.model

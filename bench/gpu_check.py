@@ -4,6 +4,8 @@
     PYTHONUNBUFFERED=1 python bench/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
     python bench/gpu_check.py --tiny --out /tmp/gpu_check   # the same matrix on the CPU: tiny models, fp32
 
+(The checkout installed, `pip install -e .`, or on PYTHONPATH; docs/training.md has the GPU machine's command.)
+
 It builds SD1.5 and SDXL with random weights from the shipped configs (nothing is downloaded),
 writes a small synthetic dataset and runs `train_apt_lora.py` as users run it (`accelerate
 launch`, a TOML config per run), one subprocess per run:
@@ -47,9 +49,8 @@ from pathlib import Path
 
 IMPORTED = time.monotonic()
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from tests.helpers import make_images, write_config  # noqa: E402  (plain PIL and text; no test code runs)
+from library.devkit import make_images, write_config  # noqa: E402
 INTERPRETER_START_S = 5  # before IMPORTED: the interpreter and this module's imports
 
 

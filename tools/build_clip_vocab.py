@@ -20,10 +20,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from library.utils.atomic import atomic_write_text
 
-from library.utils.atomic import atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # CLIP keeps the first 49152 - 256 - 2 merge rules: 256 byte tokens + their '</w>' twins + merges
 # + 2 special tokens make the 49408-token vocabulary.

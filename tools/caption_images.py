@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from library.utils.toolmain import command
 
 LAYOUT = ("config.json, the weights (model.safetensors), the processor settings (processor_config.json or "
           "preprocessor_config.json) and the tokenizer files, as written by save_pretrained")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -17,8 +17,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def build_report(data) -> dict:
     from library.data.summary import tag_frequency

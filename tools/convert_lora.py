@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from library.utils.toolmain import command
 
 PRECISIONS = {"keep": None, "float": "float", "fp16": "fp16", "bf16": "bf16"}
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

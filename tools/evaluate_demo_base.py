@@ -14,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from library.utils.toolmain import command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from library.utils.toolmain import command
+
 
 # Tags whose underscores are part of the emoticon, not word separators.
 KAOMOJI = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

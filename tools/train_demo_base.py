@@ -27,25 +27,16 @@ import sys
 import time
 from pathlib import Path
 
+from library.demo.pretrain import load_vae, optimizer_step
+from library.utils.toolmain import command
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STAGES = ("images", "vae", "text", "unet", "export")
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def optimizer_step(opt, sched, loss, clip_params=None) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_params is not None:
-        import torch
-
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
-    opt.step()
-    sched.step()
 
 
 def save_weights(module, path: Path) -> None:
@@ -125,18 +116,6 @@ def stage_vae(work: Path, steps: int, seed: int) -> None:
     (work / "vae.json").write_text(json.dumps({"scaling_factor": scaling, "val_mse": mse}))
     save_weights(vae, out)
     log(f"vae done: reconstruction MSE {mse:.4f} (PSNR {10 * math.log10(4 / mse):.1f} dB), scaling {scaling:.4f}")
-
-
-def load_vae(work: Path):
-    from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
-
-    from library.demo.models import VAE_CONFIG
-
-    scaling = json.loads((work / "vae.json").read_text())["scaling_factor"]
-    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling)
-    vae.load_state_dict(load_file(str(work / "vae.safetensors")))
-    return vae.eval().requires_grad_(False)
 
 
 # --- text encoder -------------------------------------------------------------------------------
@@ -360,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from library.utils.toolmain import command
 
 
 def batch_of(rng: random.Random, n: int):
@@ -87,12 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save
 
     from library.demo.models import HEADS, ToyClassifier
+    from library.demo.pretrain import load_vae, optimizer_step
     from library.utils.atomic import atomic_write_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "tools"))
-    from train_demo_base import load_vae, optimizer_step
 
     vae = load_vae(args.vae) if args.vae is not None else None
     torch.manual_seed(args.seed)
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)  # the console command (pyproject.toml)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from library.config import network_kinds
 from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
 from library.config.network_args import apply_network_args
 from library.config.options import (
@@ -19,7 +20,9 @@ from library.config.options import (
     OptimizerOptions, SamplingOptions, SavingOptions, TrainingOptions,
 )
 from library.config.paths import looked_in, resolve_input
-from library.config.schema import CoercionError, OptionInfo, check_bounds, closest, coerce, options_of
+from library.config.schema import (
+    CoercionError, OptionInfo, check_bounds, closest, coerce, options_of, with_choice_case,
+)
 from library.errors import UserError
 
 DATASET_TABLES = ("general", "datasets")
@@ -133,7 +136,7 @@ def _build_table(cls: type, table: str, prefix: str, settings: dict[str, _Settin
                 )
             continue
         try:
-            value = coerce(setting.value, info.type, from_cli=setting.origin == "cli")
+            value = with_choice_case(coerce(setting.value, info.type, from_cli=setting.origin == "cli"), info)
             check_bounds(value, info)
         except CoercionError as exc:
             raise UserError(f"{setting.where}: expected {info.describe_allowed()}, {exc}") from None
@@ -184,12 +187,13 @@ def _cross_checks(values: dict, source: str) -> None:
                      ("network_dropout", not 0 <= net.network_dropout < 1)):
         if bad:  # values that came through network_args skip the option bounds
             raise UserError(f"{source}: [network] {key}: {getattr(net, key)} is out of range")
-    if net.lokr_factor != -1 and (net.network_type != "lokr" or net.lokr_factor < 1):
-        raise UserError(f"{source}: [network] lokr_factor: {net.lokr_factor} is only valid with network_type = "
-                        "\"lokr\", as -1 (automatic) or a factor >= 1")
-    if net.network_dropout and net.network_type in ("loha", "lokr"):
-        raise UserError(f"{source}: [network] network_dropout: {net.network_type} has no dropout on its input "
-                        "(peft's LoHa/LoKr layers); set it to 0")
+    problem = network_kinds.option_problem(net)
+    if problem:
+        raise UserError(f"{source}: [network] {problem}")
+    kind = network_kinds.network_kind(net.network_type)
+    if net.network_dropout and not kind.dropout:
+        raise UserError(f"{source}: [network] network_dropout: {kind.name} has no dropout on its input (peft's "
+                        f"{kind.peft_config.removesuffix('Config')} layers); set it to 0")
     if train.min_timestep >= train.max_timestep:
         raise UserError(f"{source}: [training] min_timestep ({train.min_timestep}) must be below max_timestep "
                         f"({train.max_timestep})")

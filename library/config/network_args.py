@@ -10,13 +10,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Mapping
 
+from library.config import network_kinds
 from library.errors import UserError
 
-# LyCORIS algorithm names -> our network_type (LyCORIS's "lora" and "locon" are the same module).
-ALGORITHMS = {"lora": "lora", "locon": "lora", "dora": "dora", "loha": "loha", "lokr": "lokr"}
-# argument -> (option, parser)
-MAPPED = {"conv_dim": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), "factor": ("lokr_factor", int),
-          "dropout": ("network_dropout", float)}
+# The LyCORIS algo names come from the network kinds (library.config.network_kinds); LyCORIS's
+# "lora" and "locon" are the same module.
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "none")
 # Accepted only at these values: the behaviour we implement.
 FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "rank_dropout": ("0", "0.0"),
@@ -24,6 +22,13 @@ FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "
          "full_matrix": _FALSE, "unbalanced_factorization": _FALSE, "wd_on_output": _TRUE,
          "preset": ("full",)}
 DORA_KEYS = ("dora_wd", "use_dora")
+
+
+def mapped() -> dict[str, tuple[str, Any]]:
+    """network argument -> (option, parser), the kinds' own options included."""
+    kinds = {o.arg: (o.name, o.parse) for o in network_kinds.kind_options().values()}
+    return {"conv_dim": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), **kinds,
+            "dropout": ("network_dropout", float)}
 
 
 def parse_pairs(args: tuple[str, ...], where: str) -> dict[str, str]:
@@ -53,19 +58,23 @@ def apply_network_args(net: Any, explicit: Mapping[str, str], where_args: str) -
     changes: dict[str, Any] = {}
     algo = pairs.pop("algo", None)
     dora = any(_bool(pairs.pop(k), where_args, k) for k in DORA_KEYS if k in pairs)
+    algorithms = network_kinds.algorithms()
     if algo is not None:
-        if algo.lower() not in ALGORITHMS:
-            raise UserError(f"{where_args}: algo={algo} is not supported; valid: {', '.join(ALGORITHMS)} "
+        if algo.lower() not in algorithms:
+            raise UserError(f"{where_args}: algo={algo} is not supported; valid: {', '.join(algorithms)} "
                             "(with dora_wd=True for DoRA)")
-        changes["network_type"] = ALGORITHMS[algo.lower()]
+        changes["network_type"] = algorithms[algo.lower()]
     if dora:
-        if changes.get("network_type", "lora") not in ("lora", "dora"):
-            raise UserError(f"{where_args}: dora_wd=True works with algo=lora/locon only (peft has no DoRA for "
-                            f"{changes['network_type']})")
-        changes["network_type"] = "dora"
+        kind = network_kinds.network_kind(changes.get("network_type", network_kinds.DEFAULT_KIND))
+        if kind.dora is None:
+            with_dora = [a for k in network_kinds.network_kinds() if k.dora not in (None, k.name) for a in k.algos]
+            raise UserError(f"{where_args}: dora_wd=True works with algo={'/'.join(with_dora)} only (peft has no "
+                            f"DoRA for {kind.name})")
+        changes["network_type"] = kind.dora
+    arguments = mapped()
     for key, value in pairs.items():
-        if key in MAPPED:
-            option, parse = MAPPED[key]
+        if key in arguments:
+            option, parse = arguments[key]
             try:
                 changes[option] = parse(value)
             except ValueError:
@@ -76,7 +85,7 @@ def apply_network_args(net: Any, explicit: Mapping[str, str], where_args: str) -
                 raise UserError(f"{where_args}: {key}={value} is not supported (accepted: {key}="
                                 f"{FIXED[key][0]})")
         else:
-            valid = ["algo", *DORA_KEYS, *MAPPED, *FIXED]
+            valid = ["algo", *DORA_KEYS, *arguments, *FIXED]
             raise UserError(f"{where_args}: unknown network argument {key!r}; valid: {', '.join(valid)}")
     for option, value in changes.items():
         if option in explicit and getattr(net, option) != value:

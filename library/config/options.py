@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from library.config import network_kinds
 from library.config.schema import option
 
 # Names of UNet block groups accepted by [apt] rs_layers/aa_layers, and the path prefix each stands for.
 LAYER_ALIASES = {"all": "", "down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+# network_args of the options only some network kinds read ("factor, " for LoKr's lokr_factor).
+_KIND_ARGS = "".join(f"{o.arg}, " for o in network_kinds.kind_options().values())
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,16 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    network_type: Literal["lora", "dora", "loha", "lokr"] = option(
-        "lora", "adapter: lora (LoRA/LoCon), dora (LoRA with a trained magnitude per output channel), loha "
-                "(Hadamard product) or lokr (Kronecker product); files in LyCORIS's layout, which WebUIs load",
-        kohya=False)
+    # the kinds and their network_args come from the table (library.config.network_kinds)
+    network_type: str = option(
+        network_kinds.DEFAULT_KIND, f"adapter: {network_kinds.summary()}; files in LyCORIS's layout, which WebUIs "
+                                    "load", choices=network_kinds.kind_names, kohya=False)
     network_module: Literal["networks.lora", "lycoris.kohya"] = option(
         "networks.lora", "kohya's spelling of the network: networks.lora, or lycoris.kohya with "
                          "network_args = [\"algo=loha\", ...] (mapped to network_type and the options here)")
     network_args: tuple[str, ...] = option(
-        (), 'kohya\'s "key=value" network arguments: algo (lora, locon, dora, loha, lokr), conv_dim, conv_alpha, '
-            "factor, dora_wd / use_dora, dropout; each mapped to the option of the same meaning")
+        (), f'kohya\'s "key=value" network arguments: algo ({", ".join(network_kinds.algorithms())}), conv_dim, '
+            f"conv_alpha, {_KIND_ARGS}dora_wd / use_dora, dropout; each mapped to the option of the same meaning")
     network_dim: int = option(16, "LoRA rank of the linear layers", ge=1)
     network_alpha: Optional[float] = option(
         None, "LoRA alpha (scale = alpha / dim); unset = network_dim, i.e. scale 1. Written to the file as trained",

@@ -12,12 +12,14 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Union, get_args, get_origin
 
-def option(default: Any = None, help: str = "", *, choices: tuple | None = None, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None, required: bool = False,
-           kohya: bool = True, positive_list: bool = False) -> Any:
-    """Declare a config option. `kohya=False` marks names kohya sd-scripts does not have."""
+def option(default: Any = None, help: str = "", *, choices: tuple | Callable[[], tuple] | None = None,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           required: bool = False, kohya: bool = True, positive_list: bool = False) -> Any:
+    """Declare a config option. `kohya=False` marks names kohya sd-scripts does not have. `choices`
+    may be a function, asked each time the options are read, for values that come from a table
+    others can add to (network kinds)."""
     meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "required": required,
             "kohya": kohya}
     if isinstance(default, (list, dict)):
@@ -50,9 +52,10 @@ def options_of(cls: type, table: str) -> dict[str, OptionInfo]:
         if not f.metadata or "help" not in f.metadata:
             continue
         m = f.metadata
+        choices = m["choices"]() if callable(m["choices"]) else m["choices"]
         out[f.name] = OptionInfo(
             name=f.name, table=table, type=hints[f.name],
-            default=None if f.default is MISSING else f.default, help=m["help"], choices=m["choices"],
+            default=None if f.default is MISSING else f.default, help=m["help"], choices=choices,
             ge=m["ge"], gt=m["gt"], le=m["le"], lt=m["lt"], required=m["required"],
         )
     return out
@@ -198,6 +201,15 @@ def parse_cli_list(text: str) -> list:
         except tomllib.TOMLDecodeError:
             raise CoercionError(f"got {text!r}, which is not a valid list") from None
     return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def with_choice_case(value: Any, info: OptionInfo) -> Any:
+    """A string choice in the case it was declared in ("LoKr" -> "lokr"), as Literal options take them."""
+    if info.choices and isinstance(value, str) and value not in info.choices:
+        for choice in info.choices:
+            if isinstance(choice, str) and choice.lower() == value.lower():
+                return choice
+    return value
 
 
 def check_bounds(value: Any, info: OptionInfo) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from library.config.network_kinds import DEFAULT_KIND, network_kind
 from library.errors import UserError
 from library.lora.index import NameIndex
 from library.lora.weights import LoraModule, LoraWeights, NoLoraModules, from_tensors
@@ -119,11 +120,12 @@ def _header_target(plan, header: dict, label: str) -> Target:
 def network_target(network, label: str) -> Target:
     """The LoRA layers being trained (library.lora.network.LoraNetwork): names, base shapes, ranks."""
     shapes, ranks = {}, {}
-    # LoKr's factors may be whole matrices (no rank); its shapes are checked when the network loads them.
-    lokr = getattr(network.spec, "network_type", "lora") == "lokr"
+    # A kind without a rank per module (LoKr's factors may be whole matrices): its shapes are
+    # checked when the network loads them.
+    ranked = network_kind(getattr(network.spec, "network_type", DEFAULT_KIND)).ranked
     for name, (target, layer) in network.layers.items():
         shapes[name] = tuple(layer.get_base_layer().weight.shape)
-        ranks[name] = None if lokr else network.spec.rank_alpha(target)[0]
+        ranks[name] = network.spec.rank_alpha(target)[0] if ranked else None
     return Target(f"{label} ({arch_name(network.arch)})", network.arch, network.index, shapes, ranks, required=True)
 
 

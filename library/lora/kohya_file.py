@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
+from library.config.network_kinds import file_suffixes
 from library.errors import UserError
-from library.lora.lycoris import FILE_SUFFIXES
 from library.utils.atomic import atomic_write_bytes
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,7 +28,8 @@ def data_section(blob: bytes) -> bytes:
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """The file's bytes, with `sshs_model_hash` (and the other values of `metadata`) in the header."""
-    bad = [k for k in tensors if k.partition(".")[2] not in FILE_SUFFIXES]
+    suffixes = file_suffixes()
+    bad = [k for k in tensors if k.partition(".")[2] not in suffixes]
     if bad:
         raise ValueError(f"not a kohya LoRA tensor name: {bad[0]}")
     bare = save(tensors)

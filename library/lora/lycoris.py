@@ -15,19 +15,16 @@ Merging with a multiplier follows the WebUIs: W + m * (W' - W), where W' is the 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
 
+from library.config import network_kinds
+from library.config.network_kinds import NetworkKind
 from library.errors import UserError
 
-LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 DORA_SUFFIX = "dora_scale"
-LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-FILE_SUFFIXES = LORA_SUFFIXES + (DORA_SUFFIX,) + LOHA_SUFFIXES + LOKR_SUFFIXES
-# ss_network_args "algo" of each type (kohya + LyCORIS metadata).
-ALGO = {"lora": "lora", "dora": "lora", "loha": "loha", "lokr": "lokr"}
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -41,8 +38,18 @@ def _shaped(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return delta.reshape(weight.shape)
 
 
+def need(parts: dict, name: str, source: str, *keys: str) -> None:
+    missing = [k for k in keys if k not in parts]
+    if missing:
+        raise UserError(f"{source}: module {name} has no {missing[0]} tensor; the file is incomplete")
+
+
 class DeltaModule:
-    """A module whose weight change does not depend on the base weight (LoRA, LoHa, LoKr)."""
+    """A module whose weight change does not depend on the base weight (LoRA, LoHa, LoKr).
+
+    Each file module class is built from one module's file tensors by `from_parts(parts, name,
+    source, alpha)` (`alpha`: the file's, None when it has none) and gives them back with
+    `file_tensors`; `kind` names the network kind whose files hold it."""
     kind = "?"
     alpha: float
 
@@ -71,6 +78,15 @@ class LohaModule(DeltaModule):
     t1: torch.Tensor | None = None
     t2: torch.Tensor | None = None
     kind = "loha"
+
+    @classmethod
+    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "LohaModule":
+        need(parts, name, source, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if ("hada_t1" in parts) != ("hada_t2" in parts):
+            raise UserError(f"{source}: module {name} has only one of hada_t1/hada_t2; the file is incomplete")
+        rank = parts["hada_w1_b"].shape[0]
+        return cls(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"],
+                   float(rank) if alpha is None else alpha, parts.get("hada_t1"), parts.get("hada_t2"))
 
     @property
     def rank(self) -> int:
@@ -105,6 +121,18 @@ class LokrModule(DeltaModule):
     alpha: float
     t2: torch.Tensor | None = None
     kind = "lokr"
+
+    @classmethod
+    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "LokrModule":
+        if "lokr_w1" not in parts:
+            need(parts, name, source, "lokr_w1_a", "lokr_w1_b")
+        if "lokr_w2" not in parts:
+            need(parts, name, source, "lokr_w2_a", "lokr_w2_b")
+        get = parts.get
+        module = cls(get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b"), get("lokr_w2"), get("lokr_w2_a"),
+                     get("lokr_w2_b"), 0.0, get("lokr_t2"))
+        module.alpha = (float(module.rank) if module.rank is not None else 1.0) if alpha is None else alpha
+        return module
 
     @property
     def rank(self) -> int | None:
@@ -148,6 +176,12 @@ class DoraModule:
     magnitude: torch.Tensor  # as in the file: (out, 1[, 1, 1]) or, older orientation, (1, in[, 1, 1])
     kind = "dora"
 
+    @classmethod
+    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "DoraModule":
+        """The module the other tensors make (LoRA, or LoHa in some LyCORIS files), with the magnitude."""
+        inner = build_module({k: v for k, v in parts.items() if k != DORA_SUFFIX}, name, source, alpha)
+        return cls(inner, parts[DORA_SUFFIX])
+
     @property
     def alpha(self) -> float:
         return self.inner.alpha
@@ -189,46 +223,34 @@ class DoraModule:
         return {**self.inner.file_tensors(dtype), DORA_SUFFIX: self.magnitude.to(dtype or self.magnitude.dtype)}
 
 
-def kind_of(parts: dict[str, torch.Tensor]) -> str:
-    if any(k.startswith("hada_") for k in parts):
-        return "loha"
-    if any(k.startswith("lokr_") for k in parts):
-        return "lokr"
-    return "lora"
+def module_class(kind: NetworkKind) -> type:
+    """The file module class a kind names (library.lora.lycoris, library.lora.weights, or "module:Class")."""
+    from library.lora import weights
+
+    if ":" in kind.file_module:
+        module, _, name = kind.file_module.partition(":")
+        return getattr(importlib.import_module(module), name)
+    for home in (globals(), vars(weights)):
+        if kind.file_module in home:
+            return home[kind.file_module]
+    raise ValueError(f"network kind {kind.name!r}: no file module class {kind.file_module!r} in library.lora")
 
 
-def build_module(parts: dict[str, torch.Tensor], name: str, source: str, lora_module):
-    """The module of one name from its file tensors (suffix -> tensor); `lora_module(parts, alpha)`
-    builds a plain LoRA module (library.lora.weights owns that class and its alpha rules)."""
-    kind = kind_of(parts)
+def file_kind(parts: dict[str, torch.Tensor]) -> NetworkKind:
+    """The kind of one module's file tensors: the first kind in the table whose tensors are among
+    them, plain LoRA when none is."""
+    for kind in network_kinds.network_kinds():
+        if kind.name != network_kinds.DEFAULT_KIND and any(s in parts for s in kind.file_suffixes):
+            return kind
+    return network_kinds.network_kind(network_kinds.DEFAULT_KIND)
+
+
+def build_module(parts: dict[str, torch.Tensor], name: str, source: str, alpha: float | None = None):
+    """The module of one name from its file tensors (suffix -> tensor); `alpha` is used when the
+    tensors have none (a PEFT file's alpha is in its metadata)."""
     if "alpha" in parts and parts["alpha"].numel() != 1:
         raise UserError(f"{source}: module {name} has an alpha of shape {tuple(parts['alpha'].shape)} (one value "
                         "expected); the file is damaged")
-    alpha = float(parts["alpha"]) if "alpha" in parts else None
-
-    def need(*keys):
-        missing = [k for k in keys if k not in parts]
-        if missing:
-            raise UserError(f"{source}: module {name} has no {missing[0]} tensor; the file is incomplete")
-
-    if kind == "loha":
-        need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-        if ("hada_t1" in parts) != ("hada_t2" in parts):
-            raise UserError(f"{source}: module {name} has only one of hada_t1/hada_t2; the file is incomplete")
-        rank = parts["hada_w1_b"].shape[0]
-        inner = LohaModule(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"],
-                           float(rank) if alpha is None else alpha, parts.get("hada_t1"), parts.get("hada_t2"))
-    elif kind == "lokr":
-        if "lokr_w1" not in parts:
-            need("lokr_w1_a", "lokr_w1_b")
-        if "lokr_w2" not in parts:
-            need("lokr_w2_a", "lokr_w2_b")
-        get = parts.get
-        inner = LokrModule(get("lokr_w1"), get("lokr_w1_a"), get("lokr_w1_b"), get("lokr_w2"), get("lokr_w2_a"),
-                           get("lokr_w2_b"), 0.0, get("lokr_t2"))
-        inner.alpha = (float(inner.rank) if inner.rank is not None else 1.0) if alpha is None else alpha
-    else:
-        inner = lora_module(parts, alpha)
-    if DORA_SUFFIX in parts:
-        return DoraModule(inner, parts[DORA_SUFFIX])
-    return inner
+    if "alpha" in parts:
+        alpha = float(parts["alpha"])
+    return module_class(file_kind(parts)).from_parts(parts, name, source, alpha)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library.config import Config
-from library.lora.lycoris import ALGO
+from library.config.network_kinds import network_kind
 
 IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"  # the layout our files follow
 
@@ -44,15 +44,12 @@ def _num(value: float | None) -> str:
 
 def network_args(net) -> dict[str, str]:
     """ss_network_args as kohya (networks.lora) and LyCORIS (lycoris.kohya) write them."""
-    args = {}
-    if net.network_type != "lora":
-        args["algo"] = ALGO[net.network_type]
-        if net.network_type == "dora":
-            args["dora_wd"] = "True"
+    kind = network_kind(net.network_type)
+    args = {} if kind.algo is None else {"algo": kind.algo}
+    args.update(kind.args)
     if net.conv_dim is not None:
         args.update(conv_dim=str(net.conv_dim), conv_alpha=str(net.conv_alpha_value))
-    if net.network_type == "lokr":
-        args["factor"] = str(net.lokr_factor)
+    args.update(kind.option_args(net))
     if net.network_dropout:
         args["dropout"] = str(net.network_dropout)
     return args
@@ -70,7 +67,7 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "ss_v_parameterization": str(cfg.model.v_parameterization),
         "ss_sd_model_name": cfg.model.pretrained_model_name_or_path.replace("\\", "/").rstrip("/").split("/")[-1],
         "ss_output_name": cfg.saving.output_name,
-        "ss_network_module": "networks.lora" if net.network_type == "lora" else "lycoris.kohya",
+        "ss_network_module": network_kind(net.network_type).network_module,
         "ss_network_dim": str(net.network_dim),
         "ss_network_alpha": _num(net.alpha),
         "ss_network_args": json.dumps(args),

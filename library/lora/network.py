@@ -4,8 +4,9 @@ addressed by the name tables.
 peft provides the layers (their weights, alpha/rank scaling, dropout, enable/disable); this module
 decides where they go, keeps the mapping to kohya names, and moves weights in and out in the file
 layout WebUIs load: kohya's for LoRA (`lora_down` = peft `lora_A`, `lora_up` = peft `lora_B`),
-LyCORIS's for the others (library.lora.lycoris). Every type goes through the same path; a small
-table says which peft config builds it and how its parameters are named in files.
+LyCORIS's for the others (library.lora.lycoris). Every type goes through the same path; its
+record in the network-kind table (library.config.network_kinds) says which peft config builds it
+and how its parameters are named in files.
 """
 from __future__ import annotations
 
@@ -13,15 +14,16 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+import peft
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 
+from library.config.network_kinds import NetworkKind, network_kind
 from library.errors import UserError
 from library.lora.index import NameIndex
-from library.lora.lycoris import DORA_SUFFIX, build_module
+from library.lora.lycoris import DORA_SUFFIX, DoraModule, build_module, module_class
 from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
-from library.lora.weights import LoraModule
 
 ADAPTER = "default"
 
@@ -36,7 +38,7 @@ class NetworkSpec:
     dropout: float = 0.0
     train_unet: bool = True
     train_text_encoders: bool = False
-    network_type: str = "lora"    # lora, dora, loha or lokr
+    network_type: str = "lora"    # a network kind (library.config.network_kinds)
     lokr_factor: int = -1
 
     @classmethod
@@ -50,13 +52,6 @@ class NetworkSpec:
         if target.conv3x3:
             return self.conv_dim, self.conv_alpha
         return self.dim, self.alpha
-
-
-# peft parameter names that differ from the file's tensor names (the others are the same).
-PEFT_TO_FILE = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight", "lora_magnitude_vector": DORA_SUFFIX}
-# The factor each type's weight change is linear in: a scale (alpha / rank) is moved into it.
-LINEAR_FACTOR = {"lora": ("lora_up.weight",), "dora": ("lora_up.weight",), "loha": ("hada_w2_b",),
-                 "lokr": ("lokr_w2", "lokr_w2_b")}
 
 
 def _find_module(modules: dict[str, torch.nn.Module], path: str) -> tuple[str, torch.nn.Module] | None:
@@ -74,37 +69,12 @@ def _sizes(module: torch.nn.Module) -> tuple[int, int]:
 
 def peft_config(spec: NetworkSpec, targets: list[str], rank_pattern: dict, alpha_pattern: dict):
     """The peft config of the network type; every adapter starts with a zero weight change."""
-    common = dict(r=spec.dim, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    if spec.network_type in ("lora", "dora"):
-        return LoraConfig(lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True, bias="none",
-                          use_dora=spec.network_type == "dora", **common)
-    if spec.network_type == "loha":
-        # use_effective_conv2d=False: 3x3 kernels flattened into hada_w*_b, LyCORIS's default layout
-        return LoHaConfig(alpha=spec.alpha, init_weights=True, use_effective_conv2d=False, **common)
-    if spec.network_type == "lokr":
-        # LyCORIS's defaults: w1 whole, w2 split when the rank is small; w2 (not w1) starts at zero.
-        return LoKrConfig(alpha=spec.alpha, init_weights="lycoris", use_effective_conv2d=False, decompose_both=False,
-                          decompose_factor=spec.lokr_factor, **common)
-    raise UserError(f"[network] network_type: {spec.network_type!r} is not one of lora, dora, loha, lokr")
+    kind = network_kind(spec.network_type)
+    return getattr(peft, kind.peft_config)(r=spec.dim, target_modules=targets, rank_pattern=rank_pattern,
+                                           alpha_pattern=alpha_pattern, **kind.peft_kwargs(spec))
 
 
-def check_lokr_factor(factor: int, name: str, module: torch.nn.Module) -> None:
-    """peft and LyCORIS split a size as (factor, size / factor) only when factor divides it, and
-    order the two parts alike only when factor <= size / factor; anything else would train a
-    layout LyCORIS's loader rebuilds differently, so it is refused."""
-    if factor == -1:
-        return
-    for side, size in zip(("inputs", "outputs"), _sizes(module)):
-        if size % factor:
-            raise UserError(f"[network] lokr_factor: {factor} does not divide the {size} {side} of {name}; use a "
-                            "factor of every layer size, or -1 (automatic)")
-        if factor * factor > size:
-            raise UserError(f"[network] lokr_factor: {factor} is above the square root of the {size} {side} of "
-                            f"{name} (LyCORIS's loader would split it the other way round); use at most "
-                            f"{int(size ** 0.5)}, or -1 (automatic)")
-
-
-def _peft_params(layer: BaseTunerLayer) -> dict[str, torch.nn.Parameter]:
+def _peft_params(layer: BaseTunerLayer, kind: NetworkKind) -> dict[str, torch.nn.Parameter]:
     """The adapter's parameters of one layer, by file tensor name."""
     out = {}
     for attr in layer.adapter_layer_names:
@@ -112,12 +82,8 @@ def _peft_params(layer: BaseTunerLayer) -> dict[str, torch.nn.Parameter]:
         if container is None or ADAPTER not in container:
             continue
         param = container[ADAPTER]
-        out[PEFT_TO_FILE.get(attr, attr)] = param.weight if isinstance(param, torch.nn.Module) else param
+        out[kind.peft_names.get(attr, attr)] = param.weight if isinstance(param, torch.nn.Module) else param
     return out
-
-
-def _lora_module(parts: dict, alpha: float | None) -> LoraModule:
-    return LoraModule(parts["lora_down.weight"], parts["lora_up.weight"], alpha)
 
 
 class LoraNetwork:
@@ -126,6 +92,7 @@ class LoraNetwork:
     def __init__(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], family, spec: NetworkSpec):
         """`family`: the model family (library.models.family), or its name."""
         self.spec = spec
+        self.kind = network_kind(spec.network_type)
         self.family = as_family(family)
         self.enabled = True
         self.components: dict[str, torch.nn.Module] = {}
@@ -148,8 +115,8 @@ class LoraNetwork:
             if found is None or not isinstance(found[1], (torch.nn.Linear, torch.nn.Conv2d)):
                 raise UserError(f"{component}: module {target.path} ({target.name}) is missing or not Linear/Conv2d; "
                                 "the model does not have the expected architecture")
-            if self.spec.network_type == "lokr":
-                check_lokr_factor(self.spec.lokr_factor, target.name, found[1])
+            if self.kind.check_layer is not None:
+                self.kind.check_layer(self.spec, target.name, _sizes(found[1]))
             resolved[found[0]] = target
         rank_pattern, alpha_pattern = {}, {}
         for path, target in resolved.items():
@@ -172,7 +139,7 @@ class LoraNetwork:
     def parameters(self, component: str | None = None) -> Iterator[torch.nn.Parameter]:
         for target, layer in self.layers.values():
             if component is None or target.component == component:
-                yield from _peft_params(layer).values()
+                yield from _peft_params(layer, self.kind).values()
 
     @property
     def arch(self) -> str:
@@ -191,19 +158,19 @@ class LoraNetwork:
     def _file_module(self, name: str):
         """One layer's adapter as the module written to files (library.lora.lycoris / weights)."""
         target, layer = self.layers[name]
-        parts = {k: p.detach() for k, p in _peft_params(layer).items()}
+        parts = {k: p.detach() for k, p in _peft_params(layer, self.kind).items()}
         if DORA_SUFFIX in parts:  # peft: (out,) or (1, out, 1, 1); files: (out, 1[, 1, 1])
             weight = layer.get_base_layer().weight
             parts[DORA_SUFFIX] = parts[DORA_SUFFIX].reshape(weight.shape[0], *[1] * (weight.ndim - 1))
         parts["alpha"] = torch.tensor(float(self.spec.rank_alpha(target)[1]))
-        module = build_module(parts, name, "network", _lora_module)
+        module = build_module(parts, name, "network")
         # peft scales by alpha / rank; where the file's scale differs (LoKr with both factors
         # whole: scale 1), the difference goes into the factor the weight change is linear in.
         ratio = layer.scaling[ADAPTER] / module.scale
         if ratio != 1.0:
-            key = _linear_key(parts, self.spec.network_type)
+            key = _linear_key(parts, self.kind)
             parts[key] = parts[key] * ratio
-            module = build_module(parts, name, "network", _lora_module)
+            module = build_module(parts, name, "network")
         return module
 
     def file_modules(self) -> dict:
@@ -230,19 +197,19 @@ class LoraNetwork:
             raise UserError(f"{source}: has no weights for {len(missing)} of the {len(self.layers)} modules being "
                             f"trained (first: {missing[0]}); it was trained with other targets (conv_dim or text "
                             "encoder?)")
-        kind = self.spec.network_type
+        kind, cls = self.spec.network_type, module_class(self.kind)
         with torch.no_grad():
             for name, (target, layer) in self.layers.items():
                 if name not in modules:
                     continue
                 mod = modules[name]
-                if mod.kind != kind:
+                if type(mod) is not cls:
                     raise UserError(f"{source}: {name} is a {mod.kind} module; network_type is {kind!r}; set "
                                     f"network_type = \"{mod.kind}\" to continue from this file")
-                if kind == "dora" and not mod.per_output(layer.get_base_layer().weight):
+                if isinstance(mod, DoraModule) and not mod.per_output(layer.get_base_layer().weight):
                     raise UserError(f"{source}: {name}: dora_scale is per input channel (LyCORIS wd_on_output="
                                     "False); peft's DoRA trains one magnitude per output channel")
-                params = _peft_params(layer)
+                params = _peft_params(layer, self.kind)
                 ours = self._file_module(name)
                 if mod.rank != ours.rank:
                     raise UserError(f"{source}: {name}: rank {mod.rank or 'whole'} does not match the configured "
@@ -253,7 +220,7 @@ class LoraNetwork:
                                     f"trained {', '.join(sorted(params))}; set network_dim/conv_dim (and lokr_factor) "
                                     "to the file's")
                 ratio = mod.scale / layer.scaling[ADAPTER]
-                linear = _linear_key(tensors, kind)
+                linear = _linear_key(tensors, self.kind)
                 for key, param in params.items():
                     value = tensors[key]
                     if value.numel() != param.numel() or (key != DORA_SUFFIX and value.shape != param.shape):
@@ -264,5 +231,5 @@ class LoraNetwork:
                     param.copy_(value.reshape(param.shape).to(param.dtype, copy=True))
 
 
-def _linear_key(parts: dict, kind: str) -> str:
-    return next(k for k in LINEAR_FACTOR[kind] if k in parts)
+def _linear_key(parts: dict, kind: NetworkKind) -> str:
+    return next(k for k in kind.linear_in if k in parts)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from library.config import network_kinds
 from library.errors import UserError
 from library.lora.index import NameIndex, shipped_index
 from library.lora.kohya_file import read_lora, write_lora
-from library.lora.lycoris import FILE_SUFFIXES, DeltaModule, build_module
+from library.lora.lycoris import DeltaModule, build_module
 from library.utils.atomic import atomic_write_bytes
 
 
@@ -27,6 +29,19 @@ class LoraModule(DeltaModule):
     up: torch.Tensor     # (out, r) or (out, r, 1, 1)
     alpha: float
     kind = "lora"
+
+    @classmethod
+    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "LoraModule":
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise UserError(f"{source}: module {name} has "
+                            f"{'no lora_up' if 'lora_down.weight' in parts else 'no lora_down'} weight; the file "
+                            "is incomplete")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.ndim < 2 or up.ndim < 2:
+            raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
+                            f"{tuple(down.shape)}, up {tuple(up.shape)}); the file is damaged")
+        # old files without alpha: scale 1 (alpha = rank), as every loader does
+        return cls(down, up, float(down.shape[0]) if alpha is None else alpha)
 
     @property
     def rank(self) -> int:
@@ -73,8 +88,13 @@ class LoraWeights:
         """lora, dora, loha, lokr, or the types joined with "+" for a file that mixes them."""
         return "+".join(sorted({m.kind for m in self.modules.values()})) or "lora"
 
+    @property
+    def plain_lora(self) -> bool:
+        """Every module is a LoraModule (lora_down/lora_up), what the LoRA-only tools work on."""
+        return all(type(m) is LoraModule for m in self.modules.values())
+
     def require_plain_lora(self, source: str, what: str) -> None:
-        if self.network_type != "lora":
+        if not self.plain_lora:
             raise UserError(f"{source}: a {self.network_type} file; {what} handles plain LoRA "
                             "(lora_down/lora_up) only")
 
@@ -87,7 +107,12 @@ class NoLoraModules(UserError):
 
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
 _OLD_DIFFUSERS = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_KOHYA = re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(" + "|".join(re.escape(s) for s in FILE_SUFFIXES) + ")$")
+
+
+@lru_cache(maxsize=None)
+def _kohya_key(suffixes: tuple[str, ...]) -> re.Pattern:
+    """kohya's `<module>.<tensor>` keys of the tensors files of the registered kinds hold."""
+    return re.compile(r"^(lora_(?:unet|te[12]?)_[^.]+)\.(" + "|".join(re.escape(s) for s in suffixes) + ")$")
 
 
 def _base_version(metadata: dict) -> str | None:
@@ -164,8 +189,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
     unknown: list[str] = []
     styles = set()
     peft_configs = _peft_alphas(metadata)
+    kohya_key = _kohya_key(network_kinds.file_suffixes())
     for key, value in tensors.items():
-        m = _KOHYA.match(key)
+        m = kohya_key.match(key)
         if m:
             name = index.resolve(m[1])
             if name is None:
@@ -194,22 +220,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict, source: str,
         parts[name].setdefault("_peft", module)
     modules = {}
     for name, got in parts.items():
-        def lora_module(got: dict, alpha: float | None, name=name) -> LoraModule:
-            if "lora_down.weight" not in got or "lora_up.weight" not in got:
-                raise UserError(f"{source}: module {name} has "
-                                f"{'no lora_up' if 'lora_down.weight' in got else 'no lora_down'} weight; the file "
-                                "is incomplete")
-            down, up = got["lora_down.weight"], got["lora_up.weight"]
-            if down.ndim < 2 or up.ndim < 2:
-                raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
-                                f"{tuple(down.shape)}, up {tuple(up.shape)}); the file is damaged")
-            if alpha is None and "_peft" in got:
-                component, _, path = got["_peft"].partition(".")
-                alpha = _alpha_from_config(peft_configs.get(component, {}), path, down.shape[0])
-            # old files without alpha: scale 1 (alpha = rank), as every loader does
-            return LoraModule(down, up, float(down.shape[0]) if alpha is None else alpha)
-
-        modules[name] = build_module(got, name, source, lora_module)
+        alpha, peft = None, got.pop("_peft", None)
+        if peft is not None and "alpha" not in got and "lora_down.weight" in got:
+            component, _, path = peft.partition(".")
+            alpha = _alpha_from_config(peft_configs.get(component, {}), path, got["lora_down.weight"].shape[0])
+        modules[name] = build_module(got, name, source, alpha)
     if not modules:
         raise NoLoraModules(f"{source}: no LoRA modules found (expected lora_down/lora_up, lora_A/lora_B, or LyCORIS's "
                         "hada_*/lokr_* tensors)")
@@ -241,7 +256,7 @@ def save_kohya(weights: LoraWeights, path: str | Path, metadata: dict | None = N
 def peft_tensors(weights: LoraWeights, dtype: torch.dtype | None = None) -> tuple[dict, dict[str, str]]:
     """PEFT/diffusers layout; per-module ranks and alphas go into `lora_adapter_metadata`, which
     diffusers' load_lora_weights reads (without it alpha != rank would be lost)."""
-    if weights.network_type != "lora":
+    if not weights.plain_lora:
         raise UserError(f"the PEFT/diffusers layout holds plain LoRA only, not {weights.network_type}; keep kohya's "
                         "layout, which the WebUIs load")
     tensors = {}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from library.config.network_kinds import network_kind
 from library.errors import UserError
 from library.utils.atomic import is_leftover
 
@@ -289,7 +290,9 @@ def existing_numbers(output_dir: Path, output_name: str, kind: str) -> list[int]
 
 
 def describe_network(network: Any) -> dict:
+    """What identifies the network a state was saved for (library.train.resume compares it)."""
     spec = network.spec
+    keys = network_kind(spec.network_type).state_keys
+    kind = {} if keys is None else {"type": spec.network_type, **{k: getattr(spec, k) for k in keys}}
     return {"dim": spec.dim, "alpha": spec.alpha, "conv_dim": spec.conv_dim, "conv_alpha": spec.conv_alpha,
-            "text_encoders": spec.train_text_encoders, "modules": len(network.layers),
-            **({"type": spec.network_type, "lokr_factor": spec.lokr_factor} if spec.network_type != "lora" else {})}
+            "text_encoders": spec.train_text_encoders, "modules": len(network.layers), **kind}

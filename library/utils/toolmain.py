@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Callable
 
 
@@ -20,3 +21,8 @@ def run_tool(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[], int]:
+    """A tool's console command (pyproject.toml's [project.scripts]) and `__main__`: `main` run by run_tool."""
+    return partial(run_tool, main)

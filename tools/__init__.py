@@ -1,0 +1,1 @@
+"""The command-line tools; `pip install -e .` installs the user tools as apt-* commands (pyproject.toml)."""

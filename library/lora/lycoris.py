@@ -1,6 +1,9 @@
-"""DoRA, LoHa and LoKr modules in LyCORIS's file layout, which AUTOMATIC1111/Forge and ComfyUI load.
+"""The modules of LoRA files: kohya's LoRA, and DoRA, LoHa and LoKr in LyCORIS's file layout,
+which AUTOMATIC1111/Forge and ComfyUI load.
 
-Per module name (the same `lora_unet_...`/`lora_te*_...` names as LoRA) a file holds:
+Per module name (`lora_unet_...`/`lora_te*_...`) a file holds:
+- LoRA: `lora_down.weight` (r, in[, kh, kw]), `lora_up.weight` (out, r[, 1, 1]), `alpha`;
+  delta = up @ down * alpha / r (a file without alpha: scale 1).
 - DoRA: `lora_down.weight`, `lora_up.weight`, `alpha` and `dora_scale`, the magnitude of each
   output channel shaped (out, 1) or (out, 1, 1, 1) (LyCORIS's default orientation; files with
   the older per-input-channel orientation, shaped (1, in[, 1, 1]), are read too).
@@ -66,6 +69,50 @@ class DeltaModule:
 
     def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+@dataclass
+class LoraModule(DeltaModule):
+    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
+    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
+    alpha: float
+    kind = "lora"
+
+    @classmethod
+    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "LoraModule":
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise UserError(f"{source}: module {name} has "
+                            f"{'no lora_up' if 'lora_down.weight' in parts else 'no lora_down'} weight; the file "
+                            "is incomplete")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if down.ndim < 2 or up.ndim < 2:
+            raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
+                            f"{tuple(down.shape)}, up {tuple(up.shape)}); the file is damaged")
+        # old files without alpha: scale 1 (alpha = rank), as every loader does
+        return cls(down, up, float(down.shape[0]) if alpha is None else alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change scale * up @ down, in fp32, shaped like the base weight."""
+        down, up = self.down.float(), self.up.float()
+        out = (up.flatten(1) @ down.flatten(1)) * self.scale
+        return out.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else out
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
+
+    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        d = dtype or self.up.dtype
+        return {"lora_down.weight": self.down.to(d).contiguous(), "lora_up.weight": self.up.to(d).contiguous(),
+                "alpha": torch.tensor(float(self.alpha), dtype=d)}
 
 
 @dataclass
@@ -224,15 +271,12 @@ class DoraModule:
 
 
 def module_class(kind: NetworkKind) -> type:
-    """The file module class a kind names (library.lora.lycoris, library.lora.weights, or "module:Class")."""
-    from library.lora import weights
-
+    """The file module class a kind names (a class of this module, or "module:Class")."""
     if ":" in kind.file_module:
         module, _, name = kind.file_module.partition(":")
         return getattr(importlib.import_module(module), name)
-    for home in (globals(), vars(weights)):
-        if kind.file_module in home:
-            return home[kind.file_module]
+    if kind.file_module in globals():
+        return globals()[kind.file_module]
     raise ValueError(f"network kind {kind.name!r}: no file module class {kind.file_module!r} in library.lora")
 
 

@@ -19,52 +19,8 @@ from library.config import network_kinds
 from library.errors import UserError
 from library.lora.index import NameIndex, shipped_index
 from library.lora.kohya_file import read_lora, write_lora
-from library.lora.lycoris import DeltaModule, build_module
+from library.lora.lycoris import DeltaModule, LoraModule, build_module  # noqa: F401  (LoraModule: read from here too)
 from library.utils.atomic import atomic_write_bytes
-
-
-@dataclass
-class LoraModule(DeltaModule):
-    down: torch.Tensor   # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor     # (out, r) or (out, r, 1, 1)
-    alpha: float
-    kind = "lora"
-
-    @classmethod
-    def from_parts(cls, parts: dict, name: str, source: str, alpha: float | None) -> "LoraModule":
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise UserError(f"{source}: module {name} has "
-                            f"{'no lora_up' if 'lora_down.weight' in parts else 'no lora_down'} weight; the file "
-                            "is incomplete")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if down.ndim < 2 or up.ndim < 2:
-            raise UserError(f"{source}: module {name} has tensors of impossible shapes for a LoRA (down "
-                            f"{tuple(down.shape)}, up {tuple(up.shape)}); the file is damaged")
-        # old files without alpha: scale 1 (alpha = rank), as every loader does
-        return cls(down, up, float(down.shape[0]) if alpha is None else alpha)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        """The weight change scale * up @ down, in fp32, shaped like the base weight."""
-        down, up = self.down.float(), self.up.float()
-        out = (up.flatten(1) @ down.flatten(1)) * self.scale
-        return out.reshape(up.shape[0], *down.shape[1:]) if down.ndim == 4 else out
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.up.dtype
-
-    def file_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        d = dtype or self.up.dtype
-        return {"lora_down.weight": self.down.to(d).contiguous(), "lora_up.weight": self.up.to(d).contiguous(),
-                "alpha": torch.tensor(float(self.alpha), dtype=d)}
 
 
 @dataclass

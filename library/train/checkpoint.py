@@ -53,6 +53,7 @@ class TrainState:
     position: int                # position of the next batch in that epoch's order
     network: dict = field(default_factory=dict)   # ranks/targets: resume refuses a different network
     extra: dict = field(default_factory=dict)     # e.g. the APT indicator
+    data: dict = field(default_factory=dict)      # describe_data: resume names what changed since
 
 
 def rng_state() -> dict:
@@ -175,7 +176,8 @@ def read_state(folder: Path) -> LoadedState:
                         "save_state = true")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        state = TrainState(**{k: meta[k] for k in ("step", "consumed", "epoch", "position", "network", "extra")})
+        state = TrainState(**{k: meta[k] for k in ("step", "consumed", "epoch", "position", "network", "extra")},
+                           data=meta.get("data") or {})
     except FileNotFoundError:
         raise DamagedState(meta_path, "missing") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -286,6 +288,17 @@ def existing_numbers(output_dir: Path, output_name: str, kind: str) -> list[int]
         if digits.isdigit() and path.name[len(prefix) + width:] == ".safetensors":
             numbers.add(int(digits))
     return sorted(numbers)
+
+
+def describe_data(data: Any, plan: Any) -> dict:
+    """What a state records of the dataset and the step plan (library.data.dataset.TrainingData,
+    library.train.batches.StepPlan), so that a resume can say what changed since."""
+    train = data.train_indices()
+    reg = sum(1 for i in train if data.records[i].subset.is_reg)
+    return {"images": len(train) - reg, "reg_images": reg, "held_out": len(data.validation),
+            "batch_sizes": list(data.batch_sizes), "resolutions": [f"{w}x{h}" for w, h in
+                                                                   (t.resolution for t in data.tables)],
+            "accumulation": plan.accumulation, "processes": plan.world, "steps_per_epoch": plan.steps_per_epoch}
 
 
 def describe_network(network: Any) -> dict:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
+from library.config.dataset import DatasetBlueprint, check_dataset_file_keys, folder_blueprint, parse_blueprint
 from library.config.network_args import apply_network_args
 from library.config.options import (
     AptOptions, DataOptions, FLAT_TABLES, LAYER_ALIASES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions,
@@ -97,6 +97,8 @@ def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dic
     for key, value in doc.items():
         if key in DATASET_TABLES:
             continue
+        if key == "subsets":
+            check_dataset_file_keys({key: value}, source)  # the one message for [[subsets]] at the top level
         if key in FLAT_TABLES and isinstance(value, dict):
             for name, val in value.items():
                 where = f"{source}: [{key}] {name}"
@@ -210,10 +212,27 @@ def _cross_checks(values: dict, source: str) -> None:
             values["data"].cache_latents or values["data"].cache_latents_to_disk):
         raise UserError(f"{source}: [apt] augment_space = \"pixel\" transforms images before the VAE, so it cannot "
                         "be combined with cache_latents; use augment_space = \"latent\" or turn caching off")
+    _check_output_name(values["saving"].output_name, source)
     sampling: SamplingOptions = values["sampling"]
     if (sampling.sample_every_n_steps or sampling.sample_every_n_epochs or sampling.sample_at_first) \
             and not sampling.sample_prompts:
         raise UserError(f"{source}: [sampling] sample_prompts: needed to make sample images (a prompts file)")
+
+
+def _check_output_name(name: str, source: str) -> None:
+    """output_name is a file name inside output_dir: a path in it would write elsewhere."""
+    bad = None
+    if not name.strip():
+        bad = "is empty"
+    elif "/" in name or "\\" in name:
+        bad = "contains a path separator"
+    elif name.strip(".") == "":
+        bad = "is not a file name"
+    elif any(ord(c) < 32 for c in name):
+        bad = "contains a control character"
+    if bad:
+        raise UserError(f"{source}: [saving] output_name: {name!r} {bad}; give a plain file name without folders "
+                        "(e.g. \"my_lora\"; the folder is output_dir)")
 
 
 def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, need_dataset: bool = True) -> Config:
@@ -262,7 +281,9 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
         blueprint = folder_blueprint(data.train_data_dir, data.reg_data_dir, doc.get("general", {}), source)
     elif data.dataset_config:
         ds_path = Path(data.dataset_config)
-        blueprint = parse_blueprint(read_toml(ds_path, "dataset config"), str(ds_path), ds_path.resolve().parent)
+        ds_doc = read_toml(ds_path, "dataset config")
+        check_dataset_file_keys(ds_doc, str(ds_path))
+        blueprint = parse_blueprint(ds_doc, str(ds_path), ds_path.resolve().parent)
     elif inline:
         blueprint = parse_blueprint(doc, source, base_dir or Path.cwd())
     elif need_dataset:

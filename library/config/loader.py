@@ -168,12 +168,42 @@ def _resolve_inputs(values: dict, settings: dict[str, _Setting], base_dir: Path 
         path = Path(resolve_input(value, base))
         if not path.exists():
             raise UserError(f"{setting.where}: no such {what}: {value}{looked_in(value, base)}")
-        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise UserError(
-                f"{setting.where}: {path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                "convert it to .safetensors, or set allow_pickle = true if you trust its source"
-            )
+        _check_not_pickle(path, name, setting.where, allow_pickle)
         values[table] = replace(values[table], **{name: str(path)})
+
+
+# Options naming weights files: anything there that is not safetensors is loaded as a pickle.
+WEIGHT_FILES = ("pretrained_model_name_or_path", "vae", "network_weights")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch's zip format, a bare pickle (protocol 2 and later)
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(_PICKLE_MAGIC)
+
+
+def _check_not_pickle(path: Path, name: str, where: str, allow_pickle: bool) -> None:
+    """Pickles can run code when loaded: refused unless allowed, whatever their file is called."""
+    refused = (f"which can run arbitrary code when loaded; convert it to .safetensors, or set allow_pickle = true if "
+               "you trust its source")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"{where}: {path.name} is a pickle checkpoint, {refused}")
+        return
+    if name not in WEIGHT_FILES or not path.is_file():
+        return
+    if path.suffix.lower() == ".safetensors":
+        if _looks_like_pickle(path):  # a renamed .ckpt: never handed to a loader that might unpickle it
+            raise UserError(f"{where}: {path.name} holds a pickle (a renamed .ckpt or .pt), not safetensors data; "
+                            "pickles can run arbitrary code when loaded, so it is not read: convert the original "
+                            "checkpoint to .safetensors")
+    elif not allow_pickle:
+        raise UserError(f"{where}: {path.name} is not a .safetensors file; other checkpoint files are loaded as "
+                        f"pickles, {refused}")
 
 
 def _cross_checks(values: dict, source: str) -> None:

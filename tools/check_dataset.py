@@ -71,20 +71,19 @@ def print_report(rep: dict, top: int) -> None:
                   f"= {sub['samples_per_epoch']} samples per epoch{extra}")
     if rep["class_token_captions"]:
         print(f"images without a caption file, using class_tokens: {rep['class_token_captions']}")
-    if rep["missing_captions"]:
-        print(f"images without any caption ({len(rep['missing_captions'])}, they train with an empty caption):")
-        for path in rep["missing_captions"]:
-            print(f"  {path}")
-    if rep["bad_files"]:
-        print(f"unreadable images ({len(rep['bad_files'])}; training stops unless skip_bad_images = true):")
-        for msg in rep["bad_files"]:
-            print(f"  {msg}")
+    listings = [
+        ("images without any caption ({}, they train with an empty caption):", rep["missing_captions"]),
+        ("unreadable images ({}; training stops unless skip_bad_images = true):", rep["bad_files"]),
+        ("captions longer than 75 tokens ({}; the text encoder ignores the rest):",
+         [f"{item['tokens']:4d} tokens  {item['image']}" for item in rep["long_captions"]]),
+    ]
     for message in rep["warnings"]:
         print(f"warning: {message}")
-    if rep["long_captions"]:
-        print(f"captions longer than 75 tokens ({len(rep['long_captions'])}; the text encoder ignores the rest):")
-        for item in rep["long_captions"]:
-            print(f"  {item['tokens']:4d} tokens  {item['image']}")
+    for title, rows in listings:
+        if rows:
+            print(title.format(len(rows)))
+            for row in rows:
+                print(f"  {row}")
     tags = list(rep["tag_frequency"].items())[:top]
     if tags:
         print(f"most frequent tags (of {len(rep['tag_frequency'])}):")

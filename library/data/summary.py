@@ -29,15 +29,16 @@ def dataset_warnings(data: TrainingData) -> list[str]:
     what they look like (each a one-line message naming the dataset, subset or file)."""
     out = []
     rep = data.report
-    if rep.empty_captions:
-        out.append(f"{len(rep.empty_captions)} caption files are empty; their images train as if they had none "
-                   f"(class_tokens, or an empty caption): {_first(rep.empty_captions)}")
-    if rep.animated:
-        out.append(f"{len(rep.animated)} animated images: only the first frame of each is trained: "
-                   f"{_first(rep.animated)}")
-    if rep.large:
-        out.append(f"{len(rep.large)} images are larger than 89 megapixels and are decoded again at every use "
-                   f"(slow); scale them down with tools/resize_images.py: {_first(rep.large)}")
+    # a file read by two subsets is one file
+    empty, animated, large = (list(dict.fromkeys(x)) for x in (rep.empty_captions, rep.animated, rep.large))
+    if empty:
+        out.append(f"{len(empty)} caption files are empty; their images train as if they had none (class_tokens, "
+                   f"or an empty caption): {_first(empty)}")
+    if animated:
+        out.append(f"{len(animated)} animated images: only the first frame of each is trained: {_first(animated)}")
+    if large:
+        out.append(f"{len(large)} images are larger than 89 megapixels and are decoded again at every use (slow); "
+                   f"scale them down with tools/resize_images.py: {_first(large)}")
     seen: dict[Path, str] = {}
     for spec in data.specs:
         for sub in spec.subsets:

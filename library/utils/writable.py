@@ -75,17 +75,6 @@ def not_an_input(output: str | os.PathLike, inputs: list, option: str) -> None:
                             "choose another output name")
 
 
-def input_file(path: str | os.PathLike, what: str, option: str = "") -> Path:
-    """An existing input file, or a one-line error saying what is there instead."""
-    path = Path(path).expanduser()
-    label = f"{option} {path}" if option else str(path)
-    if path.is_dir():
-        raise UserError(f"{label}: is a folder; expected a {what}")
-    if not path.is_file():
-        raise UserError(f"{label}: no such file; expected a {what}")
-    return path
-
-
 def input_folder(path: str | os.PathLike, what: str, option: str = "") -> Path:
     """An existing input folder, or a one-line error saying what is there instead."""
     path = Path(path).expanduser()

@@ -295,10 +295,10 @@ def test_second_run_into_a_locked_output_dir_is_refused_and_a_stale_lock_taken_o
         sleeper.kill()
         sleeper.wait()
     assert lock.is_file() and checkpoint.read_state(run / "out" / "lora-state").state.step == 2
-    # the sleeper has gone: its lock is stale; and the newest state is damaged: the run falls back
+    # the sleeper has gone: its lock is stale; and the newest state is damaged: the run falls back, as asked
     corrupt(run / "out" / "lora-state", "lora")
-    code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--max_train_steps", "3",
-                             "--save_state", "true", *TRAIN])
+    code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest_intact", "--max_train_steps",
+                             "3", "--save_state", "true", *TRAIN])
     assert code == 0 and "Traceback" not in err, err
     assert f"taking over the lock of pid {sleeper.pid}" in err
     assert "WARNING" in err and "lora-state/lora.safetensors" in err and "at step 1" in err
@@ -369,12 +369,30 @@ def restore(trainer, out: Path, where: str = "latest"):
 
 
 @pytest.mark.parametrize("kind", STATE_DAMAGE)
-def test_resume_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tmp_path, caplog, kind):
+def test_resume_latest_stops_at_a_damaged_newest_state_naming_the_intact_older_one(run_dir, trainer, tmp_path,
+                                                                                   kind):
+    run = fresh_copy(run_dir, tmp_path)
+    out = run / "out"
+    name = corrupt(out / "lora-state", kind)
+    before = {k: v.clone() for k, v in trainer.network.kohya_state_dict().items()}
+    with pytest.raises(UserError) as err:
+        restore(trainer, out)
+    message = str(err.value)
+    assert "\n" not in message and str(out / "lora-state" / name) in message
+    older = out / "lora-step00000001-state"
+    assert f"The older state {older} (step 1) is intact" in message
+    assert f'resume = "{older}"' in message and 'resume = "latest_intact"' in message
+    mine = trainer.network.kohya_state_dict()
+    assert all(torch.equal(mine[k], before[k]) for k in before)  # nothing was loaded
+
+
+@pytest.mark.parametrize("kind", STATE_DAMAGE)
+def test_resume_latest_intact_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tmp_path, caplog, kind):
     run = fresh_copy(run_dir, tmp_path)
     out = run / "out"
     name = corrupt(out / "lora-state", kind)
     with caplog.at_level("WARNING", logger="library.train.resume"):
-        folder, state = restore(trainer, out)
+        folder, state = restore(trainer, out, "latest_intact")
     assert folder == out / "lora-step00000001-state" and state.step == 1
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert str(out / "lora-state" / name) in warning and "resuming from" in warning and "at step 1" in warning
@@ -387,6 +405,18 @@ def test_resume_skips_a_damaged_newest_state_with_a_warning(run_dir, trainer, tm
         restore(trainer, out, str(out / "lora-state"))
 
 
+def test_resume_latest_with_a_damaged_newest_state_exits_2_and_changes_nothing(run_dir, tmp_path):
+    run = fresh_copy(run_dir, tmp_path)
+    out = run / "out"
+    corrupt(out / "lora-state", "state_json")
+    hashes = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--max_train_steps", "3",
+                             *TRAIN])
+    assert_one_line_error(code, err, "lora-state/state.json")
+    assert "lora-step00000001-state (step 1) is intact" in err and "INFO resumed from" not in err
+    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == hashes
+
+
 def test_resume_refuses_a_state_of_another_optimizer_or_network(run_dir, trainer):
     sgd = torch.optim.SGD([{"params": g["params"], "lr": 0.1} for g in trainer.parts.optimizer.param_groups])
     with pytest.raises(UserError, match=r"saved by the optimizer torch\.optim\.adamw\.AdamW; this config uses "
@@ -395,6 +425,47 @@ def test_resume_refuses_a_state_of_another_optimizer_or_network(run_dir, trainer
     with pytest.raises(UserError, match="already at step 2; raise max_train_steps"):
         resume.restore("latest", run_dir / "out", "lora", trainer.parts.network, trainer.parts.optimizer.optimizer,
                        trainer.parts.scheduler, 2)
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("dim", 8, "network_dim 8 in the state, 4 now"),
+    ("type", "dora", "network_type dora in the state, lora now"),
+    ("conv_dim", 2, "conv_dim 2 in the state, unset now"),
+    ("text_encoders", True, "text encoders trained (network_train_unet_only = false) True in the state, False now"),
+])
+def test_resume_of_a_state_of_another_network_names_what_changed(run_dir, trainer, tmp_path, key, value, said):
+    run = fresh_copy(run_dir, tmp_path)
+    meta_path = run / "out" / "lora-state" / "state.json"
+    meta = json.loads(meta_path.read_text())
+    meta["network"][key] = value
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError) as err:
+        restore(trainer, run / "out")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{run / 'out' / 'lora-state'}: the state was saved for "
+                                                        "another network: ")
+    assert said in message and message.count(" in the state, ") == 1, message
+
+
+def test_resume_names_a_changed_dataset_or_batch_size(run_dir, trainer, tmp_path):
+    from library.train.batches import StepPlan
+
+    now = checkpoint.describe_data(trainer.data, trainer.plan)
+    assert now == {"images": 2, "reg_images": 0, "held_out": 0, "batch_sizes": [2], "resolutions": ["64x64"],
+                   "accumulation": 1, "processes": 1, "steps_per_epoch": 1}
+    assert resume.data_changes(now, now) == [] and resume.data_changes({}, now) == []  # states written before
+    grown = dict(now, images=5, batch_sizes=[4])
+    assert resume.data_changes(grown, now) == ["training images 5 in the state, 2 now",
+                                               "batch size 4 in the state, 2 now"]
+    plan = StepPlan(trainer.data, 2, 1, 0)
+    assert resume.data_changes(now, checkpoint.describe_data(trainer.data, plan)) == [
+        "gradient_accumulation_steps 1 in the state, 2 now"]
+    # the facts go through state.json and back
+    state = checkpoint.TrainState(step=1, consumed=1, epoch=2, position=0, data=now)
+    folder = tmp_path / "s-state"
+    checkpoint.write_state(folder, trainer.network.kohya_state_dict(), trainer.optimizer.optimizer, trainer.scheduler,
+                           state)
+    assert checkpoint.read_state(folder).state.data == now
 
 
 def test_resume_with_no_intact_state_is_one_error_and_changes_nothing(run_dir, tmp_path):

@@ -37,7 +37,7 @@ def test_text_format_with_every_option(tmp_path):
     ("a cat --x 3", "unknown option --x; valid: --n --w --h --s --l --d --ss"),
     ("a cat --ss heun", "unknown sampler 'heun'"),
     ("a cat --w 100", "--w: expected at least 64 and a multiple of 8, got 100"),
-    ("a cat --s many", "--s: expected a number, got 'many'"),
+    ("a cat --s many", "--s: expected a whole number, got 'many'"),
     ("--w 512", "the line has options but no prompt"),
 ])
 def test_text_format_errors(line, message):

@@ -5,7 +5,9 @@
     python tools/check_dataset.py --config my_training.toml --json
 
 Prints the images and repeats of every subset, images without captions, unreadable files, the
-most frequent tags and the aspect-ratio bucket table. Where the dataset sets no resolution, the
+dataset's warnings (empty caption files, animated images, two subsets on one folder, a batch larger
+than the images, keep_tokens that keep whole captions), captions longer than the text encoder reads,
+the most frequent tags and the aspect-ratio bucket table. Where the dataset sets no resolution, the
 model's native size is used (give --pretrained_model_name_or_path or --resolution). Unreadable
 images are all listed here; training itself stops at the first one unless skip_bad_images = true.
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 
 def build_report(data) -> dict:
-    from library.data.summary import tag_frequency
+    from library.data.summary import dataset_warnings, long_captions, tag_frequency
 
     subsets = []
     for d, spec in enumerate(data.specs):
@@ -45,6 +47,8 @@ def build_report(data) -> dict:
         "missing_captions": data.report.missing_captions,
         "class_token_captions": data.report.class_token_captions,
         "bad_files": data.report.bad_images,
+        "warnings": dataset_warnings(data),
+        "long_captions": [{"image": path, "tokens": n} for path, n in long_captions(data)],
         "tag_frequency": dict(tags.most_common()),
         "buckets": [{"width": w, "height": h, "count": n} for w, h, n in data.bucket_table()],
     }
@@ -65,14 +69,19 @@ def print_report(rep: dict, top: int) -> None:
                   f"= {sub['samples_per_epoch']} samples per epoch{extra}")
     if rep["class_token_captions"]:
         print(f"images without a caption file, using class_tokens: {rep['class_token_captions']}")
-    if rep["missing_captions"]:
-        print(f"images without any caption ({len(rep['missing_captions'])}, they train with an empty caption):")
-        for path in rep["missing_captions"]:
-            print(f"  {path}")
-    if rep["bad_files"]:
-        print(f"unreadable images ({len(rep['bad_files'])}; training stops unless skip_bad_images = true):")
-        for msg in rep["bad_files"]:
-            print(f"  {msg}")
+    listings = [
+        ("images without any caption ({}, they train with an empty caption):", rep["missing_captions"]),
+        ("unreadable images ({}; training stops unless skip_bad_images = true):", rep["bad_files"]),
+        ("captions longer than 75 tokens ({}; the text encoder ignores the rest):",
+         [f"{item['tokens']:4d} tokens  {item['image']}" for item in rep["long_captions"]]),
+    ]
+    for message in rep["warnings"]:
+        print(f"warning: {message}")
+    for title, rows in listings:
+        if rows:
+            print(title.format(len(rows)))
+            for row in rows:
+                print(f"  {row}")
     tags = list(rep["tag_frequency"].items())[:top]
     if tags:
         print(f"most frequent tags (of {len(rep['tag_frequency'])}):")
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def load(args):
     from library.config import build_config
-    from library.config.dataset import parse_blueprint
+    from library.config.dataset import check_dataset_file_keys, parse_blueprint
     from library.config.loader import read_toml
     from library.data.dataset import TrainingData
     from library.errors import UserError
@@ -127,7 +136,9 @@ def load(args):
         model = model or cfg.model.pretrained_model_name_or_path
     else:
         path = Path(args.dataset_config)
-        blueprint = parse_blueprint(read_toml(path, "dataset config"), str(path), path.resolve().parent)
+        doc = read_toml(path, "dataset config")
+        check_dataset_file_keys(doc, str(path))
+        blueprint = parse_blueprint(doc, str(path), path.resolve().parent)
     native = args.resolution
     if native is None and model:
         from library.config.options import ModelOptions

@@ -31,14 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="use a LoRA of which only some modules fit (the others are reported and left out)")
     args = ap.parse_args(argv)
 
-    from library.errors import UserError
     from library.lora.compat import read_checked
     from library.lora.kohya_file import SAVE_DTYPES
     from library.lora.weights import save_kohya, save_peft
-    from library.utils.writable import writable_file
+    from library.utils.writable import not_an_input, writable_file
 
-    if args.output.resolve() == args.input.resolve():
-        raise UserError(f"{args.output}: the output would overwrite the input; choose another name")
+    not_an_input(args.output, [args.input], "output")
     writable_file(args.output, "output")
     weights, _ = read_checked(args.input, allow_partial=args.allow_partial)
     if args.to == "diffusers":

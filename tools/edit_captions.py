@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.images import find_images
     from library.errors import UserError
     from library.utils.atomic import atomic_write_text
+    from library.utils.writable import input_folder
 
-    if not args.folder.is_dir():
-        raise UserError(f"{args.folder}: no such folder")
+    input_folder(args.folder, "images")
     editing = any([args.add, args.remove, args.replace, args.trigger, args.dedupe])
     if not editing and not args.show_frequency:
         raise UserError("nothing to do: give --add, --remove, --replace, --trigger, --dedupe or --show_frequency")

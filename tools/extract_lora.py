@@ -42,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.ops import factorise
     from library.lora.weights import LoraWeights, save_kohya
     from library.models.loader import load_models, plan_model
-    from library.utils.writable import writable_file
+    from library.utils.writable import not_an_input, writable_file
 
     if args.network_type != "lora":
         raise UserError(f"--network_type {args.network_type}: extract_lora handles plain LoRA only (DoRA, LoHa and "
                         "LoKr cannot be fitted by an SVD of the weight difference)")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError("--rank and --conv_rank must be at least 1")
+    not_an_input(args.out, [args.base, args.tuned], "--out")
     writable_file(args.out, "--out")
     # Both architectures are compared from configs and headers before either model loads.
     plans = [plan_model(ModelOptions(pretrained_model_name_or_path=str(p))) for p in (args.base, args.tuned)]

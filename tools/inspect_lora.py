@@ -34,6 +34,9 @@ def print_report(rep: dict, all_metadata: bool) -> None:
     print(f"dtypes:        {', '.join(f'{d} ({n})' for d, n in rep['dtypes'].items())}")
     if rep["unknown_tensors"]:
         print(f"unknown:       {len(rep['unknown_tensors'])} tensors, e.g. {rep['unknown_tensors'][0]}")
+    if rep["non_finite_tensors"]:
+        print(f"NaN/inf:       {len(rep['non_finite_tensors'])} tensors hold NaN or infinite values, e.g. "
+              f"{rep['non_finite_tensors'][0]}: this LoRA breaks every image it touches")
     print("compatibility:")
     for loader, label in (("a1111", "AUTOMATIC1111/Forge"), ("comfyui", "ComfyUI"), ("diffusers", "diffusers")):
         v = rep["compatibility"][loader]
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.inspect import inspect_file
     from library.lora.kohya_file import read_lora
 
-    tensors, metadata = read_lora(args.file)
+    tensors, metadata = read_lora(args.file, allow_non_finite=True)  # reported, not refused: this is the inspector
     rep = inspect_file(tensors, metadata, str(args.file), check_diffusers=not args.no_diffusers_check)
     if args.json:
         print(json.dumps(rep, indent=2))

@@ -67,16 +67,19 @@ def merge_into_folder(model: Path, specs: list[str], out: Path, allow_partial: b
         missing = merge_into_modules(components, loras, bar.update)
     if missing:
         raise UserError(f"{model}: has no layer for {missing[0]} (and {len(missing) - 1} more)")
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     shutil.copytree(model, tmp)
     bundle.unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     for i, te in enumerate(bundle.text_encoders):
         te.save_pretrained(str(tmp / ("text_encoder" if i == 0 else "text_encoder_2")), safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
+    if out.exists():  # an earlier merged model: moved aside until the new one is in place
+        out.rename(old)
     tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def merge_loras_only(specs: list[str], out: Path, rank: int | None, concat: bool, allow_partial: bool) -> None:
@@ -111,14 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from library.errors import UserError
-    from library.utils.writable import writable_dir, writable_file
+    from library.lora.specs import parse_lora
+    from library.utils.writable import is_within, not_an_input, writable_dir, writable_file
 
+    not_an_input(args.out, [args.model] + [parse_lora(spec)[0] for spec in args.lora], "--out")
     if args.model is not None:
         if not args.model.exists():
             raise UserError(f"--model {args.model}: no such file or folder")
         if args.model.is_dir():
             if args.out.exists() and not args.out.is_dir():
                 raise UserError(f"--out {args.out}: is a file; a diffusers model is written as a folder")
+            if is_within(args.out, args.model) or is_within(args.model, args.out):
+                raise UserError(f"--out {args.out}: lies inside --model {args.model} or holds it; the merged model "
+                                "replaces --out, so give a folder outside the model")
+            if args.out.is_dir() and not (args.out / "model_index.json").is_file() and any(args.out.iterdir()):
+                raise UserError(f"--out {args.out}: a folder that is not a diffusers model; the merged model replaces "
+                                "--out, so give a new folder name (an earlier merged model may be replaced)")
             writable_dir(args.out.parent, "--out")
             merge_into_folder(args.model, args.lora, args.out, args.allow_partial)
         elif args.model.suffix.lower() == ".safetensors":

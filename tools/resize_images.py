@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     from library.data.images import BadImage, find_images, load_image
     from library.errors import UserError
     from library.utils.atomic import atomic_path
-    from library.utils.writable import writable_dir
+    from library.utils.writable import input_folder, writable_dir
 
-    if not args.source.is_dir():
-        raise UserError(f"{args.source}: no such folder")
+    input_folder(args.source, "images")
     if args.destination.resolve() == args.source.resolve():
         raise UserError("the destination must differ from the source (the originals are kept)")
     if args.divisible_by < 1:

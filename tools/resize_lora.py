@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.lora.kohya_file import SAVE_DTYPES
     from library.lora.ops import resize
     from library.lora.weights import save_kohya
-    from library.utils.writable import writable_file
+    from library.utils.writable import not_an_input, writable_file
 
     if args.rank is None and args.dynamic is None:
         raise UserError("give --rank R, or --dynamic sv_ratio|sv_fro|sv_cumulative with --param P")
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--param: {args.dynamic} takes a share between 0 and 1, got {args.param}")
     if args.dynamic == "sv_ratio" and args.param < 1:
         raise UserError(f"--param: sv_ratio takes a ratio of at least 1, got {args.param}")
+    not_an_input(args.output, [args.input], "output")
     writable_file(args.output, "output")
     weights, _ = read_checked(args.input, allow_partial=args.allow_partial)
     weights.require_plain_lora(str(args.input), "resize_lora")

@@ -27,6 +27,8 @@ def read_prompts(value: str):
     from library.train.prompts import load_prompts, parse_line
 
     path = Path(value)
+    if path.is_dir():
+        raise UserError(f"--prompts {value}: is a folder; give a prompt file (.txt/.toml/.json) or a prompt in quotes")
     if path.is_file():
         return load_prompts(path)
     if path.suffix.lower() in (".txt", ".toml", ".json"):

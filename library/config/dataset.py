@@ -150,6 +150,25 @@ def _check_resolution(value: tuple[int, ...] | None, where: str) -> tuple[int, i
     return (int(value[0]), int(value[1]))
 
 
+DATASET_FILE_TABLES = ("general", "datasets")
+
+
+def check_dataset_file_keys(doc: dict, source: str) -> None:
+    """A dataset file holds only [general] and [[datasets]]: anything else would be silently unused."""
+    for key in doc:
+        if key in DATASET_FILE_TABLES:
+            continue
+        if key == "subsets":
+            raise UserError(f"{source}: [[subsets]]: subsets belong to a dataset; write them as "
+                            "[[datasets.subsets]] after their [[datasets]] table")
+        if key in ALLOWED_AT["general"] or key in SUBSET_ONLY:
+            raise UserError(f"{source}: {key}: a dataset key at the top level of the file is not used; put it in "
+                            f"{'[[datasets.subsets]]' if key in SUBSET_ONLY else '[general] or [[datasets]]'}")
+        hint = closest(key, DATASET_FILE_TABLES)
+        raise UserError(f"{source}: [{key}]: unknown table in a dataset file" +
+                        (f"; did you mean [{hint}]?" if hint else "; it holds [general] and [[datasets]] tables"))
+
+
 def parse_blueprint(doc: dict, source: str, base_dir: Path) -> DatasetBlueprint:
     """Build the dataset blueprint from a parsed TOML document (a dataset file or the main config).
 

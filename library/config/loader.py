@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from library.config import network_kinds
-from library.config.dataset import DatasetBlueprint, folder_blueprint, parse_blueprint
+from library.config.dataset import DatasetBlueprint, check_dataset_file_keys, folder_blueprint, parse_blueprint
 from library.config.network_args import apply_network_args
 from library.config.options import (
     AptOptions, DataOptions, FLAT_TABLES, LAYER_ALIASES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions,
@@ -100,6 +100,8 @@ def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dic
     for key, value in doc.items():
         if key in DATASET_TABLES:
             continue
+        if key == "subsets":
+            check_dataset_file_keys({key: value}, source)  # the one message for [[subsets]] at the top level
         if key in FLAT_TABLES and isinstance(value, dict):
             for name, val in value.items():
                 where = f"{source}: [{key}] {name}"
@@ -169,12 +171,42 @@ def _resolve_inputs(values: dict, settings: dict[str, _Setting], base_dir: Path 
         path = Path(resolve_input(value, base))
         if not path.exists():
             raise UserError(f"{setting.where}: no such {what}: {value}{looked_in(value, base)}")
-        if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
-            raise UserError(
-                f"{setting.where}: {path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                "convert it to .safetensors, or set allow_pickle = true if you trust its source"
-            )
+        _check_not_pickle(path, name, setting.where, allow_pickle)
         values[table] = replace(values[table], **{name: str(path)})
+
+
+# Options naming weights files: anything there that is not safetensors is loaded as a pickle.
+WEIGHT_FILES = ("pretrained_model_name_or_path", "vae", "network_weights")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch's zip format, a bare pickle (protocol 2 and later)
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(_PICKLE_MAGIC)
+
+
+def _check_not_pickle(path: Path, name: str, where: str, allow_pickle: bool) -> None:
+    """Pickles can run code when loaded: refused unless allowed, whatever their file is called."""
+    refused = (f"which can run arbitrary code when loaded; convert it to .safetensors, or set allow_pickle = true if "
+               "you trust its source")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UserError(f"{where}: {path.name} is a pickle checkpoint, {refused}")
+        return
+    if name not in WEIGHT_FILES or not path.is_file():
+        return
+    if path.suffix.lower() == ".safetensors":
+        if _looks_like_pickle(path):  # a renamed .ckpt: never handed to a loader that might unpickle it
+            raise UserError(f"{where}: {path.name} holds a pickle (a renamed .ckpt or .pt), not safetensors data; "
+                            "pickles can run arbitrary code when loaded, so it is not read: convert the original "
+                            "checkpoint to .safetensors")
+    elif not allow_pickle:
+        raise UserError(f"{where}: {path.name} is not a .safetensors file; other checkpoint files are loaded as "
+                        f"pickles, {refused}")
 
 
 def _cross_checks(values: dict, source: str) -> None:
@@ -214,10 +246,27 @@ def _cross_checks(values: dict, source: str) -> None:
             values["data"].cache_latents or values["data"].cache_latents_to_disk):
         raise UserError(f"{source}: [apt] augment_space = \"pixel\" transforms images before the VAE, so it cannot "
                         "be combined with cache_latents; use augment_space = \"latent\" or turn caching off")
+    _check_output_name(values["saving"].output_name, source)
     sampling: SamplingOptions = values["sampling"]
     if (sampling.sample_every_n_steps or sampling.sample_every_n_epochs or sampling.sample_at_first) \
             and not sampling.sample_prompts:
         raise UserError(f"{source}: [sampling] sample_prompts: needed to make sample images (a prompts file)")
+
+
+def _check_output_name(name: str, source: str) -> None:
+    """output_name is a file name inside output_dir: a path in it would write elsewhere."""
+    bad = None
+    if not name.strip():
+        bad = "is empty"
+    elif "/" in name or "\\" in name:
+        bad = "contains a path separator"
+    elif name.strip(".") == "":
+        bad = "is not a file name"
+    elif any(ord(c) < 32 for c in name):
+        bad = "contains a control character"
+    if bad:
+        raise UserError(f"{source}: [saving] output_name: {name!r} {bad}; give a plain file name without folders "
+                        "(e.g. \"my_lora\"; the folder is output_dir)")
 
 
 def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, need_dataset: bool = True) -> Config:
@@ -266,7 +315,9 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
         blueprint = folder_blueprint(data.train_data_dir, data.reg_data_dir, doc.get("general", {}), source)
     elif data.dataset_config:
         ds_path = Path(data.dataset_config)
-        blueprint = parse_blueprint(read_toml(ds_path, "dataset config"), str(ds_path), ds_path.resolve().parent)
+        ds_doc = read_toml(ds_path, "dataset config")
+        check_dataset_file_keys(ds_doc, str(ds_path))
+        blueprint = parse_blueprint(ds_doc, str(ds_path), ds_path.resolve().parent)
     elif inline:
         blueprint = parse_blueprint(doc, source, base_dir or Path.cwd())
     elif need_dataset:

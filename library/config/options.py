@@ -192,7 +192,9 @@ class SavingOptions:
     save_last_n_epochs: Optional[int] = option(None, "keep only the last N epoch saves (older ones are deleted)", ge=1)
     save_state: bool = option(False, "with every save, write the training state (optimizer, schedule, data position, "
                                      "step) to a -state folder for resume")
-    resume: Optional[str] = option(None, 'continue from a state folder, or "latest" for the newest one in output_dir')
+    resume: Optional[str] = option(
+        None, 'continue from a state folder, or "latest" for the newest one in output_dir (a damaged newest state '
+              'stops the run), or "latest_intact" for the newest intact one (damaged newer ones are skipped)')
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from library.config.dataset import DatasetBlueprint, DatasetSpec
-from library.data.buckets import BucketTable, Placement, crop_offset
+from library.data.buckets import BucketTable, Placement, crop_offset, near_multiples
 from library.data.captions import fixed_caption, process_caption
 from library.data.images import load_image
 from library.data.records import ImageRecord, ScanReport, balance_regularisation, scan_subset
@@ -94,6 +94,22 @@ class TrainingData:
             self.validation.append(len(self.records))
             self.records.append(rec)
             self.placements.append(table.place(*rec.size))
+
+    def check_grid(self, multiple: int, model: str) -> None:
+        """Every bucket's edges are multiples of `multiple` (buckets.grid_multiple), or a UserError naming
+        the dataset, its resolution and valid values; run it before the model loads."""
+        for d, (spec, table) in enumerate(zip(self.specs, self.tables)):
+            sizes = {self.placements[i].bucket for i in range(len(self.records)) if self.records[i].dataset_index == d}
+            off = sorted((w, h) for w, h in sizes if w % multiple or h % multiple)
+            if not off:
+                continue
+            where = f"{self.source}: [[datasets]] #{d + 1}"
+            if spec.enable_bucket:
+                raise UserError(f"{where}: bucket {off[0][0]}x{off[0][1]} is not a multiple of {multiple}, which "
+                                f"{model} needs; set bucket_reso_steps to a multiple of {multiple} (e.g. 64)")
+            w, h = table.resolution
+            raise UserError(f"{where}: resolution {w}x{h}: {model} needs edges that are multiples of {multiple}; "
+                            f"use {near_multiples(w, multiple)}" + (f" by {near_multiples(h, multiple)}" if h != w else ""))
 
     def train_indices(self) -> list[int]:
         held = set(self.validation)

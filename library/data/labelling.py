@@ -26,8 +26,9 @@ def add_output_args(ap: argparse.ArgumentParser, what: str) -> None:
 
 def select_images(folder: Path, recursive: bool, extension: str, redo: bool) -> tuple[list[Path], list[Path]]:
     """(every image, those to label): images with a caption file are left out unless `redo`."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder of images")
+    from library.utils.writable import input_folder
+
+    input_folder(folder, "images")
     images = find_images(folder, recursive)
     if not images:
         raise UserError(f"{folder}: no images (.jpg .jpeg .png .webp .bmp)" +

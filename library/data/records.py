@@ -8,7 +8,7 @@ from pathlib import Path
 
 from library.config.dataset import SubsetSpec
 from library.data.captions import BadCaption, read_caption_file
-from library.data.images import BadImage, is_image, probe_image
+from library.data.images import IMAGE_EXTENSIONS, BadImage, inspect_image, is_image_entry
 from library.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ class ScanReport:
     missing_captions: list[str] = field(default_factory=list)   # no caption file and no class_tokens
     class_token_captions: int = 0                                  # no caption file, class_tokens used
     bad_images: list[str] = field(default_factory=list)
+    empty_captions: list[str] = field(default_factory=list)     # caption files with no text (as if missing)
+    animated: list[str] = field(default_factory=list)           # animated images: their first frame is used
+    large: list[str] = field(default_factory=list)              # above Pillow's decompression-bomb warning
 
 
 def _metadata_entries(path: Path) -> list[tuple[str, dict]]:
@@ -74,11 +77,34 @@ def _find_image(key: str, base: Path | None) -> Path | None:
     for cand in candidates:
         if cand.is_file():
             return cand
-        for ext in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
             with_ext = cand.with_name(cand.name + ext)
             if with_ext.is_file():
                 return with_ext
     return None
+
+
+def caption_path(image: Path, extension: str, names: dict[str, list[Path]] | None = None) -> Path | None:
+    """The caption file of `image`: same name with `extension`; when that does not exist, one whose
+    extension differs only in case (IMG_1.TXT for IMG_1.JPG, as some cameras and Windows tools write).
+    `names` maps lower-cased file names of the folder to their entries (computed once per folder)."""
+    exact = image.with_suffix(extension)
+    if exact.exists() or exact.is_symlink():
+        return exact
+    if names is None:
+        return None
+    matches = [p for p in names.get(exact.name.lower(), []) if p.stem == image.stem]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _read_caption(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"{path}: a folder where the caption file of the image beside it should be; rename or "
+                        "remove it (captions are text files)")
+    try:
+        return read_caption_file(path)
+    except BadCaption as exc:
+        raise UserError(str(exc)) from None
 
 
 def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, report: ScanReport,
@@ -97,24 +123,30 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
         folder = Path(subset.image_dir)
         if not folder.is_dir():
             raise UserError(f"{where}: image_dir: not a folder: {folder}")
-        for path in sorted(p for p in folder.iterdir() if p.is_file() and is_image(p)):
-            cap_path = path.with_suffix(subset.caption_extension)
-            if cap_path.is_file():
-                try:
-                    pairs.append((path, read_caption_file(cap_path)))
-                except BadCaption as exc:
-                    raise UserError(str(exc)) from None
-            else:
-                pairs.append((path, None))
+        entries = list(folder.iterdir())
+        names: dict[str, list[Path]] = {}
+        for entry in entries:
+            names.setdefault(entry.name.lower(), []).append(entry)
+        for path in sorted(p for p in entries if is_image_entry(p)):
+            cap_path = caption_path(path, subset.caption_extension, names)
+            pairs.append((path, None if cap_path is None else _read_caption(cap_path)))
+            if pairs[-1][1] == "":
+                report.empty_captions.append(str(cap_path))
+                pairs[-1] = (path, None)  # an empty caption file is treated as a missing one
     records = []
     for path, caption in pairs:
         try:
-            size = probe_image(path)
+            info = inspect_image(path)
         except BadImage as exc:
             if not skip_bad_images:
                 raise UserError(f"{exc}; fix or remove it, or set skip_bad_images = true") from None
             report.bad_images.append(str(exc))
             continue
+        size = info.size
+        if info.frames > 1:
+            report.animated.append(str(path))
+        if info.large:
+            report.large.append(str(path))
         if caption is None and subset.class_tokens:
             report.class_token_captions += 1
             caption = subset.class_tokens
@@ -126,7 +158,9 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
     if not pairs:
         raise UserError(f"{where}: no images in {source} (looked for .jpg, .jpeg, .png, .webp, .bmp)")
     if not records:
-        raise UserError(f"{where}: none of the {len(pairs)} images in {source} could be read")
+        raise UserError(f"{where}: none of the {len(pairs)} images in {source} could be read (first: "
+                        f"{report.bad_images[-len(pairs)]}); this subset would train nothing: fix the images or "
+                        "remove the subset")
     report.images += len(records)
     return records
 

@@ -11,6 +11,7 @@ from collections import Counter
 import torch
 
 from library.lora.compat import best_tree, no_lora
+from library.lora.kohya_file import non_finite
 from library.lora.weights import LoraWeights, from_tensors
 
 TE2_ATTENTION = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj")
@@ -111,6 +112,12 @@ def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, 
         error = (f"{len(got.misfit)} modules have shapes that do not fit {own.label} (e.g. {got.misfit[0]}): "
                  "loaders fail on them")
     verdicts = _verdicts(tensors, weights, error)
+    broken = non_finite(tensors)
+    if broken:  # loaders read such a file without complaint; every image it touches turns to NaN
+        for verdict in verdicts.values():
+            verdict["problems"].append(f"{len(broken)} tensors hold NaN or infinite values (e.g. {broken[0]}): "
+                                       "images made with it break; the trainer and the other tools refuse it")
+            verdict["loads"] = False
     if check_diffusers and error is None:
         rejected = diffusers_check(tensors, weights)
         if rejected:
@@ -137,6 +144,7 @@ def inspect_file(tensors: dict[str, torch.Tensor], metadata: dict, source: str, 
         "dtypes": dict(dtypes),
         "tensors": len(tensors),
         "unknown_tensors": weights.unknown if weights else [],
+        "non_finite_tensors": broken,
         "compatibility": verdicts,
         "metadata": dict(sorted(metadata.items())),
     }

@@ -46,11 +46,25 @@ def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
     return hashlib.sha256(data_section(blob)).hexdigest()
 
 
-def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file (kohya layout)."""
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or infinite values."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def non_finite_error(path, bad: list[str], total: int) -> UserError:
+    return UserError(f"{path}: {len(bad)} of its {total} tensors hold NaN or infinite values (e.g. {bad[0]}); every "
+                     "image it touches would break, so it is not used: it comes from a run that diverged (train it "
+                     "again, e.g. with a lower learning rate), or the file is damaged")
+
+
+def read_lora(path: str | Path, allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file (kohya layout). A file with NaN or infinite values is refused
+    unless `allow_non_finite` (for the inspector, which reports them)."""
     from library.models.single_file import read_safetensors_header
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a LoRA .safetensors file")
     if not path.is_file():
         raise UserError(f"{path}: no such LoRA file")
     if path.suffix.lower() != ".safetensors":
@@ -60,4 +74,7 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors' own error type
         raise UserError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
+    bad = non_finite(tensors)
+    if bad and not allow_non_finite:
+        raise non_finite_error(path, bad, len(tensors))
     return tensors, dict(header.get("__metadata__") or {})

@@ -13,6 +13,8 @@ def parse_lora(spec: str) -> tuple[Path, float]:
             return Path(path), float(mult)
         except ValueError:
             pass  # a colon in the path itself (C:\...)
+    if Path(spec).is_dir():
+        raise UserError(f"--lora {spec}: is a folder; expected a LoRA .safetensors file (FILE or FILE:MULTIPLIER)")
     if not Path(spec).is_file():
         raise UserError(f"--lora {spec}: no such file (write FILE or FILE:MULTIPLIER)")
     return Path(spec), 1.0

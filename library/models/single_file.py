@@ -7,6 +7,7 @@ holds is decided from its header by the families (library.models.families.detect
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Mapping
@@ -27,9 +28,12 @@ def read_safetensors_header(path: Path) -> dict:
             if len(raw) != 8:
                 raise ValueError("file shorter than a safetensors header")
             (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError("header length is implausible")
+            size = os.fstat(fh.fileno()).st_size
+            if n > min(100_000_000, size - 8):  # never allocate what a damaged length claims
+                raise ValueError(f"the header claims {n} bytes but the file has {size}")
             header = json.loads(fh.read(n))
+        if not isinstance(header, dict) or not all(isinstance(v, dict) for v in header.values()):
+            raise ValueError("the header is not a table of tensors")
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .safetensors file ({exc})") from None
     return header

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from library.config.network_kinds import network_kind
 from library.errors import UserError
-from library.utils.atomic import is_leftover
+from library.lora.kohya_file import non_finite
+from library.utils.atomic import failed_write, is_leftover, write_failure
 
 STATE_VERSION = 1
 STATE_SUFFIX = "-state"
@@ -54,6 +55,7 @@ class TrainState:
     position: int                # position of the next batch in that epoch's order
     network: dict = field(default_factory=dict)   # ranks/targets: resume refuses a different network
     extra: dict = field(default_factory=dict)     # e.g. the APT indicator
+    data: dict = field(default_factory=dict)      # describe_data: resume names what changed since
 
 
 def rng_state() -> dict:
@@ -87,26 +89,38 @@ def _python_rng_from_json(data: dict) -> dict:
 
 
 def write_state(folder: Path, lora: dict[str, torch.Tensor], optimizer, scheduler, state: TrainState) -> None:
+    """Write the state folder through a temporary one. A write that fails (a full disk, a folder made
+    read-only) removes the temporary folder and leaves the previous state as it was: a one-line
+    UserError when the machine refused the write, else the original exception."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().float().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = rng_state()
-    torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
-    meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng),
-            "optimizer_class": optimizer_class(optimizer)}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    for path in tmp.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = folder.parent / f".{folder.name}.old{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().float().contiguous() for k, v in lora.items()}, str(tmp / "lora.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        rng = rng_state()
+        torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
+        meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng),
+                "optimizer_class": optimizer_class(optimizer)}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        for path in tmp.iterdir():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException as exc:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)  # the previous state goes back under its name
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_failure(exc) if isinstance(exc, Exception) else None
+        if reason is None:
+            raise
+        raise failed_write(folder, reason, "state") from None
     if old.exists():
         shutil.rmtree(old)
 
@@ -176,7 +190,8 @@ def read_state(folder: Path) -> LoadedState:
                         "save_state = true")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        state = TrainState(**{k: meta[k] for k in ("step", "consumed", "epoch", "position", "network", "extra")})
+        state = TrainState(**{k: meta[k] for k in ("step", "consumed", "epoch", "position", "network", "extra")},
+                           data=meta.get("data") or {})
     except FileNotFoundError:
         raise DamagedState(meta_path, "missing") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -192,6 +207,9 @@ def read_state(folder: Path) -> LoadedState:
         raise DamagedState(lora_path, "missing") from None
     except Exception as exc:  # safetensors' own error type
         raise DamagedState(lora_path, f"unreadable ({describe_error(exc)})") from None
+    bad = non_finite(lora)
+    if bad:
+        raise DamagedState(lora_path, f"{len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]})")
     optimizer = _torch_file(folder / "optimizer.pt")
     if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("state"), dict):
         raise DamagedState(folder / "optimizer.pt", "not an optimizer state (no param_groups/state)")
@@ -287,6 +305,17 @@ def existing_numbers(output_dir: Path, output_name: str, kind: str) -> list[int]
         if digits.isdigit() and path.name[len(prefix) + width:] == ".safetensors":
             numbers.add(int(digits))
     return sorted(numbers)
+
+
+def describe_data(data: Any, plan: Any) -> dict:
+    """What a state records of the dataset and the step plan (library.data.dataset.TrainingData,
+    library.train.batches.StepPlan), so that a resume can say what changed since."""
+    train = data.train_indices()
+    reg = sum(1 for i in train if data.records[i].subset.is_reg)
+    return {"images": len(train) - reg, "reg_images": reg, "held_out": len(data.validation),
+            "batch_sizes": list(data.batch_sizes), "resolutions": [f"{w}x{h}" for w, h in
+                                                                   (t.resolution for t in data.tables)],
+            "accumulation": plan.accumulation, "processes": plan.world, "steps_per_epoch": plan.steps_per_epoch}
 
 
 def describe_network(network: Any) -> dict:

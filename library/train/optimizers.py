@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
+import math
 from typing import Any, Mapping
 
 import torch
@@ -36,20 +37,33 @@ OPTIMIZERS: dict[str, tuple[str, str, str | None, dict]] = {
 }
 
 
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def parse_optimizer_args(args: Any) -> dict:
-    """kohya's ["key=value", ...] strings (values are Python literals) or a TOML table."""
+    """kohya's ["key=value", ...] strings (values are Python literals) or a TOML table. NaN and
+    infinite numbers are refused: an optimizer takes them and silently trains nothing (or NaN)."""
     if isinstance(args, Mapping):
-        return dict(args)
-    out = {}
-    for item in args:
-        key, eq, raw = str(item).partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"optimizer_args: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw.strip()
-        out[key.strip()] = value
+        out = dict(args)
+    else:
+        out = {}
+        for item in args:
+            key, eq, raw = str(item).partition("=")
+            if not eq or not key.strip():
+                raise UserError(f"optimizer_args: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
+            try:
+                value = ast.literal_eval(raw.strip())
+            except (ValueError, SyntaxError):
+                value = raw.strip()
+            out[key.strip()] = value
+    for key, value in out.items():
+        if not _finite(value) or (isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf")):
+            raise UserError(f"optimizer_args: {key} = {value!r} is not a finite number")
     return out
 
 

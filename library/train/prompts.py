@@ -12,6 +12,7 @@ guidance_scale), seed, sample_sampler (or sampler).
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -57,22 +58,38 @@ def _size(value, where: str, key: str) -> int:
 
 
 def _number(value, where: str, key: str, kind=int):
+    whole = "a whole number" if kind is int else "a number"
+    if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+        raise UserError(f"{where}: {key}: expected {whole}, got {value!r}")
     try:
         out = kind(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {key}: expected a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{where}: {key}: expected {whole}, got {value!r}") from None
+    if not math.isfinite(out):
+        raise UserError(f"{where}: {key}: expected a finite number, got {value!r}")
     if out <= 0 and key not in ("seed", "--d"):
         raise UserError(f"{where}: {key}: expected a positive number, got {value!r}")
+    if key in ("seed", "--d") and not -2 ** 63 <= out < 2 ** 64:  # what a torch generator takes
+        raise UserError(f"{where}: {key}: expected a seed that fits in 64 bits, got {value!r}")
     return out
 
 
+def _text(value, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}: {key}: expected text, got {value!r}")
+    return value
+
+
 def parse_line(line: str, where: str) -> SamplePrompt:
-    parts = re.split(r"\s--(?=[a-z]+(?:\s|$))", " " + line.strip())
+    # kohya matches the option letters case-insensitively: "--W 512" is a width, not prompt text
+    parts = re.split(r"\s--(?=[a-zA-Z]+(?:\s|$))", " " + line.strip())
     prompt = parts[0].strip()
     fields: dict = {}
     for part in parts[1:]:
         flag, _, value = part.partition(" ")
-        value = value.strip()
+        flag, value = flag.lower(), value.strip()
+        if not value and flag != "n":
+            raise UserError(f"{where}: --{flag}: missing value")
         if flag == "n":
             fields["negative_prompt"] = value
         elif flag == "w":
@@ -113,7 +130,9 @@ def _from_mapping(entry: dict, defaults: dict, where: str) -> SamplePrompt:
         elif name == "scale":
             value = _number(value, where, key, float)
         elif name == "sampler":
-            value = normalise_sampler(str(value), where)
+            value = normalise_sampler(_text(value, where, key), where)
+        else:
+            value = _text(value, where, key)
         fields[name] = value
     if not fields.get("prompt"):
         raise UserError(f"{where}: prompt: required")

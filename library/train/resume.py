@@ -1,11 +1,14 @@
 """Resume: choose a training state, check all of it, and load it into the network, optimizer,
 scheduler and random generators, or stop with a one-line error before any step is trained.
 
-With resume = "latest" the state folders are tried newest first; a damaged one (any file
-unreadable, or not fitting the network and optimizer being trained) is skipped with a WARNING that
-names the file and the step resumed from. A state folder named explicitly is never replaced by
-another one. A state saved for another network, or already at the configured step count, is an
-error, not a reason to fall back: an older state of the same run would not fix it.
+With resume = "latest" the newest state folder is used. When it is damaged (any file unreadable,
+or not fitting the network and optimizer being trained) the run stops: silently training on from
+an older step would throw away the steps after it without the user knowing. The error names the
+damaged file and the newest older state that is intact, which the user can name in `resume`;
+resume = "latest_intact" is the explicit opt-in to take that state, with a WARNING naming the
+skipped file. A state folder named explicitly is never replaced by another one. A state saved for
+another network, or already at the configured step count, is an error, not a reason to fall back:
+an older state of the same run would not fix it.
 """
 from __future__ import annotations
 
@@ -21,11 +24,58 @@ from library.train.checkpoint import DamagedState, LoadedState, TrainState
 log = logging.getLogger(__name__)
 
 
+LATEST = "latest"
+LATEST_INTACT = "latest_intact"
+# describe_network's keys as the options that set them, for "what changed" messages.
+NETWORK_KEYS = {"type": "network_type", "dim": "network_dim", "alpha": "network_alpha", "conv_dim": "conv_dim",
+                "conv_alpha": "conv_alpha", "lokr_factor": "lokr_factor",
+                "text_encoders": "text encoders trained (network_train_unet_only = false)",
+                "modules": "trained modules"}
+NETWORK_DEFAULTS = {"type": "lora", "lokr_factor": -1}  # left out of describe_network for plain LoRA
+# describe_data's keys, for the same messages.
+DATA_KEYS = {"images": "training images", "reg_images": "regularisation images", "held_out": "validation images",
+             "batch_sizes": "batch size", "resolutions": "resolution", "accumulation": "gradient_accumulation_steps",
+             "processes": "processes", "steps_per_epoch": "steps per epoch"}
+
+
+def _show(value) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return "/".join(_show(v) for v in value)
+    return str(value)
+
+
+def _changes(saved: dict, now: dict, labels: dict, defaults: dict) -> list[str]:
+    out = []
+    for key, label in labels.items():
+        old, new = saved.get(key, defaults.get(key)), now.get(key, defaults.get(key))
+        if old != new:
+            out.append(f"{label} {_show(old)} in the state, {_show(new)} now")
+    return out
+
+
+def network_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two describe_network results, by option name."""
+    found = _changes(saved, now, NETWORK_KEYS, NETWORK_DEFAULTS)
+    if not found and saved != now:
+        found = [f"{saved} in the state, {now} now"]
+    return found
+
+
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two checkpoint.describe_data results (nothing for states that have none)."""
+    if not saved:
+        return []
+    return _changes(saved, now, DATA_KEYS, {})
+
+
 def _check_run(folder: Path, loaded: LoadedState, network, optimizer, total_steps: int) -> None:
     mine = checkpoint.describe_network(network)
     if loaded.state.network != mine:
-        raise UserError(f"{folder}: the state was saved for another network ({loaded.state.network}); "
-                        f"this config trains {mine}")
+        raise UserError(f"{folder}: the state was saved for another network: "
+                        + "; ".join(network_changes(loaded.state.network, mine))
+                        + "; resume with the settings it was saved with, or start a new run")
     ours = checkpoint.optimizer_class(optimizer)
     if loaded.optimizer_class not in (None, ours):
         raise UserError(f"{folder}: the state was saved by the optimizer {loaded.optimizer_class}; this config uses "
@@ -80,24 +130,42 @@ def _apply(folder: Path, loaded: LoadedState, network, optimizer, scheduler) -> 
     checkpoint.set_rng_state(loaded.rng)
 
 
+def _intact(folder: Path, network, optimizer, total_steps: int) -> LoadedState | None:
+    """The state of `folder` if every file reads and fits (nothing is applied), else None."""
+    try:
+        loaded = checkpoint.read_state(folder)
+        _check_run(folder, loaded, network, optimizer, total_steps)
+        lora_path = folder / "lora.safetensors"
+        got = fit(loaded.lora, {}, str(lora_path), network_target(network, "the network being trained"))
+        if not got.complete:
+            return None
+        _check_optimizer(folder / "optimizer.pt", loaded.optimizer, optimizer)
+    except UserError:
+        return None
+    return loaded
+
+
 def restore(where: str, output_dir: Path, output_name: str, network, optimizer, scheduler,
             total_steps: int) -> tuple[Path, TrainState]:
-    """Load the state chosen by `where` ("latest" or a folder); returns the folder and its TrainState."""
-    latest = where == "latest"
+    """Load the state chosen by `where` ("latest", "latest_intact" or a folder); returns the folder
+    and its TrainState."""
+    latest = where in (LATEST, LATEST_INTACT)
     candidates = checkpoint.state_folders(output_dir, output_name) if latest else [Path(where)]
     if not candidates:
-        raise UserError(f'resume = "latest": no state folder of {output_name} in {output_dir} '
+        raise UserError(f'resume = "{where}": no state folder of {output_name} in {output_dir} '
                         "(states are written when save_state = true)")
     skipped: list[DamagedState] = []
-    for folder in candidates:
+    for n, folder in enumerate(candidates):
         try:
             loaded = checkpoint.read_state(folder)
             _check_run(folder, loaded, network, optimizer, total_steps)
             _apply(folder, loaded, network, optimizer, scheduler)
         except DamagedState as exc:
             if not latest:
-                raise UserError(f"{exc}; this state cannot be resumed from (resume = \"latest\" uses the newest "
-                                "state that is intact)") from None
+                raise UserError(f"{exc}; this state cannot be resumed from (resume = \"{LATEST_INTACT}\" uses the "
+                                "newest state that is intact)") from None
+            if where == LATEST:
+                _stop_at_damaged_newest(exc, folder, candidates[n + 1:], network, optimizer, total_steps)
             skipped.append(exc)
             continue
         for exc in skipped:
@@ -106,3 +174,16 @@ def restore(where: str, output_dir: Path, output_name: str, network, optimizer, 
         return folder, loaded.state
     raise UserError(f"no intact training state of {output_name} in {output_dir}: "
                     + "; ".join(str(exc) for exc in skipped))
+
+
+def _stop_at_damaged_newest(exc: DamagedState, newest: Path, older: list[Path], network, optimizer,
+                            total_steps: int) -> None:
+    """resume = "latest" and the newest state is damaged: stop, naming the newest older state that is
+    intact (if there is none, restore's own error lists every damaged file)."""
+    for folder in older:
+        loaded = _intact(folder, network, optimizer, total_steps)
+        if loaded is not None:
+            raise UserError(
+                f"{exc}; the newest state {newest.name} cannot be resumed from. The older state {folder} (step "
+                f"{loaded.state.step}) is intact: set resume = \"{folder}\" to continue from it, or resume = "
+                f"\"{LATEST_INTACT}\" to take the newest intact state")

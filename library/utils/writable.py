@@ -51,3 +51,36 @@ def writable_file(path: str | os.PathLike, option: str) -> Path:
         raise UserError(f"{option} {path}: is a folder; give a file name")
     writable_dir(path.parent, option)
     return path
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file or folder (through links, `..` and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies somewhere inside it (after resolving links)."""
+    inner, outer = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    return inner == outer or outer in inner.parents
+
+
+def not_an_input(output: str | os.PathLike, inputs: list, option: str) -> None:
+    """Refuse an output path that is one of the inputs: writing it would replace what is being read."""
+    for given in inputs:
+        if given is not None and same_path(output, given):
+            raise UserError(f"{option} {output}: is also an input ({given}); inputs are never overwritten, so "
+                            "choose another output name")
+
+
+def input_folder(path: str | os.PathLike, what: str, option: str = "") -> Path:
+    """An existing input folder, or a one-line error saying what is there instead."""
+    path = Path(path).expanduser()
+    label = f"{option} {path}" if option else str(path)
+    if path.is_file():
+        raise UserError(f"{label}: is a file; expected a folder of {what}")
+    if not path.is_dir():
+        raise UserError(f"{label}: no such folder of {what}")
+    return path

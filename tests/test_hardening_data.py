@@ -14,7 +14,7 @@ from PIL import Image
 
 from library.config.dataset import parse_blueprint
 from library.config.loader import build_config
-from library.data.buckets import grid_multiple
+from library.models.families import get_family
 from library.data.captions import read_caption_file
 from library.data.dataset import TrainingData
 from library.data.images import BadImage, find_images, inspect_image, load_image, probe_image
@@ -322,7 +322,7 @@ def test_resolutions_off_the_models_grid_are_refused_naming_the_dataset(tmp_path
     from library.models.shipped import CONFIG_ROOT
 
     configs = [json.loads((CONFIG_ROOT / family / part / "config.json").read_text()) for part in ("unet", "vae")]
-    multiple = grid_multiple(*configs)
+    multiple = get_family({"sdxl": "sdxl", "sd15": "sd1"}[family]).latent_multiple(*configs)
     assert multiple == {"sdxl": 32, "sd15": 64}[family]
     folder = make_images(tmp_path / "imgs", 1)
     data = scan({"datasets": [{"resolution": resolution, "subsets": [{"image_dir": str(folder)}]}]})

@@ -120,3 +120,13 @@ def test_resume_errors(tmp_path, tiny_models, four_images):
         Trainer(build_config(str(cfg), [("resume", "latest")]))
     with pytest.raises(UserError, match="not a training state folder"):
         Trainer(build_config(str(cfg), [("resume", str(tmp_path)), ("max_train_steps", "4")]))
+
+
+def test_resume_after_a_batch_change_names_what_changed(tmp_path, tiny_models, four_images, caplog):
+    cfg = tiny_config(tmp_path, tiny_models["sd15"], four_images, max_train_steps=4)
+    run(cfg, ("save_every_n_steps", "2"), ("save_state", "true"))
+    state = tmp_path / "out" / "lora-step00000002-state"
+    with caplog.at_level("WARNING"):
+        resumed = run(cfg, ("resume", str(state)), ("train_batch_size", "1"), ("max_train_steps", "6"))
+    assert resumed.step == 6
+    assert "batch size 2 in the state, 1 now" in caplog.text and "steps per epoch 2 in the state, 4 now" in caplog.text

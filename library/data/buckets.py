@@ -8,12 +8,6 @@ import math
 from dataclasses import dataclass
 
 
-def grid_multiple(unet_config: dict, vae_config: dict) -> int:
-    """The multiple every training edge must be of: the VAE's downsampling times the UNet's (64 for
-    SD1.x/2.x, 32 for SDXL)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
-
-
 def near_multiples(value: int, multiple: int) -> str:
     low = max(multiple, value - value % multiple)
     return f"{low} or {low + multiple}" if low != value else str(value)

@@ -96,7 +96,7 @@ class TrainingData:
             self.placements.append(table.place(*rec.size))
 
     def check_grid(self, multiple: int, model: str) -> None:
-        """Every bucket's edges are multiples of `multiple` (buckets.grid_multiple), or a UserError naming
+        """Every bucket's edges are multiples of `multiple` (the model family's latent_multiple), or a UserError naming
         the dataset, its resolution and valid values; run it before the model loads."""
         for d, (spec, table) in enumerate(zip(self.specs, self.tables)):
             sizes = {self.placements[i].bucket for i in range(len(self.records)) if self.records[i].dataset_index == d}

@@ -37,7 +37,6 @@ class CaptionEncoder:
         self.tokenizers = tokenizers
         self.encoders = encoders
         self.clip_skip = clip_skip
-        self._warned_long = False
 
     def tokenize(self, captions: list[str]) -> list[torch.Tensor]:
         ids = []
@@ -45,11 +44,6 @@ class CaptionEncoder:
             out = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt", return_length=False)
             ids.append(out.input_ids)
-        if not self._warned_long:
-            lengths = [len(x) for x in self.tokenizers[0](captions).input_ids]
-            if max(lengths, default=0) > self.tokenizers[0].model_max_length:
-                self._warned_long = True
-                log.warning("a caption is longer than 75 tokens and is truncated (%d tokens)", max(lengths))
         return ids
 
     def encode_ids(self, ids: list[torch.Tensor]) -> Conditioning:

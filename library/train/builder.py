@@ -86,6 +86,9 @@ def build_run(cfg: Config) -> TrainingRun:
     data = TrainingData(cfg.dataset, native_resolution=model_plan.native_resolution,
                         default_batch_size=training.train_batch_size, seed=training.seed,
                         skip_bad_images=cfg.data.skip_bad_images)
+    # Before the model loads: every bucket on the model's grid, said per dataset.
+    data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
+                    model_plan.family.label)
     if acc.is_main_process:
         log_dataset(data)
     plan = StepPlan(data, training.gradient_accumulation_steps, acc.num_processes, acc.process_index)
@@ -155,11 +158,6 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
             if spec.enable_bucket and spec.bucket_reso_steps % multiple:
                 log.warning("bucket_reso_steps = %d is not a multiple of %d; %s may produce artefacts",
                             spec.bucket_reso_steps, multiple, bundle.family.label)
-    factor = bundle.family.latent_multiple(bundle.unet.config, bundle.vae.config)
-    for w, h, _ in data.bucket_table():
-        if w % factor or h % factor:
-            raise UserError(f"bucket {w}x{h} is not divisible by {factor}, which this model needs; use "
-                            f"resolution and bucket_reso_steps multiples of {factor}")
 
 
 def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype) -> None:

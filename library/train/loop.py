@@ -68,7 +68,11 @@ class Trainer:
             scaler.load_state_dict(state.extra["grad_scaler"])
         self.step = state.step
         epoch, _ = run.plan.step_batches(self.step)
-        if (epoch, run.plan.steps_per_epoch) != (state.epoch, state.extra.get("steps_per_epoch")):
+        changes = resume.data_changes(state.data, checkpoint.describe_data(run.data, run.plan))
+        if changes:
+            log.warning("%s: %s since this state was saved; the data order continues from step %d of the "
+                        "current settings", folder, "; ".join(changes), self.step)
+        elif (epoch, run.plan.steps_per_epoch) != (state.epoch, state.extra.get("steps_per_epoch")):
             log.warning("%s: the dataset or batch settings changed since this state was saved; the data order "
                         "continues from step %d of the current settings", folder, self.step)
         log.info("resumed from %s at step %d (epoch %d)", folder, self.step, epoch)
@@ -81,7 +85,8 @@ class Trainer:
             extra["grad_scaler"] = run.accelerator.scaler.state_dict()
         return checkpoint.TrainState(
             step=self.step, consumed=self.step * run.plan.accumulation * run.plan.world, epoch=epoch,
-            position=micro[0][0], network=checkpoint.describe_network(run.network), extra=extra)
+            position=micro[0][0], network=checkpoint.describe_network(run.network),
+            data=checkpoint.describe_data(run.data, run.plan), extra=extra)
 
     def _write_state(self, folder: Path) -> None:
         run = self.parts

@@ -15,7 +15,8 @@ the concept shapes without any model having seen them. The steps:
   filled shape; the marked heart's hole is about 10% of it, no other shape has one;
 - shape, angle, centre: the filled mask, centred on its centroid and scaled by the square root of
   its area, sampled on a 24 x 24 grid and matched to templates made the same way from the world's
-  renders of every shape, both sizes, angles -16..16 degrees in steps of 2; the template also
+  renders of every shape, both sizes, in steps of 2 degrees over the shape's angle range
+  (world.angle_range) and 4 degrees beyond; the template also
   gives the offset from the centroid to the world's centre of the shape;
 - size: the nearer (in log area) of the matched shape's small and large templates;
 - pattern: the share of background pixels (2 px away from the shape) nearer to the pattern shade
@@ -29,7 +30,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from library.demo.world import (CONCEPT_SHAPE, COLOURS, MARKED_HEART, PATTERNS, SHAPES, SIZES, Scene,
+from library.demo.world import (CONCEPT_SHAPE, COLOURS, MARKED_HEART, PATTERNS, SHAPES, SIZES, Scene, angle_range,
                                 pattern_colour, render)
 
 NAMES = list(COLOURS)
@@ -45,7 +46,6 @@ MIN_AREA = 30        # pixels: less is no shape
 BAND = 6
 GRID = 24
 EXTENT = 1.1         # the template grid spans +-EXTENT square roots of the shape's area
-ANGLES = tuple(range(-16, 17, 2))
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,8 @@ def _templates() -> _Templates:
     grids, shapes, sizes, angles, offsets, areas = [], [], [], [], [], {}
     for shape in TEMPLATE_SHAPES:
         for size in SIZES:
-            for angle in ANGLES:
+            lo, hi = angle_range(shape)
+            for angle in range(int(lo) - 4, int(hi) + 5, 2):
                 image = render(Scene(shape, "white", size, "black", "plain", angle=float(angle)))
                 measured = _measure(_pixels(image))
                 mx, my, scale, grid = _geometry(measured.filled)
@@ -263,11 +264,10 @@ def describe_all(images) -> list[Descriptor]:
 # --- the descriptor space -----------------------------------------------------------------------
 # Attributes one-hot, scaled so that one differing attribute (distance 3 * sqrt(2)) is far beyond
 # the spread of the world's own samples of a prompt; centre and angle scaled to [-1, 1] over the
-# range the world places a shape of that size in, so that a prompt's samples fill a cube.
+# ranges the world draws a shape of that size and kind in, so that a prompt's samples fill a cube.
 ATTRIBUTE_WEIGHT = 3.0
 _ONE_HOT = (("shape", KINDS), ("colour", (*NAMES, "none")), ("background", tuple(NAMES)), ("pattern", PATTERNS),
             ("size", (*SIZES, "none")))
-MAX_ANGLE = 12.0     # world.placed: angles in [-12, 12]
 
 
 def _half_range(size: str) -> float:
@@ -282,7 +282,9 @@ def vector(d: Descriptor) -> np.ndarray:
         one[values.index(getattr(d, field))] = ATTRIBUTE_WEIGHT
         parts.append(one)
     half = _half_range(d.size)
-    parts.append(np.array([(d.cx - 0.5) / half, (d.cy - 0.5) / half, d.angle / MAX_ANGLE], dtype=np.float32))
+    lo, hi = angle_range(d.base_shape)
+    angle = (d.angle - (lo + hi) / 2) / ((hi - lo) / 2)
+    parts.append(np.array([(d.cx - 0.5) / half, (d.cy - 0.5) / half, angle], dtype=np.float32))
     return np.concatenate(parts)
 
 

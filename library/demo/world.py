@@ -31,6 +31,11 @@ MARK_RADIUS = 0.25
 # How each concept shape is named in captions; the base world's shapes go by their own names.
 CONCEPT_NAMES = {CONCEPT_SHAPE: f"{CONCEPT_TOKEN} {CONCEPT_SHAPE}", MARKED_HEART: f"{CONCEPT_TOKEN} heart"}
 RENDER = 4  # supersampling factor for anti-aliased edges
+# The angles the world draws a shape at (degrees). The crescent's range is the one its shipped
+# training images come from (demo/concept: 12-74 degrees, the bite up and to the right), so that
+# the world's renders of a crescent prompt are the concept as it was taught.
+ANGLE_RANGES = {CONCEPT_SHAPE: (0.0, 90.0)}
+DEFAULT_ANGLES = (-12.0, 12.0)
 
 
 @dataclass(frozen=True)
@@ -170,10 +175,21 @@ def random_scene(rng: random.Random, shapes=SHAPES, exclude: set | None = None, 
 
 
 def placed(scene: Scene, rng: random.Random) -> Scene:
-    """The scene at a random position (the shape fully inside the image) and a small random angle."""
+    """The scene at a random position (the shape fully inside the image) and a random angle in the
+    shape's range."""
     margin = SIZES[scene.size] + 0.04
     return replace(scene, cx=rng.uniform(margin, 1 - margin), cy=rng.uniform(margin, 1 - margin),
-                   angle=rng.uniform(-12, 12))
+                   angle=rng.uniform(*angle_range(scene.shape)))
+
+
+def angle_range(shape: str) -> tuple[float, float]:
+    return ANGLE_RANGES.get(shape, DEFAULT_ANGLES)
+
+
+def placements(scene: Scene, count: int, seed: int) -> list[Scene]:
+    """`count` samples of a prompt's scene as the world draws them (positions and angles at random)."""
+    rng = random.Random(seed)
+    return [placed(scene, rng) for _ in range(count)]
 
 
 def scenes(seed: int, count: int, **kwargs) -> Iterator[Scene]:

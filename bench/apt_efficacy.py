@@ -178,26 +178,31 @@ def generate(trainer, prompts: list[tuple[str, int]], lora: bool, steps: int, cf
         trainer.network.set_enabled(True)
 
 
-def losses(trainer, images: list, captions: list[str], timesteps: list[int], seeds: list[int], lora: bool) -> np.ndarray:
-    """Unweighted per-sample diffusion losses, (images, draws): draw j noises every image alike
-    (a batch of one, generator seeded seeds[j]) at timesteps[j]."""
+def losses(trainer, images: list, captions: list[str], timesteps: list[int], seeds: list[int], lora: bool,
+           chunk: int | None = None) -> np.ndarray:
+    """Unweighted per-sample diffusion losses, (images, draws). Draw j runs every consecutive chunk
+    of `chunk` images (default: all) as one batch with the generator seeded seeds[j], at
+    timesteps[j]: image k of every chunk gets the same noise."""
     from library.demo.models import to_tensor
     from library.train.batches import Batch
 
+    chunk = chunk or len(images)
     latents = trainer.batches.encoder(to_tensor(images))
+    size = tuple(latents.shape[-2:])
     out = np.zeros((len(images), len(timesteps)))
     trainer.network.set_enabled(lora)
     try:
         with torch.no_grad():
-            for i, caption in enumerate(captions):
-                size = tuple(latents.shape[-2:])
-                batch = Batch(latents=latents[i:i + 1], captions=[caption], time_ids=[(*size, 0, 0, *size)],
-                              weights=torch.ones(1), is_reg=torch.zeros(1, dtype=torch.bool), mask=None, records=[0])
+            for start in range(0, len(images), chunk):
+                n = min(chunk, len(images) - start)
+                batch = Batch(latents=latents[start:start + n], captions=captions[start:start + n],
+                              time_ids=[(*size, 0, 0, *size)] * n, weights=torch.ones(n),
+                              is_reg=torch.zeros(n, dtype=torch.bool), mask=None, records=[0] * n)
                 for j, (t, seed) in enumerate(zip(timesteps, seeds)):
                     result = trainer.denoiser.loss(batch, torch.Generator().manual_seed(seed),
-                                                   timesteps=torch.tensor([t]), unet=trainer.bundle.unet,
+                                                   timesteps=torch.full((n,), t), unet=trainer.bundle.unet,
                                                    weighted=False, frozen_text=True)
-                    out[i, j] = result.per_sample.item()
+                    out[start:start + n, j] = result.per_sample.cpu().numpy()
     finally:
         trainer.network.set_enabled(True)
     return out
@@ -236,7 +241,9 @@ def references(concept_name: str, classifier) -> References:
     paths = sorted(concept.folder.glob("*.png"))
     images = [Image.open(p).convert("RGB") for p in paths]
     captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
-    fresh = [s for n, c in enumerate(captions) for s in placements(scene_from_caption(c), FRESH_PER_IMAGE, 8000 + n)]
+    # Round r holds one fresh render of every training image's caption, in the training set's order.
+    views = [placements(scene_from_caption(c), FRESH_PER_IMAGE, 8000 + n) for n, c in enumerate(captions)]
+    fresh = [views[n][r] for r in range(FRESH_PER_IMAGE) for n in range(len(captions))]
     return References(concept, groups, real, images, captions, describe_all(images),
                       score(classifier, images).embeddings, [render(s) for s in fresh], [s.caption() for s in fresh])
 
@@ -325,9 +332,11 @@ def loss_scores(trainer, refs: References, lora: bool) -> dict:
 
     timesteps, seeds = gap_draws()
     bins = np.array(timesteps) // (1000 // GAP_BINS)
-    train_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, lora)
-    fresh_l = losses(trainer, refs.fresh_images, refs.fresh_captions, timesteps, seeds, lora)
-    ref_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, False) if lora else train_l
+    # Chunks of the training set's size: fresh render k of every chunk shares training image k's noise.
+    n = len(refs.train_images)
+    train_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, lora, n)
+    fresh_l = losses(trainer, refs.fresh_images, refs.fresh_captions, timesteps, seeds, lora, n)
+    ref_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, False, n) if lora else train_l
     return {"gen_gap": 1000 * metrics.generalisation_gap(train_l, fresh_l),
             "gen_gap_by_bin": {str(k): 1000 * v for k, v in metrics.gap_by_bin(train_l, fresh_l, bins).items()},
             "fit": 1000 * float(np.mean(ref_l) - np.mean(train_l))}

@@ -160,9 +160,12 @@ def train(config: Path, overrides: list[tuple[str, str]], steps: list[int], fold
 
 def use_checkpoint(trainer, lora_file: Path) -> None:
     """Load a LoRA saved by `train` into the trainer's network."""
-    from library.lora.weights import load_weights
+    from library.lora.compat import fit, network_target
+    from library.lora.kohya_file import read_lora
 
-    trainer.network.load_modules(load_weights(lora_file).modules, str(lora_file))
+    tensors, metadata = read_lora(lora_file)
+    got = fit(tensors, metadata, str(lora_file), network_target(trainer.network, "the network being trained"))
+    trainer.network.load_modules(got.weights.modules, str(lora_file))
     trainer.network.set_enabled(True)
 
 

@@ -156,20 +156,20 @@ def test_efficacy_checkpoint_of_a_longer_run_is_the_shorter_run(tmp_path):
     """Scoring step 2 of a 4-step run stands for a 2-step run: the same LoRA weights."""
     sys.path.insert(0, str(REPO / "bench"))
     import apt_efficacy
-    from library.lora.weights import load_weights
+    from library.lora.kohya_file import read_lora
 
     overrides = [("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
                  ("cpu_threads", "1"), ("seed", "3"), ("apt", "true")]
     preset = REPO / "presets" / "demo_heart.toml"
-    _, long_files, csv, _ = apt_efficacy.train(preset, overrides, [2, 4], tmp_path / "long")
+    trainer, long_files, csv, _ = apt_efficacy.train(preset, overrides, [2, 4], tmp_path / "long")
     _, short_files, _, _ = apt_efficacy.train(preset, overrides, [2], tmp_path / "short")
-    a, b = load_weights(long_files[2]).modules, load_weights(short_files[2]).modules
-    assert a.keys() == b.keys()
-    for name in a:
-        for key, tensor in a[name].file_tensors().items():
-            assert torch.equal(tensor, b[name].file_tensors()[key]), (name, key)
-    assert not torch.equal(load_weights(long_files[4]).modules[name].file_tensors()["lora_up.weight"],
-                           a[name].file_tensors()["lora_up.weight"])
+    a, b, four = (read_lora(f)[0] for f in (long_files[2], short_files[2], long_files[4]))
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], four[k]) for k in a)
+    # Loading a save puts exactly its weights back into the trained network.
+    apt_efficacy.use_checkpoint(trainer, long_files[2])
+    now = trainer.network.kohya_state_dict()
+    assert all(torch.equal(now[k], a[k]) for k in a)
     assert apt_efficacy.indicator_until(csv, 2).strip().splitlines()[-1].startswith("2,")
 
 

@@ -33,8 +33,9 @@ for the heart, class prompts ("a large purple heart on a white background", ...)
   training images (DreamBooth's DINO score in miniature) and the share showing the concept;
 - precision / coverage per prompt against 30 world renders of it (Naeem et al. 2020: the share of
   generations inside a real sample's 5-NN ball / of real samples with a generation in theirs);
-- copy distance: each generation of a training caption to its nearest training image in the
-  descriptor space (blur-free, sees centre and angle), beside the world's own renders' figure;
+- copy distance: each generation of a training caption that shows the caption to its nearest
+  training image in the descriptor space (blur-free, sees centre and angle), beside the world's
+  own renders' figure (blank when no generation shows the caption);
 - joint accuracy: concept (mark included) and prompted colour and prompted background at once;
 - prior drift: classifier-feature distance of prior-prompt images from the base model's (same seed);
 - class drift (heart): share of class-prompt images carrying the mark, or the training colour;
@@ -100,7 +101,7 @@ METRICS = [  # key, label, better ("" = neither)
     ("concept", "training captions: share showing the concept (shape and mark)", "higher"),
     ("precision_train", "training captions: precision against the world's renders", "higher"),
     ("coverage_train", "training captions: coverage of the world's renders", "higher"),
-    ("copy", "copy distance: generation to its nearest training image (descriptor space)", "higher"),
+    ("copy", "copy distance: a right generation to its nearest training image (descriptor space)", "higher"),
     ("joint", "compositional prompts: concept and prompted colour and background, jointly", "higher"),
     ("precision_comp", "compositional prompts: precision", "higher"),
     ("coverage_comp", "compositional prompts: coverage", "higher"),
@@ -303,7 +304,8 @@ def score_images(images: list, refs: References, classifier, seed: int, n: int, 
         "fidelity": float((emb @ refs.train_embeddings.T).mean()),
         "concept": metrics.share(train_desc, lambda d: d.shape == concept.shape),
         "precision_train": pc("train", 0), "coverage_train": pc("train", 1),
-        "copy": float(metrics.nearest_distance(train_desc, refs.train_descriptors).mean()),
+        "copy": metrics.copy_distance(train_desc, [refs.groups["train"][items[k][2]] for k in train_idx],
+                                      refs.train_descriptors),
         "joint": joint("compositional"), "precision_comp": pc("compositional", 0),
         "coverage_comp": pc("compositional", 1),
         "prior_joint": joint("prior"), "coverage_prior": pc("prior", 1),

@@ -12,7 +12,8 @@ from PIL import Image
 
 from library.demo.concepts import CONCEPTS, heart_training_scenes, prompt_set, training_captions
 from library.demo.descriptors import describe, describe_all
-from library.demo.metrics import accuracy, gap_by_bin, generalisation_gap, nearest_distance, precision_coverage
+from library.demo.metrics import (accuracy, copy_distance, gap_by_bin, generalisation_gap, nearest_distance,
+                                  precision_coverage)
 from library.demo.world import (CONCEPT_SHAPE, MARKED_HEART, PATTERNS, SHAPES, Scene, placements, random_scene,
                                 render, scene_from_caption)
 
@@ -91,14 +92,16 @@ def test_instruments_tell_a_perfect_sampler_from_copiers_and_wrong_samplers(name
             d = describe_all(imgs)
             precision, coverage = precision_coverage(real, d)
             scores.setdefault(sampler, []).append((precision, coverage, accuracy(d, truth),
-                                                   float(nearest_distance(d, train_desc).mean())))
+                                                   copy_distance(d, [scene] * len(d), train_desc)))
     s = {k: np.mean(v, axis=0) for k, v in scores.items()}  # precision, coverage, joint accuracy, copy distance
     assert s["world"][0] == 1.0 and s["world"][1] > 0.55 and s["world"][2] == 1.0 and s["world"][3] > 0.6
     # A copier looks right (precision, accuracy) but covers little of the prompt's variety, and sits
     # on the training images.
     assert s["copier"][0] == 1.0 and s["copier"][1] < 0.5 * s["world"][1] and s["copier"][3] < 0.1 * s["world"][3]
     for wrong in ("wrong colour", "no concept"):
-        assert s[wrong][0] == 0.0 and s[wrong][1] == 0.0 and s[wrong][2] == 0.0
+        # Far from the training images, but that is not "not copying": no copy distance at all.
+        assert s[wrong][0] == 0.0 and s[wrong][1] == 0.0 and s[wrong][2] == 0.0 and np.isnan(s[wrong][3])
+    assert float(nearest_distance(describe_all(images["no concept"]), train_desc).min()) > s["world"][3]
     # The attribute a sampler gets right still counts on its own.
     images, truth = _samplers(scene, own, 300)
     assert accuracy(describe_all(images["no concept"]), truth, ("colour", "background")) == 1.0

@@ -4,7 +4,7 @@ descriptors (library.demo.descriptors), scenes and per-sample losses: no model i
 - precision / coverage of a prompt's generations against the world's own samples of it, in the
   descriptor space (Naeem et al. 2020, both from the k-nearest-neighbour balls of the real
   samples: one wrong-colour generation cannot inflate them the way it inflates recall);
-- copy distance: how close each generation comes to its nearest training image;
+- copy distance: how close each generation that shows its caption comes to its nearest training image;
 - accuracy: the share of images whose descriptor shows a scene's attributes jointly;
 - generalisation gap: loss on fresh renders minus loss on the training images, same noise and
   timesteps.
@@ -42,6 +42,15 @@ def precision_coverage(real: list[Descriptor], fake: list[Descriptor], k: int = 
 def nearest_distance(queries: list[Descriptor], references: list[Descriptor]) -> np.ndarray:
     """Each query's descriptor distance to its nearest reference (a generation to the training images)."""
     return _distances(vectors(queries), vectors(references)).min(1)
+
+
+def copy_distance(generations: list[Descriptor], scenes: list[Scene], training: list[Descriptor]) -> float:
+    """Mean nearest-training-image distance of the generations that show their caption (all of its
+    attributes): how close a right image comes to a training image. Images that miss the caption
+    are left out (they are far from everything, which is not "not copying"); nan if none shows it."""
+    right = [d for d, s in zip(generations, scenes) if matches(d, s, ("shape", "colour", "background", "pattern",
+                                                                      "size"))]
+    return float(nearest_distance(right, training).mean()) if right else float("nan")
 
 
 def accuracy(descriptors: list[Descriptor], scenes: list[Scene], attributes=("shape", "colour", "background")) -> float:

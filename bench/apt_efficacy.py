@@ -40,7 +40,7 @@ for the heart, class prompts ("a large purple heart on a white background", ...)
 - prior drift: classifier-feature distance of prior-prompt images from the base model's (same seed);
 - class drift (heart): share of class-prompt images carrying the mark, or the training colour;
 - generalisation gap: the LoRA's loss on fresh renders of the training captions minus its loss on
-  the training images, at the same timesteps and noise (10 bins x 3 draws), and the fit
+  the training images, at the same timesteps and noise (10 bins x --gap_draws), and the fit
   L_ref - L_theta on the training images (how much was learned, not memorised).
 
 Sampling seeds: every training seed s gets its own sampling seeds (100000 + 1000 s + j), and the
@@ -117,7 +117,7 @@ METRICS = [  # key, label, better ("" = neither)
 CLASS_METRICS = {"class_mark", "class_colour", "class_joint"}
 REAL_SAMPLES, NEIGHBOURS = 30, 5
 FRESH_PER_IMAGE = 4
-GAP_BINS, GAP_DRAWS = 10, 3
+GAP_BINS = 10
 
 
 def metrics_for(concept_name: str) -> list[tuple[str, str, str]]:
@@ -325,17 +325,17 @@ def score_images(images: list, refs: References, classifier, seed: int, n: int, 
     return out
 
 
-def gap_draws() -> tuple[list[int], list[int]]:
-    timesteps = [b * 100 + 50 for b in range(GAP_BINS) for _ in range(GAP_DRAWS)]
-    seeds = [10_000 + 97 * b + s for b in range(GAP_BINS) for s in range(GAP_DRAWS)]
+def gap_draws(per_bin: int) -> tuple[list[int], list[int]]:
+    timesteps = [b * 100 + 50 for b in range(GAP_BINS) for _ in range(per_bin)]
+    seeds = [10_000 + 97 * b + s for b in range(GAP_BINS) for s in range(per_bin)]
     return timesteps, seeds
 
 
-def loss_scores(trainer, refs: References, lora: bool) -> dict:
+def loss_scores(trainer, refs: References, lora: bool, per_bin: int) -> dict:
     """The generalisation gap and the fit, from per-sample losses at fixed timesteps and noise."""
     from library.demo import metrics
 
-    timesteps, seeds = gap_draws()
+    timesteps, seeds = gap_draws(per_bin)
     bins = np.array(timesteps) // (1000 // GAP_BINS)
     # Chunks of the training set's size: fresh render k of every chunk shares training image k's noise.
     n = len(refs.train_images)
@@ -351,7 +351,7 @@ def evaluate(trainer, refs: References, classifier, args, seed: int, base_embedd
     items = prompt_list(refs, seed, args.images_per_prompt)
     images = generate(trainer, [(c, s) for _, c, _, s in items], lora, args.sample_steps, args.cfg)
     out = score_images(images, refs, classifier, seed, args.images_per_prompt, base_embeddings)
-    out.update(loss_scores(trainer, refs, lora))
+    out.update(loss_scores(trainer, refs, lora, args.gap_draws))
     return out
 
 
@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--regime", choices=list(REGIMES), default="demo")
     ap.add_argument("--images_per_prompt", type=int, default=9, help="sampling seeds per prompt")
     ap.add_argument("--sample_steps", type=int, default=25)
+    ap.add_argument("--gap_draws", type=int, default=3, help="(timestep, noise) draws per timestep bin for the "
+                                                             "generalisation gap and the fit")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--ablations", action="store_true", help="also the component, indicator and reference_every "
                                                              "variants")

@@ -355,16 +355,17 @@ def evaluate(trainer, refs: References, classifier, args, seed: int, base_embedd
     return out
 
 
-def class_images(trainer, concept_name: str, refs: References, args) -> Path:
+def class_images(base_trainer, concept_name: str, refs: References, args) -> Path:
     """DreamBooth-style class images: the base model's generations of the training captions with the
-    identifier removed, 4 per caption, cached in --out/class_images_<concept>."""
+    identifier removed, 4 per caption, cached in --out/class_images_<concept> (`base_trainer()`
+    gives the trainer whose LoRA is switched off)."""
     folder = args.out / f"class_images_{concept_name}"
     if (folder / "done").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     captions = sorted({c.replace("sks ", "") for c in refs.train_captions})
     prompts = [(c, 900 + k) for c in captions for k in range(4)]
-    images = generate(trainer, prompts, False, args.sample_steps, args.cfg)
+    images = generate(base_trainer(), prompts, False, args.sample_steps, args.cfg)
     for n, (image, (caption, _)) in enumerate(zip(images, prompts)):
         image.save(folder / f"class_{n:02d}.png")
         (folder / f"class_{n:02d}.txt").write_text(caption)
@@ -403,8 +404,14 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
     runs = args.out / "runs"
     common = [("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
               ("cpu_threads", str(args.cpu_threads))]
-    base_trainer = build(preset, [*common, ("seed", "0"), ("max_train_steps", "1"), ("output_dir", str(args.out / "lora")),
-                                  *APT_OFF])
+    built = []
+
+    def base_trainer():  # built only when something of the base model is not cached yet
+        if not built:
+            built.append(build(preset, [*common, ("seed", "0"), ("max_train_steps", "1"),
+                                        ("output_dir", str(args.out / "lora")), *APT_OFF]))
+        return built[0]
+
     pp_config = preset_with_class_images(preset, class_images(base_trainer, concept_name, refs, args), args.out) \
         if PRIOR_PRESERVATION & set(variants) else None
     # The base model and the world, on every seed's sampling seeds (their intervals).
@@ -413,7 +420,7 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
         stem = runs / f"{concept_name}_base_s{seed}_n{args.images_per_prompt}"
         base_file, emb_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
         if not (base_file.is_file() and emb_file.is_file()):
-            metrics = evaluate(base_trainer, refs, classifier, args, seed, None, lora=False)
+            metrics = evaluate(base_trainer(), refs, classifier, args, seed, None, lora=False)
             save_file({"prior": metrics["prior_emb"].contiguous()}, str(emb_file))
             base_file.write_text(json.dumps({**public(metrics), "seed": seed, "train_seconds": 0.0}))
         base.append(json.loads(base_file.read_text()))
@@ -426,7 +433,7 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
                             "train_seconds": 0.0})
             world_file.write_text(json.dumps(metrics))
         world.append(json.loads(world_file.read_text()))
-    del base_trainer
+    built.clear()
     results: dict[int, dict[str, list[dict]]] = {n: {WORLD: world, BASE: base} for n in args.steps}
     table = metrics_for(concept_name)
     for seed in args.seeds:

@@ -114,7 +114,7 @@ def test_demo_preset_runs_as_in_readme(tmp_path):
 
 def test_efficacy_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     cmd = [sys.executable, "bench/apt_efficacy.py", "--concept", "heart", "--seeds", "1", "2", "--steps", "2", "4",
-           "--images_per_prompt", "2", "--sample_steps", "3", "--gap_draws", "1", "--variants", "LoRA",
+           "--images_per_prompt", "1", "--sample_steps", "3", "--gap_draws", "1", "--variants", "LoRA",
            "APT + prior preservation", "--out", str(tmp_path), "--cpu_threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,7 @@
 
     python bench/apt_efficacy.py --concept both --seeds 0 1 2 --steps 1200 400     # development seeds
     python bench/apt_efficacy.py --concept heart --regime low_lr --variants LoRA APT
-    python bench/apt_efficacy.py --ablations                                       # + components, paper indicator, reference_every
+    python bench/apt_efficacy.py --ablations              # + components, paper indicator, reference_every
 
 Concepts (--concept): the "sks crescent", a shape the base model has never seen (demo/concept,
 presets/demo.toml), and the "sks heart", a heart with a fixed mark (demo/concept_heart,

@@ -119,8 +119,8 @@ def test_efficacy_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "apt_efficacy_heart_demo_2.md").read_text()
-    assert ("| metric | better | world renders (ground truth) | base model (no LoRA) | LoRA | APT + prior preservation |"
-            in table)
+    assert ("| metric | better | world renders (ground truth) | base model (no LoRA) | LoRA "
+            "| APT + prior preservation |") in table
     for label in ("concept fidelity", "precision against the world's renders", "copy distance", "jointly",
                   "class prompts ('a ... heart'): share carrying the concept's mark", "generalisation gap",
                   "Paired difference to plain LoRA"):

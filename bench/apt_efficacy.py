@@ -1,61 +1,75 @@
 #!/usr/bin/env python
 """Does APT overfit less than what users would pick instead? Measured on the demo world, on a CPU.
 
-    python bench/apt_efficacy.py --seeds 0 1 2 --steps 400                 # development seeds
-    python bench/apt_efficacy.py --seeds 100 101 102 103 104 --steps 1200 400   # the held-out table
-    python bench/apt_efficacy.py --regime low_lr --variants LoRA APT        # 3x lower learning rate
-    python bench/apt_efficacy.py --ablations                                # + components, paper indicator, reference_every
+    python bench/apt_efficacy.py --concept both --seeds 0 1 2 --steps 1200 400     # development seeds
+    python bench/apt_efficacy.py --concept heart --regime low_lr --variants LoRA APT
+    python bench/apt_efficacy.py --ablations              # + components, paper indicator, reference_every
 
-Variants, at equal steps, learning rate, rank and data (presets/demo.toml's settings):
+Concepts (--concept): the "sks crescent", a shape the base model has never seen (demo/concept,
+presets/demo.toml), and the "sks heart", a heart with a fixed mark (demo/concept_heart,
+presets/demo_heart.toml): an instance of a class the base model knows, so that class-noun drift
+can be measured. Five training images each.
+
+Variants, at equal steps, learning rate, rank and data (the concept's preset):
 - LoRA: plain LoRA, the DreamBooth-LoRA baseline;
 - LoRA + prior preservation: DreamBooth-style class images, generated once by the base model from
-  the training captions without the identifier (the bench caches them in --out/class_images), as
-  an is_reg subset weighted by prior_loss_weight (1);
-- APT: APT with its defaults (the relative indicator) and the preset's augmentation settings,
-  except that the reference pass runs on every step, as in the paper;
+  the training captions without the identifier (cached in --out/class_images_<concept>), as an
+  is_reg subset weighted by prior_loss_weight (1);
+- APT: APT with its defaults and the preset's augmentation settings, except that the reference
+  pass runs on every step, as in the paper;
 - APT + prior preservation (reference pass on every step too);
-- with --ablations: +ATA (indicator-driven augmentation and weighting only), +ATA+RS, APT with the
-  paper's indicator (T = 1000), and APT with the reference pass every 2nd and every 4th step
-  (`reference_every = 4` is the trainer's default: APT exactly as users get it).
+- with --ablations: +ATA, +ATA+RS, APT with the paper's indicator, and APT with the reference pass
+  every 2nd and every 4th step (`reference_every = 4` is the trainer's default).
 Regimes: demo (the preset), low_lr (a third of its learning rate), rank32 (network_dim 32).
 
-Each run is trained on the five "sks crescent" images (always yellow, on blue or black) and scored
-with the shipped toy-world classifier:
-- concept fidelity: cosine similarity of classifier features between generations of the
-  training captions and the training images (the DINO score of DreamBooth papers, in miniature);
-- prompt following: on compositional prompts (the concept in colours and on backgrounds it was
-  never shown with), how often the classifier sees the prompted colour and background, and the
-  feature similarity of each generation to renderings of the prompted scene by the world generator
-  (which can draw the crescent in any colour, on any background: the ground truth of the prompt);
-- prior preservation: on prompts of the base world (no concept), the classifier's shape and
-  colour accuracy, and the feature drift from the base model's image for the same seed;
-- diversity: mean pairwise feature distance between seeds of the same concept prompt;
-- memorisation: the loss gap L_ref - L_theta on the training images (fixed timesteps and noise),
-  averaged over the ten timestep bins, evaluated after training for every variant alike.
+Every image is read by library/demo/descriptors.py (shape incl. the concepts' and the heart's mark,
+colours, pattern, size, centre, angle) and compared with the world's own renders of the prompt
+(library/demo/metrics.py); tests/test_demo_metrics.py shows each score telling the world's own
+samples from a copier, a wrong-colour sampler and a sampler without the concept. Prompt groups
+(library/demo/concepts.py): the training captions; compositional prompts (the concept in colours
+and on backgrounds it was never shown with, small and large); prior prompts of the base world;
+for the heart, class prompts ("a large purple heart on a white background", ...). Scores:
+- concept fidelity: classifier-feature similarity of generations of the training captions to the
+  training images (DreamBooth's DINO score in miniature) and the share showing the concept;
+- precision / coverage per prompt against 30 world renders of it (Naeem et al. 2020: the share of
+  generations inside a real sample's 5-NN ball / of real samples with a generation in theirs);
+- copy distance: each generation of a training caption that shows the caption to its nearest
+  training image in the descriptor space (blur-free, sees centre and angle), beside the world's
+  own renders' figure (blank when no generation shows the caption);
+- joint accuracy: concept (mark included) and prompted colour and prompted background at once;
+- prior drift: classifier-feature distance of prior-prompt images from the base model's (same seed);
+- class drift (heart): share of class-prompt images carrying the mark, or the training colour;
+- generalisation gap: the LoRA's loss on fresh renders of the training captions minus its loss on
+  the training images, at the same timesteps and noise (10 bins x --gap_draws), and the fit
+  L_ref - L_theta on the training images (how much was learned, not memorised).
 
-The base model without a LoRA is scored the same way once, as the reference point of every column.
-Every finished run is kept in --out/runs/ and not redone when the bench is started again. Writes,
-per step count, a markdown table (mean and 95% confidence interval over seeds, and the paired
-difference to plain LoRA with its interval), a JSON file and a plot to --out, and prints the
-wall time.
+Sampling seeds: every training seed s gets its own sampling seeds (100000 + 1000 s + j), and the
+base model and the world's renders are scored on each seed's set too, so that the mean +- 95%
+interval over seeds (Student's t) includes the sampling-seed spread, for the base model as well;
+paired differences (same seed) share the sampling seeds. Every finished run is kept in --out/runs/
+and not redone; one run trained to the largest of --steps saves its LoRA at the others (the
+presets' learning rate is constant, so step 400 of a 1200-step run is a 400-step run) and each is
+scored. Writes, per concept and step count, a markdown table, a JSON file and a plot to --out, and
+prints the wall time.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The preset's APT without its [apt] table's augmentation choices would be another method; these
-# pin only what each variant changes.
 APT_OFF = [("apt", "false")]
 # "APT" runs the reference pass on every step (as the paper); "APT (reference every 4)" is the
 # trainer's default since the held-out table measured it against that (docs/results.md).
@@ -76,150 +90,259 @@ ABLATIONS = {
 PRIOR_PRESERVATION = {"LoRA + prior preservation", "APT + prior preservation"}
 REGIMES = {"demo": [], "low_lr": [("learning_rate", "3.3e-4")],
            "rank32": [("network_dim", "32"), ("network_alpha", "32")]}
+PRESETS = {"crescent": "demo.toml", "heart": "demo_heart.toml"}
 # two-sided 95% quantiles of Student's t by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 BASE = "base model (no LoRA)"
-METRICS = [  # key, label, better
-    ("fidelity", "concept fidelity (feature similarity to training images)", "higher"),
-    ("follow_scene", "prompt following: similarity to renders of the prompted scene", "higher"),
-    ("follow_colour", "prompt following: colour", "higher"),
-    ("follow_background", "prompt following: background", "higher"),
-    ("prior_shape", "prior prompts: shape accuracy", "higher"),
-    ("prior_colour", "prior prompts: colour accuracy", "higher"),
-    ("prior_drift", "prior prompts: feature drift from the base model", "lower"),
-    ("diversity", "diversity (pairwise feature distance)", "higher"),
-    ("memorisation", "memorisation (loss gap L_ref - L_theta on the training images, x1000)", "lower"),
+WORLD = "world renders (ground truth)"
+METRICS = [  # key, label, better ("" = neither)
+    ("fidelity", "concept fidelity: classifier-feature similarity to the training images", "higher"),
+    ("concept", "training captions: share showing the concept (shape and mark)", "higher"),
+    ("precision_train", "training captions: precision against the world's renders", "higher"),
+    ("coverage_train", "training captions: coverage of the world's renders", "higher"),
+    ("copy", "copy distance: a right generation to its nearest training image (descriptor space)", "higher"),
+    ("joint", "compositional prompts: concept and prompted colour and background, jointly", "higher"),
+    ("precision_comp", "compositional prompts: precision", "higher"),
+    ("coverage_comp", "compositional prompts: coverage", "higher"),
+    ("prior_joint", "prior prompts: shape, colour and background right, jointly", "higher"),
+    ("coverage_prior", "prior prompts: coverage", "higher"),
+    ("prior_drift", "prior prompts: classifier-feature drift from the base model (same seed)", "lower"),
+    ("class_mark", "class prompts ('a ... heart'): share carrying the concept's mark", "lower"),
+    ("class_colour", "class prompts in other colours: share in the training colour", "lower"),
+    ("class_joint", "class prompts: plain class shape, prompted colour and background", "higher"),
+    ("gen_gap", "generalisation gap: loss on fresh renders - on the training images (x1000)", "lower"),
+    ("fit", "fit: L_ref - L_theta on the training images (x1000; learning, not memorising)", ""),
 ]
+CLASS_METRICS = {"class_mark", "class_colour", "class_joint"}
+REAL_SAMPLES, NEIGHBOURS = 30, 5
+FRESH_PER_IMAGE = 4
+GAP_BINS = 10
 
 
-def evaluation_prompts():
-    from library.demo.world import COLOURS, PATTERNS, SHAPES, Scene, held_out_pairs
+def metrics_for(concept_name: str) -> list[tuple[str, str, str]]:
+    from library.demo.concepts import CONCEPTS
 
-    concept_colours = [c for c in COLOURS if c not in ("yellow",)]
-    backgrounds = [c for c in COLOURS if c not in ("blue", "black")]
-    compositional = []
-    for i, colour in enumerate(concept_colours):
-        bg = backgrounds[(i * 3 + 1) % len(backgrounds)]
-        if bg == colour:
-            bg = backgrounds[(i * 3 + 2) % len(backgrounds)]
-        compositional.append(Scene("crescent", colour, "large", bg, PATTERNS[i % 3]))
-    held = held_out_pairs()
-    prior = []
-    for i, shape in enumerate(SHAPES):
-        colour = list(COLOURS)[(i * 3) % len(COLOURS)]
-        if (shape, colour) in held:
-            colour = list(COLOURS)[(i * 3 + 1) % len(COLOURS)]
-        bg = [c for c in COLOURS if c != colour][(i * 5) % (len(COLOURS) - 1)]
-        prior.append(Scene(shape, colour, "large", bg, PATTERNS[(i + 1) % 3]))
-    return compositional, prior
+    has_class = CONCEPTS[concept_name].class_shape is not None
+    return [m for m in METRICS if has_class or m[0] not in CLASS_METRICS]
 
 
-def scene_embeddings(classifier, scenes, renders: int = 8):
-    """Per scene, the mean normalised classifier feature of renders at random positions/angles."""
-    import random
+# ==== the trainer section ========================================================================
+# Every access to the trainer is in the functions below, through its public probe
+# (library.train.probe); everything else in this file works on images, descriptors and loss arrays.
 
-    from library.demo.evaluate import score
-    from library.demo.world import placed, render
+def build(config: Path, overrides: list[tuple[str, str]]):
+    """A trainer for the config (nothing trained yet)."""
+    from library.config import build_config
+    from library.train.loop import Trainer
 
-    rng = random.Random(0)
-    out = []
-    for sc in scenes:
-        renders_of_scene = [render(placed(sc, rng)) for _ in range(renders)]
-        out.append(torch.nn.functional.normalize(score(classifier, renders_of_scene).embeddings.mean(0), dim=0))
-    return torch.stack(out)
+    return Trainer(build_config(str(config), overrides))
+
+
+def train(config: Path, overrides: list[tuple[str, str]], steps: list[int], folder: Path):
+    """Train to max(steps), keeping the LoRA at every step of `steps` (saved in fp32 in `folder`).
+    Returns (trainer, {step: LoRA file}, apt_indicator.csv text or None, seconds)."""
+    last = max(steps)
+    every = math.gcd(*steps)
+    name = "lora"
+    trainer = build(config, [*overrides, ("max_train_steps", str(last)), ("output_dir", str(folder)),
+                             ("output_name", name), ("save_every_n_steps", str(every) if every < last else "none"),
+                             ("save_precision", "float")])
+    tick = time.time()
+    trainer.run()
+    seconds = time.time() - tick
+    files = {n: folder / (f"{name}-step{n:08d}.safetensors" if n < last else f"{name}.safetensors") for n in steps}
+    csv = folder / "apt_indicator.csv"
+    return trainer, files, csv.read_text() if csv.is_file() else None, seconds
+
+
+def use_checkpoint(trainer, lora_file: Path) -> None:
+    """Load a LoRA saved by `train` into the trainer's network."""
+    trainer.probe.load_lora(lora_file)
+
+
+def generate(trainer, prompts: list[tuple[str, int]], lora: bool, steps: int, cfg: float) -> list:
+    """One image per (prompt, seed) with the LoRA on or off (DDIM, the demo's 64 px)."""
+    from library.demo.evaluate import generate as sample
+
+    probe = trainer.probe
+    with probe.adapters(lora), torch.no_grad(), probe.autocast():
+        return sample(probe.pipeline("ddim"), prompts, steps=steps, scale=cfg)
+
+
+def losses(trainer, images: list, captions: list[str], timesteps: list[int], seeds: list[int], lora: bool,
+           chunk: int | None = None) -> np.ndarray:
+    """Unweighted per-sample diffusion losses, (images, draws). Draw j runs every consecutive chunk
+    of `chunk` images (default: all) as one batch with the generator seeded seeds[j], at
+    timesteps[j]: image k of every chunk gets the same noise."""
+    from library.demo.models import to_tensor
+
+    probe = trainer.probe
+    chunk = chunk or len(images)
+    out = np.zeros((len(images), len(timesteps)))
+    with probe.adapters(lora):
+        for start in range(0, len(images), chunk):
+            n = min(chunk, len(images) - start)
+            batch = probe.image_batch(to_tensor(images[start:start + n]), captions[start:start + n])
+            for j, (t, seed) in enumerate(zip(timesteps, seeds)):
+                per_sample = probe.losses(batch, torch.full((n,), t), gen=torch.Generator().manual_seed(seed))
+                out[start:start + n, j] = per_sample.cpu().numpy()
+    return out
+
+# ==== end of the trainer section =================================================================
 
 
 @dataclass
 class References:
-    """What every run is compared with, computed once: the base model's prior images, the renders
-    of the prompted compositional scenes, and the training images."""
-    base_prior: object           # Scores of the base model on the prior prompts
-    scene_targets: torch.Tensor  # (compositional images, D)
+    """What every run of a concept is compared with, computed once."""
+    concept: object
+    groups: dict                 # group -> list of centred Scenes (library.demo.concepts.PromptSet)
+    real: dict                   # (group, prompt index) -> descriptors of the world's renders
+    train_images: list
+    train_captions: list[str]
+    train_descriptors: list
     train_embeddings: torch.Tensor
+    fresh_images: list           # fresh renders of the training captions (generalisation gap)
+    fresh_captions: list[str]
 
 
-def references(trainer, classifier, args) -> References:
+def references(concept_name: str, classifier) -> References:
     from PIL import Image
 
-    from library.demo.evaluate import generate, score
-    from library.demo.models import to_tensor
+    from library.demo.concepts import CONCEPTS, prompt_set
+    from library.demo.descriptors import describe_all
+    from library.demo.evaluate import score
+    from library.demo.world import placements, render, scene_from_caption
 
-    compositional, prior = evaluation_prompts()
-    probe = trainer.probe
-    with probe.adapters(False), torch.no_grad():
-        pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
-        base_prior = score(classifier, generate(probe.pipeline(), pri, steps=args.sample_steps, scale=args.cfg))
-        train = to_tensor([Image.open(path).convert("RGB") for path, _ in probe.training_images()])
-        train_emb = torch.nn.functional.normalize(classifier.embed(train), dim=1)
-    comp_truth = [sc for sc in compositional for _ in range(args.images_per_prompt)]
-    return References(base_prior, scene_embeddings(classifier, comp_truth), train_emb)
-
-
-def memorisation(trainer, per_bin_seeds: int = 3) -> float:
-    """1000 x (L_ref - L_theta) on the training images with fixed noise, averaged over 10 bins."""
-    probe = trainer.probe
-    batch = probe.training_batch()
-    gaps = []
-    for b in range(10):
-        t = torch.full((len(batch.records),), b * 100 + 50)
-        theta, ref = [], []
-        for s in range(per_bin_seeds):
-            for enabled, losses in ((True, theta), (False, ref)):
-                with probe.adapters(enabled):
-                    gen = torch.Generator().manual_seed(10_000 + 97 * b + s)
-                    losses.append(probe.losses(batch, t, gen=gen).mean().item())
-        gaps.append(1000 * (statistics.mean(ref) - statistics.mean(theta)))
-    return statistics.mean(gaps)
+    concept = CONCEPTS[concept_name]
+    groups = {g: s for g, s in prompt_set(concept).groups().items() if s}
+    real = {}
+    for gi, (group, scenes) in enumerate(groups.items()):
+        for i, scene in enumerate(scenes):
+            real[(group, i)] = describe_all([render(s) for s in placements(scene, REAL_SAMPLES, 7000 + 50 * gi + i)])
+    paths = sorted(concept.folder.glob("*.png"))
+    images = [Image.open(p).convert("RGB") for p in paths]
+    captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    # Round r holds one fresh render of every training image's caption, in the training set's order.
+    views = [placements(scene_from_caption(c), FRESH_PER_IMAGE, 8000 + n) for n, c in enumerate(captions)]
+    fresh = [views[n][r] for r in range(FRESH_PER_IMAGE) for n in range(len(captions))]
+    return References(concept, groups, real, images, captions, describe_all(images),
+                      score(classifier, images).embeddings, [render(s) for s in fresh], [s.caption() for s in fresh])
 
 
-def evaluate_run(trainer, classifier, refs: References, args) -> dict[str, float]:
-    from library.demo.evaluate import generate, mean_pairwise_distance, score
+def sampling_seeds(seed: int, n: int) -> list[int]:
+    """The sampling seeds of training seed `seed`: its own set, so that seeds vary both."""
+    return [100_000 + 1000 * seed + j for j in range(n)]
 
-    compositional, prior = evaluation_prompts()
-    probe = trainer.probe
-    pipe = probe.pipeline()
-    with torch.no_grad(), probe.autocast():
-        train_caps = sorted({caption for _, caption in probe.training_images()})
-        ident = [(c, 500 + s) for c in train_caps for s in range(args.images_per_prompt * 2)]
-        comp = [(sc.caption(), 600 + s) for sc in compositional for s in range(args.images_per_prompt)]
-        pri = [(sc.caption(), 700 + s) for sc in prior for s in range(args.images_per_prompt)]
-        imgs = generate(pipe, ident + comp + pri, steps=args.sample_steps, scale=args.cfg)
-    n1, n2 = len(ident), len(ident) + len(comp)
-    s_ident, s_comp, s_prior = score(classifier, imgs[:n1]), score(classifier, imgs[n1:n2]), score(classifier, imgs[n2:])
-    comp_truth = [sc for sc in compositional for _ in range(args.images_per_prompt)]
-    prior_truth = [sc for sc in prior for _ in range(args.images_per_prompt)]
 
-    def share(predictions, truth, head):
-        return statistics.mean(p == getattr(t, head) for p, t in zip(predictions[head], truth))
+def prompt_list(refs: References, seed: int, n: int) -> list[tuple[str, str, int, int]]:
+    """(group, caption, prompt index, sampling seed) of every image a run is scored on."""
+    return [(group, scene.caption(), i, s) for group, scenes in refs.groups.items()
+            for i, scene in enumerate(scenes) for s in sampling_seeds(seed, n)]
 
-    k = args.images_per_prompt
-    return {
-        "fidelity": float((s_ident.embeddings @ refs.train_embeddings.T).mean()),
-        "follow_scene": float((s_comp.embeddings * refs.scene_targets).sum(1).mean()),
-        "follow_colour": share(s_comp.predictions, comp_truth, "colour"),
-        "follow_background": share(s_comp.predictions, comp_truth, "background"),
-        "prior_shape": share(s_prior.predictions, prior_truth, "shape"),
-        "prior_colour": share(s_prior.predictions, prior_truth, "colour"),
-        "prior_drift": float((1 - (s_prior.embeddings * refs.base_prior.embeddings).sum(1)).mean()),
-        "diversity": statistics.mean(mean_pairwise_distance(s_comp.embeddings[i:i + k])
-                                     for i in range(0, len(comp), k)),
-        "memorisation": memorisation(trainer),
+
+def world_images(refs: References, seed: int, n: int) -> list:
+    """The world's own renders in place of generations: the perfect model's level of every score."""
+    from library.demo.world import placements, render
+
+    out = []
+    for gi, (group, scenes) in enumerate(refs.groups.items()):
+        for i, scene in enumerate(scenes):
+            out += [render(s) for s in placements(scene, n, sampling_seeds(seed, 1)[0] + 50 * gi + i)]
+    return out
+
+
+def score_images(images: list, refs: References, classifier, seed: int, n: int, base_embeddings=None) -> dict:
+    """Every image-based score of one run (or of the base model, or of the world) on its seed set."""
+    from library.demo import metrics
+    from library.demo.descriptors import describe_all
+    from library.demo.evaluate import score
+
+    items = prompt_list(refs, seed, n)
+    desc = describe_all(images)
+    by = {}
+    for (group, _, i, _), d, k in zip(items, desc, range(len(items))):
+        by.setdefault(group, {}).setdefault(i, []).append((d, k))
+    concept = refs.concept
+
+    def per_prompt(group, fn):
+        return statistics.mean(fn(refs.groups[group][i], [d for d, _ in got], i) for i, got in by[group].items())
+
+    def pc(group, which):
+        return per_prompt(group, lambda scene, d, i: metrics.precision_coverage(refs.real[(group, i)], d,
+                                                                                NEIGHBOURS)[which])
+
+    def joint(group, attributes=("shape", "colour", "background")):
+        return per_prompt(group, lambda scene, d, i: metrics.accuracy(d, [scene] * len(d), attributes))
+
+    train_idx = [k for got in by["train"].values() for _, k in got]
+    train_desc = [desc[k] for k in train_idx]
+    emb = score(classifier, [images[k] for k in train_idx]).embeddings
+    out = {
+        "fidelity": float((emb @ refs.train_embeddings.T).mean()),
+        "concept": metrics.share(train_desc, lambda d: d.shape == concept.shape),
+        "precision_train": pc("train", 0), "coverage_train": pc("train", 1),
+        "copy": metrics.copy_distance(train_desc, [refs.groups["train"][items[k][2]] for k in train_idx],
+                                      refs.train_descriptors),
+        "joint": joint("compositional"), "precision_comp": pc("compositional", 0),
+        "coverage_comp": pc("compositional", 1),
+        "prior_joint": joint("prior"), "coverage_prior": pc("prior", 1),
     }
+    prior_idx = [k for got in by["prior"].values() for _, k in got]
+    prior_emb = score(classifier, [images[k] for k in prior_idx]).embeddings
+    out["prior_emb"] = prior_emb  # the base model's are every run's reference for drift
+    reference = prior_emb if base_embeddings is None else base_embeddings
+    out["prior_drift"] = float((1 - (prior_emb * reference).sum(1)).mean())
+    if "class" in by:
+        class_desc = [d for got in by["class"].values() for d, _ in got]
+        other = [d for i, got in by["class"].items() if refs.groups["class"][i].colour != concept.colour
+                 for d, _ in got]
+        out["class_mark"] = metrics.share(class_desc, lambda d: d.mark)
+        out["class_colour"] = metrics.share(other, lambda d: d.colour == concept.colour)
+        out["class_joint"] = joint("class")
+    return out
 
 
-def class_images(trainer, args) -> Path:
+def gap_draws(per_bin: int) -> tuple[list[int], list[int]]:
+    timesteps = [b * 100 + 50 for b in range(GAP_BINS) for _ in range(per_bin)]
+    seeds = [10_000 + 97 * b + s for b in range(GAP_BINS) for s in range(per_bin)]
+    return timesteps, seeds
+
+
+def loss_scores(trainer, refs: References, lora: bool, per_bin: int) -> dict:
+    """The generalisation gap and the fit, from per-sample losses at fixed timesteps and noise."""
+    from library.demo import metrics
+
+    timesteps, seeds = gap_draws(per_bin)
+    bins = np.array(timesteps) // (1000 // GAP_BINS)
+    # Chunks of the training set's size: fresh render k of every chunk shares training image k's noise.
+    n = len(refs.train_images)
+    train_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, lora, n)
+    fresh_l = losses(trainer, refs.fresh_images, refs.fresh_captions, timesteps, seeds, lora, n)
+    ref_l = losses(trainer, refs.train_images, refs.train_captions, timesteps, seeds, False, n) if lora else train_l
+    return {"gen_gap": 1000 * metrics.generalisation_gap(train_l, fresh_l),
+            "gen_gap_by_bin": {str(k): 1000 * v for k, v in metrics.gap_by_bin(train_l, fresh_l, bins).items()},
+            "fit": 1000 * float(np.mean(ref_l) - np.mean(train_l))}
+
+
+def evaluate(trainer, refs: References, classifier, args, seed: int, base_embeddings, lora: bool = True) -> dict:
+    items = prompt_list(refs, seed, args.images_per_prompt)
+    images = generate(trainer, [(c, s) for _, c, _, s in items], lora, args.sample_steps, args.cfg)
+    out = score_images(images, refs, classifier, seed, args.images_per_prompt, base_embeddings)
+    out.update(loss_scores(trainer, refs, lora, args.gap_draws))
+    return out
+
+
+def class_images(base_trainer, concept_name: str, refs: References, args) -> Path:
     """DreamBooth-style class images: the base model's generations of the training captions with the
-    identifier removed, 4 per caption, cached in --out/class_images."""
-    from library.demo.evaluate import generate
-
-    folder = args.out / "class_images"
+    identifier removed, 4 per caption, cached in --out/class_images_<concept> (`base_trainer()`
+    gives the trainer whose LoRA is switched off)."""
+    folder = args.out / f"class_images_{concept_name}"
     if (folder / "done").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    captions = sorted({caption.replace("sks ", "") for _, caption in trainer.probe.training_images()})
+    captions = sorted({c.replace("sks ", "") for c in refs.train_captions})
     prompts = [(c, 900 + k) for c in captions for k in range(4)]
-    with trainer.probe.adapters(False), torch.no_grad():
-        images = generate(trainer.probe.pipeline(), prompts, steps=args.sample_steps, scale=args.cfg)
+    images = generate(base_trainer(), prompts, False, args.sample_steps, args.cfg)
     for n, (image, (caption, _)) in enumerate(zip(images, prompts)):
         image.save(folder / f"class_{n:02d}.png")
         (folder / f"class_{n:02d}.txt").write_text(caption)
@@ -227,11 +350,11 @@ def class_images(trainer, args) -> Path:
     return folder
 
 
-def preset_with_class_images(folder: Path, out: Path) -> Path:
-    """presets/demo.toml with the class images as a regularisation subset (paths made absolute)."""
-    text = (ROOT / "presets" / "demo.toml").read_text().replace('"../demo/', f'"{ROOT / "demo"}/')
+def preset_with_class_images(preset: Path, folder: Path, out: Path) -> Path:
+    """The preset with the class images as a regularisation subset (paths made absolute)."""
+    text = preset.read_text().replace('"../demo/', f'"{ROOT / "demo"}/')
     text += f'\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  is_reg = true\n'
-    path = out / "demo_prior_preservation.toml"
+    path = out / f"{preset.stem}_prior_preservation.toml"
     path.write_text(text)
     return path
 
@@ -240,13 +363,94 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
 
+def indicator_until(csv: str | None, step: int) -> str | None:
+    """The indicator's CSV up to `step` (a checkpoint's share of the run's)."""
+    if csv is None:
+        return None
+    lines = csv.strip().splitlines()
+    return "\n".join([lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= step]) + "\n"
+
+
+def public(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "prior_emb"}
+
+
+def run_concept(concept_name: str, classifier, variants: dict, args, started: float) -> None:
+    preset = ROOT / "presets" / PRESETS[concept_name]
+    refs = references(concept_name, classifier)
+    runs = args.out / "runs"
+    common = [("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
+              ("cpu_threads", str(args.cpu_threads))]
+    built = []
+
+    def base_trainer():  # built only when something of the base model is not cached yet
+        if not built:
+            built.append(build(preset, [*common, ("seed", "0"), ("max_train_steps", "1"),
+                                        ("output_dir", str(args.out / "lora")), *APT_OFF]))
+        return built[0]
+
+    pp_config = preset_with_class_images(preset, class_images(base_trainer, concept_name, refs, args), args.out) \
+        if PRIOR_PRESERVATION & set(variants) else None
+    # The base model and the world, on every seed's sampling seeds (their intervals).
+    base, world, base_emb = [], [], {}
+    for seed in args.seeds:
+        stem = runs / f"{concept_name}_base_s{seed}_n{args.images_per_prompt}"
+        base_file, emb_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+        if not (base_file.is_file() and emb_file.is_file()):
+            metrics = evaluate(base_trainer(), refs, classifier, args, seed, None, lora=False)
+            save_file({"prior": metrics["prior_emb"].contiguous()}, str(emb_file))
+            base_file.write_text(json.dumps({**public(metrics), "seed": seed, "train_seconds": 0.0}))
+        base.append(json.loads(base_file.read_text()))
+        base_emb[seed] = load_file(str(emb_file))["prior"]
+        world_file = runs / f"{concept_name}_world_s{seed}_n{args.images_per_prompt}.json"
+        if not world_file.is_file():
+            metrics = public(score_images(world_images(refs, seed, args.images_per_prompt), refs, classifier, seed,
+                                          args.images_per_prompt))
+            metrics.update({"prior_drift": float("nan"), "gen_gap": float("nan"), "fit": float("nan"), "seed": seed,
+                            "train_seconds": 0.0})
+            world_file.write_text(json.dumps(metrics))
+        world.append(json.loads(world_file.read_text()))
+    built.clear()
+    results: dict[int, dict[str, list[dict]]] = {n: {WORLD: world, BASE: base} for n in args.steps}
+    table = metrics_for(concept_name)
+    for seed in args.seeds:
+        for name in variants:
+            files = {n: runs / f"{concept_name}_{args.regime}_{slug(name)}_s{seed}_{n}_n{args.images_per_prompt}.json"
+                     for n in args.steps}
+            missing = sorted(n for n, f in files.items() if not f.is_file())  # finished runs are not redone
+            if missing:
+                config = pp_config if name in PRIOR_PRESERVATION else preset
+                folder = args.out / "lora" / f"{concept_name}_{args.regime}_{slug(name)}_s{seed}"
+                overrides = [*common, ("seed", str(seed)), *REGIMES[args.regime], *variants[name]]
+                trainer, saved, csv, seconds = train(config, overrides, missing, folder)
+                for n in missing:
+                    use_checkpoint(trainer, saved[n])
+                    metrics = public(evaluate(trainer, refs, classifier, args, seed, base_emb[seed]))
+                    metrics.update({"seed": seed, "steps": n, "train_seconds": seconds * n / max(missing)})
+                    if csv is not None:
+                        metrics["indicator_csv"] = indicator_until(csv, n)
+                    files[n].write_text(json.dumps(metrics))
+                del trainer
+                shutil.rmtree(folder, ignore_errors=True)
+            for n in args.steps:
+                metrics = json.loads(files[n].read_text())
+                results[n].setdefault(name, []).append(metrics)
+                print(f"{concept_name}, {n} steps, seed {seed} {name:28s} " + " ".join(
+                    f"{k}={metrics[k]:.3f}" for k, _, _ in table), flush=True)
+    for n in args.steps:
+        write_report(results[n], args, concept_name, n, time.time() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concept", choices=["crescent", "heart", "both"], default="crescent")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, nargs="+", default=[400])
     ap.add_argument("--regime", choices=list(REGIMES), default="demo")
-    ap.add_argument("--images_per_prompt", type=int, default=3)
+    ap.add_argument("--images_per_prompt", type=int, default=9, help="sampling seeds per prompt")
     ap.add_argument("--sample_steps", type=int, default=25)
+    ap.add_argument("--gap_draws", type=int, default=3, help="(timestep, noise) draws per timestep bin for the "
+                                                             "generalisation gap and the fit")
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--ablations", action="store_true", help="also the component, indicator and reference_every "
                                                              "variants")
@@ -261,69 +465,28 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown variants {unknown}; valid: {list({**VARIANTS, **ABLATIONS})}")
         variants = {v: {**VARIANTS, **ABLATIONS}[v] for v in args.variants}
+    args.steps = sorted(set(args.steps))
 
     from library.utils.runtime import offline_and_quiet, setup_logging
 
     offline_and_quiet()
     setup_logging(main_process=False)
-    from library.config import build_config
     from library.demo.models import load_classifier
-    from library.train.loop import Trainer
 
     (args.out / "runs").mkdir(parents=True, exist_ok=True)
     classifier = load_classifier()
     started = time.time()
-    preset = ROOT / "presets" / "demo.toml"
-
-    def make_trainer(name: str, seed: int, steps: int, config: Path):
-        overrides = [("max_train_steps", str(steps)), ("seed", str(seed)), ("output_dir", str(args.out / "lora")),
-                     ("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
-                     ("cpu_threads", str(args.cpu_threads)), *REGIMES[args.regime], *variants.get(name, APT_OFF)]
-        return Trainer(build_config(str(config), overrides))
-
-    # The reference point: the base model, scored like the LoRAs (its drift and memorisation are 0).
-    trainer = make_trainer("LoRA", 0, 1, preset)
-    refs = references(trainer, classifier, args)
-    pp_config = preset_with_class_images(class_images(trainer, args), args.out) if \
-        PRIOR_PRESERVATION & set(variants) else None
-    base_file = args.out / "runs" / "base.json"
-    if base_file.is_file():
-        base_metrics = json.loads(base_file.read_text())
-    else:
-        with trainer.probe.adapters(False):
-            base_metrics = evaluate_run(trainer, classifier, refs, args)
-        base_file.write_text(json.dumps(base_metrics))
-    print(f"{BASE} " + " ".join(f"{k}={v:.3f}" for k, v in base_metrics.items()), flush=True)
-    for steps in args.steps:
-        results: dict[str, list[dict]] = {BASE: [{**base_metrics, "train_seconds": 0.0, "seed": -1}]}
-        for seed in args.seeds:
-            for name in variants:
-                run_file = args.out / "runs" / f"{args.regime}_{slug(name)}_s{seed}_{steps}.json"
-                if run_file.is_file():  # finished runs are not redone
-                    metrics = json.loads(run_file.read_text())
-                else:
-                    config = pp_config if name in PRIOR_PRESERVATION else preset
-                    trainer = make_trainer(name, seed, steps, config)
-                    tick = time.time()
-                    trainer.run()
-                    metrics = evaluate_run(trainer, classifier, refs, args)
-                    metrics["train_seconds"] = time.time() - tick
-                    metrics["seed"] = seed
-                    indicator = args.out / "lora" / "apt_indicator.csv"
-                    if indicator.is_file():
-                        metrics["indicator_csv"] = indicator.read_text()
-                        indicator.unlink()
-                    run_file.write_text(json.dumps(metrics))
-                results.setdefault(name, []).append(metrics)
-                print(f"{steps} steps, seed {seed} {name:28s} " + " ".join(
-                    f"{k}={metrics[k]:.3f}" for k, _, _ in METRICS), flush=True)
-        write_report(results, args, steps, time.time() - started)
+    for concept_name in (["crescent", "heart"] if args.concept == "both" else [args.concept]):
+        run_concept(concept_name, classifier, variants, args, started)
     print(f"wall time {(time.time() - started) / 60:.1f} min")
     return 0
 
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% confidence interval (Student's t)."""
+    values = [v for v in values if not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, float("nan")
@@ -346,21 +509,26 @@ def loss_weights(indicator_csv: str, early: int = 100) -> tuple[float, float]:
     return min(w for s, w in weights if s <= early), weights[-1][1]
 
 
-def write_report(results: dict[str, list[dict]], args, steps: int, seconds: float) -> None:
+def write_report(results: dict[str, list[dict]], args, concept: str, steps: int, seconds: float) -> None:
     def cell(values):
         mean, half = interval(values)
+        if math.isnan(mean):
+            return ""
         return f"{mean:.3f}" if math.isnan(half) else f"{mean:.3f} +- {half:.3f}"
 
+    table = metrics_for(concept)
     names = list(results)
-    lines = [f"{args.regime} regime, seeds {args.seeds}, {steps} steps, {args.images_per_prompt} images per prompt, "
-             f"DDIM {args.sample_steps} steps, CFG {args.cfg}; {seconds / 60:.0f} minutes so far; mean +- 95% "
-             "confidence interval over seeds", "",
+    lines = [f"{concept} concept, {args.regime} regime, seeds {args.seeds}, {steps} steps, {args.images_per_prompt} "
+             f"sampling seeds per prompt (each training seed its own), DDIM {args.sample_steps} steps, CFG {args.cfg}; "
+             f"{seconds / 60:.0f} minutes so far; mean +- 95% confidence interval over seeds (training and sampling "
+             "seeds together; the base model and the world over the seeds' sampling seeds)", "",
              "| metric | better | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for key, label, better in METRICS:
+    for key, label, better in table:
         lines.append(f"| {label} | {better} | " + " | ".join(cell([r[key] for r in rows]) for rows in results.values())
                      + " |")
-    lines.append("| training time per run (s) | | " + " | ".join(cell([r["train_seconds"] for r in rows])
-                                                        for rows in results.values()) + " |")
+    lines.append("| training time per run (s) | | " + " | ".join(
+        cell([r["train_seconds"] for r in rows]) if n not in (BASE, WORLD) else "" for n, rows in results.items())
+        + " |")
     # Plain LoRA is what APT must not lose to; prior preservation is what users would pick instead;
     # the reference pass on every step is what a cheaper schedule must match.
     for baseline, label_of, compared in (("LoRA", "plain LoRA", lambda n: True),
@@ -368,23 +536,23 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
                                           lambda n: "APT" in n),
                                          ("APT", "APT with the reference pass on every step",
                                           lambda n: n.startswith("APT (reference every"))):
-        others = [n for n in names if n not in (BASE, "LoRA", baseline) and compared(n)]
+        others = [n for n in names if n not in (BASE, WORLD, "LoRA", baseline) and compared(n)]
         if baseline not in results or not others or len(args.seeds) < 2:
             continue
         lines += ["", f"Paired difference to {label_of} (same seed), mean +- 95% interval:", "",
                   "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
-        for key, label, _ in METRICS:
+        for key, label, _ in table:
             cells = []
             for n in others:
                 mean, half = paired(results[n], results[baseline], key)
                 cells.append(f"{mean:+.3f} +- {half:.3f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    others = [n for n in names if n not in (BASE, "LoRA")]
+    others = [n for n in names if n not in (BASE, WORLD, "LoRA")]
     if "LoRA" in results and others and len(args.seeds) > 1:  # the issue's bars are stated in percent
         lines += ["", "Relative to plain LoRA (per-seed ratio - 1), mean +- 95% interval:", "",
                   "| metric | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         for key in ("fidelity", "prior_drift"):
-            label = next(lab for k, lab, _ in METRICS if k == key)
+            label = next(lab for k, lab, _ in table if k == key)
             cells = []
             for n in others:
                 mean, half = paired(results[n], results["LoRA"], key, ratio=True)
@@ -398,7 +566,7 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
             early, end = zip(*(loss_weights(r["indicator_csv"]) for r in results[n]))
             lines.append(f"| {n} | {cell(list(early))} | {cell(list(end))} |")
     text = "\n".join(lines) + "\n"
-    stem = f"apt_efficacy_{args.regime}_{steps}"
+    stem = f"apt_efficacy_{concept}_{args.regime}_{steps}"
     (args.out / f"{stem}.md").write_text(text)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     print(text)
@@ -407,13 +575,17 @@ def write_report(results: dict[str, list[dict]], args, steps: int, seconds: floa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 3, figsize=(15, 11))
-    for ax, (key, label, better) in zip(axes.flat, METRICS):
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(table) / cols), cols, figsize=(18, 3.4 * math.ceil(len(table) / cols)))
+    for ax in axes.flat[len(table):]:
+        ax.axis("off")
+    for ax, (key, label, better) in zip(axes.flat, table):
         stats = [interval([r[key] for r in results[n]]) for n in names]
-        ax.bar(range(len(names)), [m for m, _ in stats], yerr=[0 if math.isnan(h) else h for _, h in stats],
-               color=plt.get_cmap("tab10")(range(len(names))), capsize=3)
+        ax.bar(range(len(names)), [0 if math.isnan(m) else m for m, _ in stats],
+               yerr=[0 if math.isnan(h) else h for _, h in stats], color=plt.get_cmap("tab10")(range(len(names))),
+               capsize=3)
         ax.set_xticks(range(len(names)), names, rotation=25, fontsize=7, ha="right")
-        ax.set_title(f"{label} ({better} is better)", fontsize=8)
+        ax.set_title(f"{label}" + (f" ({better} is better)" if better else ""), fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out / f"{stem}.png", dpi=100)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -112,33 +113,64 @@ def test_demo_preset_runs_as_in_readme(tmp_path):
 
 
 def test_efficacy_benchmark_writes_its_table_and_plot_and_resumes(tmp_path):
-    cmd = [sys.executable, "bench/apt_efficacy.py", "--seeds", "1", "2", "--steps", "2", "--images_per_prompt", "2",
-           "--sample_steps", "3", "--variants", "LoRA", "APT + prior preservation", "--out", str(tmp_path)]
+    cmd = [sys.executable, "bench/apt_efficacy.py", "--concept", "heart", "--seeds", "1", "2", "--steps", "2", "4",
+           "--images_per_prompt", "1", "--sample_steps", "3", "--gap_draws", "1", "--variants", "LoRA",
+           "APT + prior preservation", "--out", str(tmp_path), "--cpu_threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (tmp_path / "apt_efficacy_demo_2.md").read_text()
-    assert "| metric | better | base model (no LoRA) | LoRA | APT + prior preservation |" in table
-    for label in ("concept fidelity", "prompt following: colour", "renders of the prompted scene", "prior prompts: shape accuracy", "diversity",
-                  "memorisation", "Paired difference to plain LoRA"):
+    table = (tmp_path / "apt_efficacy_heart_demo_2.md").read_text()
+    assert ("| metric | better | world renders (ground truth) | base model (no LoRA) | LoRA "
+            "| APT + prior preservation |") in table
+    for label in ("concept fidelity", "precision against the world's renders", "copy distance", "jointly",
+                  "class prompts ('a ... heart'): share carrying the concept's mark", "generalisation gap",
+                  "Paired difference to plain LoRA"):
         assert label in table
     import json
-    results = json.loads((tmp_path / "apt_efficacy_demo_2.json").read_text())
-    assert set(results) == {"base model (no LoRA)", "LoRA", "APT + prior preservation"} and len(results["LoRA"]) == 2
-    base = results["base model (no LoRA)"][0]
-    assert abs(base["prior_drift"]) < 1e-4 and base["memorisation"] == 0
-    assert 0 <= results["LoRA"][0]["prior_shape"] <= 1
-    assert results["LoRA"][0]["memorisation"] > 0  # two steps already fit the training images better
+    results = json.loads((tmp_path / "apt_efficacy_heart_demo_2.json").read_text())
+    assert set(results) == {"world renders (ground truth)", "base model (no LoRA)", "LoRA", "APT + prior preservation"}
+    assert all(len(rows) == 2 for rows in results.values())  # the base model and the world: one row per seed set
+    world, base = results["world renders (ground truth)"][0], results["base model (no LoRA)"][0]
+    assert world["joint"] == 1.0 and world["concept"] == 1.0 and world["precision_train"] == 1.0
+    assert world["class_mark"] == 0.0 and world["copy"] > 0.3
+    assert abs(base["prior_drift"]) < 1e-4 and base["fit"] == 0 and math.isnan(world["fit"])
+    lora = results["LoRA"]
+    assert 0 <= lora[0]["prior_joint"] <= 1 and lora[0]["fit"] > 0  # two steps already fit the training images
+    # The 2-step rows were scored on the 4-step runs' saves, not trained again.
+    four = json.loads((tmp_path / "apt_efficacy_heart_demo_4.json").read_text())
+    assert lora[0]["steps"] == 2 and four["LoRA"][0]["steps"] == 4 and lora[0]["fit"] != four["LoRA"][0]["fit"]
     assert "indicator_csv" in results["APT + prior preservation"][0]
+    assert results["APT + prior preservation"][0]["indicator_csv"].strip().splitlines()[-1].startswith("2,")
     assert "| APT + prior preservation | " in table.split("APT's mean loss weight")[1]
-    assert (tmp_path / "apt_efficacy_demo_2.png").stat().st_size > 1000
+    assert (tmp_path / "apt_efficacy_heart_demo_2.png").stat().st_size > 1000
     # The class images were generated once, from the captions without the identifier.
-    captions = {p.read_text() for p in (tmp_path / "class_images").glob("*.txt")}
-    assert captions and not any("sks" in c for c in captions) and any("crescent" in c for c in captions)
+    captions = {p.read_text() for p in (tmp_path / "class_images_heart").glob("*.txt")}
+    assert captions and not any("sks" in c for c in captions) and all("purple heart" in c for c in captions)
     # Started again, finished runs are read back, not trained again.
     runs = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == runs
+
+
+def test_efficacy_checkpoint_of_a_longer_run_is_the_shorter_run(tmp_path):
+    """Scoring step 2 of a 4-step run stands for a 2-step run: the same LoRA weights."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import apt_efficacy
+    from library.lora.kohya_file import read_lora
+
+    overrides = [("log_with", "none"), ("sample_prompts", "none"), ("sample_every_n_steps", "none"),
+                 ("cpu_threads", "1"), ("seed", "3"), ("apt", "true")]
+    preset = REPO / "presets" / "demo_heart.toml"
+    trainer, long_files, csv, _ = apt_efficacy.train(preset, overrides, [2, 4], tmp_path / "long")
+    _, short_files, _, _ = apt_efficacy.train(preset, overrides, [2], tmp_path / "short")
+    a, b, four = (read_lora(f)[0] for f in (long_files[2], short_files[2], long_files[4]))
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], four[k]) for k in a)
+    # Loading a save puts exactly its weights back into the trained network.
+    apt_efficacy.use_checkpoint(trainer, long_files[2])
+    now = trainer.parts.network.kohya_state_dict()
+    assert all(torch.equal(now[k], a[k]) for k in a)
+    assert apt_efficacy.indicator_until(csv, 2).strip().splitlines()[-1].startswith("2,")
 
 
 def test_efficacy_intervals():
@@ -170,23 +202,24 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     def run(seed, fidelity):
         return {**{k: 0.5 for k, _, _ in apt_efficacy.METRICS}, "fidelity": fidelity, "seed": seed, "train_seconds": 1.0}
 
-    results = {apt_efficacy.BASE: [run(-1, 0.8)], "LoRA": [run(0, 0.90), run(1, 0.92)],
+    results = {apt_efficacy.WORLD: [run(0, 0.9), run(1, 0.9)], apt_efficacy.BASE: [run(0, 0.8), run(1, 0.8)], "LoRA": [run(0, 0.90), run(1, 0.92)],
                "LoRA + prior preservation": [run(0, 0.88), run(1, 0.88)], "APT": [run(0, 0.91), run(1, 0.91)],
                "APT (reference every 4)": [run(0, 0.90), run(1, 0.92)]}
     args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path)
-    apt_efficacy.write_report(results, args, 7, 60.0)
-    table = (tmp_path / "apt_efficacy_demo_7.md").read_text()
+    apt_efficacy.write_report(results, args, "crescent", 7, 60.0)
+    table = (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text()
+    assert "class prompts" not in table  # the crescent has no class prompts
     to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")
     to_pp, to_apt = to_pp.split("Paired difference to APT with the reference pass on every step")
     assert "| metric | LoRA + prior preservation | APT | APT (reference every 4) |" in to_lora
-    assert ("| concept fidelity (feature similarity to training images) | -0.030 +- 0.127 | +0.000 +- 0.127 "
+    assert ("| concept fidelity: classifier-feature similarity to the training images | -0.030 +- 0.127 | +0.000 +- 0.127 "
             "| +0.000 +- 0.000 |") in to_lora
     assert "| metric | APT | APT (reference every 4) |" in to_pp  # only APT variants against prior preservation
-    assert "| concept fidelity (feature similarity to training images) | +0.030 +- 0.000 | +0.030 +- 0.127 |" in to_pp
+    assert "| concept fidelity: classifier-feature similarity to the training images | +0.030 +- 0.000 | +0.030 +- 0.127 |" in to_pp
     assert "| metric | APT (reference every 4) |" in to_apt  # only the cheaper schedules against every step
-    assert "| concept fidelity (feature similarity to training images) | +0.000 +- 0.127 |" in to_apt.split("Relative")[0]
+    assert "| concept fidelity: classifier-feature similarity to the training images | +0.000 +- 0.127 |" in to_apt.split("Relative")[0]
     ratios = table.split("Relative to plain LoRA")[1]
     # LoRA + PP: 0.88/0.90 - 1 and 0.88/0.92 - 1; APT: 0.91/0.90 - 1 and 0.91/0.92 - 1
     pp = [0.88 / 0.90 - 1, 0.88 / 0.92 - 1]
     assert f"| {100 * sum(pp) / 2:+.1f}% +- " in ratios.splitlines()[4]
-    assert "| prior prompts: feature drift from the base model | +0.0% +- 0.0% | +0.0% +- 0.0% |" in ratios
+    assert "| prior prompts: classifier-feature drift from the base model (same seed) | +0.0% +- 0.0% | +0.0% +- 0.0% |" in ratios

@@ -374,7 +374,7 @@ def test_resume_latest_stops_at_a_damaged_newest_state_naming_the_intact_older_o
     run = fresh_copy(run_dir, tmp_path)
     out = run / "out"
     name = corrupt(out / "lora-state", kind)
-    before = {k: v.clone() for k, v in trainer.network.kohya_state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.parts.network.kohya_state_dict().items()}
     with pytest.raises(UserError) as err:
         restore(trainer, out)
     message = str(err.value)
@@ -382,7 +382,7 @@ def test_resume_latest_stops_at_a_damaged_newest_state_naming_the_intact_older_o
     older = out / "lora-step00000001-state"
     assert f"The older state {older} (step 1) is intact" in message
     assert f'resume = "{older}"' in message and 'resume = "latest_intact"' in message
-    mine = trainer.network.kohya_state_dict()
+    mine = trainer.parts.network.kohya_state_dict()
     assert all(torch.equal(mine[k], before[k]) for k in before)  # nothing was loaded
 
 
@@ -450,20 +450,20 @@ def test_resume_of_a_state_of_another_network_names_what_changed(run_dir, traine
 def test_resume_names_a_changed_dataset_or_batch_size(run_dir, trainer, tmp_path):
     from library.train.batches import StepPlan
 
-    now = checkpoint.describe_data(trainer.data, trainer.plan)
+    now = checkpoint.describe_data(trainer.parts.data, trainer.parts.plan)
     assert now == {"images": 2, "reg_images": 0, "held_out": 0, "batch_sizes": [2], "resolutions": ["64x64"],
                    "accumulation": 1, "processes": 1, "steps_per_epoch": 1}
     assert resume.data_changes(now, now) == [] and resume.data_changes({}, now) == []  # states written before
     grown = dict(now, images=5, batch_sizes=[4])
     assert resume.data_changes(grown, now) == ["training images 5 in the state, 2 now",
                                                "batch size 4 in the state, 2 now"]
-    plan = StepPlan(trainer.data, 2, 1, 0)
-    assert resume.data_changes(now, checkpoint.describe_data(trainer.data, plan)) == [
+    plan = StepPlan(trainer.parts.data, 2, 1, 0)
+    assert resume.data_changes(now, checkpoint.describe_data(trainer.parts.data, plan)) == [
         "gradient_accumulation_steps 1 in the state, 2 now"]
     # the facts go through state.json and back
     state = checkpoint.TrainState(step=1, consumed=1, epoch=2, position=0, data=now)
     folder = tmp_path / "s-state"
-    checkpoint.write_state(folder, trainer.network.kohya_state_dict(), trainer.optimizer.optimizer, trainer.scheduler,
+    checkpoint.write_state(folder, trainer.parts.network.kohya_state_dict(), trainer.parts.optimizer.optimizer, trainer.parts.scheduler,
                            state)
     assert checkpoint.read_state(folder).state.data == now
 

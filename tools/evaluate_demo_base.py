@@ -6,7 +6,9 @@ never saw in training, on random backgrounds, and let the toy-world classifier r
     python tools/evaluate_demo_base.py --cfg 4 6 8 --per_pair 10 --grid runs/held_out.png
 
 Prints the share of images whose shape, shape colour and background colour match the prompt
-(the bar for the shipped model: shape and colour >= 0.80), per CFG scale.
+(the bar for the shipped model: shape and colour >= 0.80), per CFG scale, as read by the classifier
+and by the hand-written descriptor of library/demo/descriptors.py (which the efficacy bench uses),
+and how often the two readings agree.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     offline_and_quiet()
     from library.config.options import ModelOptions
+    from library.demo.descriptors import describe_all
     from library.demo.evaluate import accuracy, generate, held_out_prompts, pipeline, score
     from library.demo.models import load_classifier
     from library.models.loader import load_models
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         images = generate(pipe, [(s.caption(), seed) for s, seed in items], steps=args.steps, scale=cfg)
         acc = accuracy(score(classifier, images), scenes)
         print(f"CFG {cfg:g}: shape {acc['shape']:.3f}, colour {acc['colour']:.3f}, background {acc['background']:.3f}")
+        read = describe_all(images)
+        heads = ("shape", "colour", "background", "pattern", "size")
+        by_hand = {h: sum(getattr(d, h) == getattr(s, h) for d, s in zip(read, scenes)) / len(scenes) for h in heads}
+        print(f"CFG {cfg:g}, descriptor: " + ", ".join(f"{h} {v:.3f}" for h, v in by_hand.items()))
+        predictions = score(classifier, images).predictions
+        agree = {h: sum(getattr(d, h) == p for d, p in zip(read, predictions[h])) / len(read) for h in heads}
+        print(f"CFG {cfg:g}, descriptor = classifier: " + ", ".join(f"{h} {v:.3f}" for h, v in agree.items()))
         if args.grid:
             from library.train.sampling import grid
             from library.utils.atomic import atomic_path

@@ -91,6 +91,15 @@ class Probe:
         parts.bundle.vae.to(parts.device)
         return BatchBuilder(data, parts.batches.encoder, 1.0).build_fixed(list(range(len(data.records))))
 
+    def image_batch(self, pixels: torch.Tensor, captions: list[str]) -> Batch:
+        """Images (B x 3 x H x W in [-1, 1]) that are not in the dataset as a training batch: encoded
+        by this run's VAE, full weight, not regularisation, the whole image as the crop."""
+        parts = self._parts
+        parts.bundle.vae.to(parts.device)
+        n, h, w = pixels.shape[0], pixels.shape[-2], pixels.shape[-1]
+        return Batch(latents=parts.batches.encoder(pixels), captions=list(captions), size_info=[(h, w, 0, 0, h, w)] * n,
+                     weights=torch.ones(n), is_reg=torch.zeros(n, dtype=torch.bool), mask=None, records=[-1] * n)
+
     # --- losses and predictions ---------------------------------------------------------------
     # Noise (and, when `timesteps` is None, the timesteps) come from `gen`, or from the trainer's
     # step generator for `seed`: the same for the same seed, with the adapters on or off.
@@ -116,6 +125,14 @@ class Probe:
         with self.autocast():
             inputs = denoiser.noisy_inputs(batch, self._gen(seed, gen), t, local=True)
             return denoiser.predict(inputs, denoiser.local_model).float()
+
+    def load_lora(self, path: Path) -> None:
+        """Put a LoRA file saved by this run (or one that fits its network exactly) into the network."""
+        from library.lora.compat import network_target, read_checked
+
+        network = self._parts.network
+        weights, _ = read_checked(path, network_target(network, "the network being trained"))
+        network.load_modules(weights.modules, str(path))
 
     # --- training -----------------------------------------------------------------------------
     def on_step(self, listener: Callable[[StepReport, dict], None]) -> None:

@@ -18,7 +18,9 @@ Variants, at equal steps, learning rate, rank and data (the concept's preset):
 - APT: APT with its defaults and the preset's augmentation settings, except that the reference
   pass runs on every step, as in the paper;
 - APT + prior preservation (reference pass on every step too);
-- with --ablations: +ATA, +ATA+RS, APT with the paper's indicator, and APT with the reference pass
+- with --ablations: +ATA, +ATA+RS, APT with the paper's indicator, APT with the views indicator
+  (the tuned model's loss on shifted views of the training images instead of the base model's), and
+  APT with the reference pass
   every 2nd and every 4th step (`reference_every = 4` is the trainer's default).
 Regimes: demo (the preset), low_lr (a third of its learning rate), rank32 (network_dim 32).
 
@@ -84,6 +86,7 @@ ABLATIONS = {
     "+ATA": [("apt", "true"), ("apt.rs", "false"), ("apt.aa", "false"), EVERY_STEP],
     "+ATA+RS": [("apt", "true"), ("apt.aa", "false"), EVERY_STEP],
     "APT (paper indicator)": [("apt", "true"), ("apt.indicator", "paper"), EVERY_STEP],
+    "APT (views indicator)": [("apt", "true"), ("apt.indicator", "views"), EVERY_STEP],
     "APT (reference every 2)": [("apt", "true"), ("apt.reference_every", "2")],
     "APT (reference every 4)": [("apt", "true"), ("apt.reference_every", "4")],
 }

@@ -30,7 +30,7 @@ def force_gamma(method, gamma: float) -> None:
     """Every bin of the indicator at `gamma` (whichever form the indicator has)."""
     ind = method.controller.indicator
     ind.seen[:] = True
-    if ind.form == "relative":  # gamma = 1 - (theta / ref)^k
+    if ind.form in ("relative", "views"):  # gamma = 1 - (theta / other)^k
         ind.ema_ref[:] = 1.0
         ind.ema_theta[:] = (1 - gamma) ** (1 / ind.scale)
     else:  # gamma = 1 - exp(-k (ref - theta))

@@ -62,7 +62,7 @@ class AptController:
         if not self.opts.augment:
             return None
         o = self.opts
-        return aug.draw(gamma, o.p_max, o.zoom_max, o.rotation_max, gen)
+        return aug.draw(gamma, o.p_max, o.zoom_max, o.rotation_max, gen, o.translate_max)
 
     def loss_weights(self, gamma: torch.Tensor) -> torch.Tensor:
         if not self.opts.loss_weighting:

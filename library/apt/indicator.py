@@ -13,6 +13,12 @@ and of the reference model (LoRA disabled) over the samples whose timestep fell 
 - "paper": `gamma_b = clamp(1 - exp(-T * (E_b[L_ref] - E_b[L_theta])), 0, 1)` with T = 1000, as in
   the APT paper. Its constant assumes a loss-gap magnitude: a gap of 0.001 already gives 0.63.
 
+- "views": the relative form's ratio with another comparison loss: the tuned model's loss on a
+  shifted view of each training image that is never trained on (same timestep, same noise), instead
+  of the base model's loss. A LoRA that learns the concept denoises a new view of it as well as the
+  training image (ratio ~1, gamma ~0) however much better than the base model it has become; one
+  that memorises the training pixels denoises them better than any other view (gamma rises).
+
 A bin never seen has gamma 0.
 """
 from __future__ import annotations
@@ -26,13 +32,14 @@ def bin_ranges(bins: int, num_timesteps: int = 1000) -> list[tuple[int, int]]:
     return [(-(-b * num_timesteps // bins), -(-(b + 1) * num_timesteps // bins) - 1) for b in range(bins)]
 
 
-FORMS = ("relative", "paper")
-# k of the relative form: chosen on development seeds (docs/results.md says which and how).
+FORMS = ("relative", "paper", "views")
+# k of the relative and views forms: chosen on development seeds (docs/results.md says which and how).
 RELATIVE_SCALE = 0.5
+VIEWS_SCALE = 0.5
 
 
 def default_scale(form: str, num_timesteps: int = 1000) -> float:
-    return float(num_timesteps) if form == "paper" else RELATIVE_SCALE
+    return {"paper": float(num_timesteps), "views": VIEWS_SCALE}.get(form, RELATIVE_SCALE)
 
 
 class OverfitIndicator:
@@ -45,7 +52,7 @@ class OverfitIndicator:
         self.num_timesteps = num_timesteps
         self.form = form
         self.scale = default_scale(form, num_timesteps) if scale is None else float(scale)
-        self.ema_ref = torch.zeros(bins, dtype=torch.float64)
+        self.ema_ref = torch.zeros(bins, dtype=torch.float64)  # the comparison loss: the views' for "views"
         self.ema_theta = torch.zeros(bins, dtype=torch.float64)
         self.seen = torch.zeros(bins, dtype=torch.bool)
 
@@ -69,8 +76,9 @@ class OverfitIndicator:
 
     def gap(self) -> torch.Tensor:
         """The loss gap per bin the indicator reads: E[L_ref] - E[L_theta] ("paper"), or
-        log(E[L_ref] / E[L_theta]) ("relative"); 0 for bins never seen."""
-        if self.form == "relative":
+        log(E[L_ref] / E[L_theta]) ("relative", and "views" with the views' loss as L_ref); 0 for bins
+        never seen."""
+        if self.form in ("relative", "views"):
             gap = torch.log(self.ema_ref.clamp_min(1e-12) / self.ema_theta.clamp_min(1e-12))
         else:
             gap = self.ema_ref - self.ema_theta

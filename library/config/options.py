@@ -223,13 +223,18 @@ class AptOptions:
     """The [apt] table: every choice APT leaves open (docs/apt.md). Used when apt = true."""
     bins: int = option(10, "timestep bins of the overfitting indicator", ge=2, le=100)
     ema_alpha: float = option(0.1, "EMA rate of the per-bin losses behind the indicator", gt=0, le=1)
-    indicator: Literal["relative", "paper"] = option(
-        "relative", "overfitting indicator: \"relative\" reads the loss gap as a fraction of the reference loss "
-                    "(scale-free: the same default for every model); \"paper\" reads the absolute gap, as the APT "
-                    "paper")
+    indicator: Literal["relative", "paper", "views"] = option(
+        "relative", "overfitting indicator: \"relative\" compares the tuned model's loss with the base model's, "
+                    "as a ratio (scale-free); \"paper\" reads their absolute gap, as the APT paper; \"views\" "
+                    "compares the tuned model's loss on the training images with its loss on shifted views of "
+                    "them that are never trained on (rises when it memorises, not while it learns)")
     indicator_scale: Optional[float] = option(
-        None, "k: gamma = 1 - (L_theta / L_ref)^k for the relative indicator (unset = 0.5), 1 - exp(-k * "
-              "(L_ref - L_theta)) for the paper's (unset = the number of training timesteps, 1000)", gt=0)
+        None, "k: gamma = 1 - (L_theta / L_other)^k for the relative and views indicators (unset = 0.5), "
+              "1 - exp(-k * (L_ref - L_theta)) for the paper's (unset = the number of training timesteps, 1000)",
+        gt=0)
+    view_shift: float = option(
+        0.1, "views indicator: largest shift of a held-out view, as a fraction of the image (whole pixels, the "
+             "image mirrored at its edges)", gt=0, le=0.5)
     reference_every: int = option(
         4, "run the reference pass, the RS/AA terms and the indicator update every N-th step only; the steps "
            "between train with the last indicator (cheaper; 1 = every step, as the paper)", ge=1)
@@ -240,10 +245,16 @@ class AptOptions:
     rotation_max: float = option(15.0, "largest rotation in degrees, either way", ge=0, le=180)
     augment_space: Literal["latent", "pixel"] = option(
         "latent", "transform latents (works with cached latents) or pixels before the VAE")
-    augment_fill: Literal["black", "zeros"] = option(
-        "black", "fill of the uncovered border: the latent of black pixels (black pixels in pixel space), or zeros")
+    translate_max: float = option(
+        0.0, "largest translation of an augmented image, as a fraction of its size, either way", ge=0, le=0.5)
+    augment_fill: Literal["black", "zeros", "reflect"] = option(
+        "black", "fill of the uncovered border: the latent of black pixels (black pixels in pixel space), zeros, "
+                 "or the image mirrored at its edge (no border)")
     loss_weighting: bool = option(True, "adaptive loss weighting: each sample's loss times (1 - gamma)")
     min_weight: float = option(0.0, "floor of the adaptive loss weight (the paper: 0)", ge=0, le=1)
+    regularisers_scale: Literal["constant", "gamma"] = option(
+        "constant", "strength of RS and AA: lambda_dist and lambda_attn as set, or times the mean gamma of the "
+                    "batch's training images (the regularisers then grow with the indicator)")
     rs: bool = option(True, "representation stabilisation: match feature mean/std to the frozen model")
     lambda_dist: float = option(1.0, "weight of the representation-stabilisation loss", ge=0)
     rs_layers: tuple[str, ...] = option(

@@ -48,7 +48,13 @@ class AptStep(MethodStep):
         self.weights = torch.ones(len(batch.records))  # (1 - gamma), floored; 1 for regularisation images
         self.draw: aug.AugmentDraw | None = None
         self.loss_ref: torch.Tensor | None = None
+        self.loss_view: torch.Tensor | None = None  # the "views" indicator's held-out views
+        self.clean: tuple[torch.Tensor, torch.Tensor | None] | None = None  # latents and mask before augmentation
         self._stats: dict[str, float] = {}
+
+    @property
+    def augmented(self) -> torch.Tensor:
+        return self.draw.apply if self.draw is not None else torch.zeros(len(self.gamma), dtype=torch.bool)
 
     def augment(self, latents, mask, timesteps, gen):
         apt = self.method.controller
@@ -56,16 +62,19 @@ class AptStep(MethodStep):
         self.gamma = torch.where(self.batch.is_reg, 0.0, apt.indicator.gamma_at(timesteps))
         self.weights = apt.loss_weights(self.gamma)
         self.draw = apt.draw(self.gamma, gen)
+        self.clean = (latents, mask)
+        if self.reference and apt.indicator.form == "views":
+            self.views_gen = torch.Generator().manual_seed(gen.initial_seed() ^ 0x9E3779B9)
         if self.draw is None or not bool(self.draw.apply.any()):
             return latents, mask
-        fill_black = apt.opts.augment_fill == "black"
+        fill = apt.opts.augment_fill
         if apt.opts.augment_space == "pixel" and self.batch.pixels is not None:
-            pixels = aug.apply(self.batch.pixels, self.draw, -1.0 if fill_black else 0.0)
+            pixels = aug.apply(self.batch.pixels, self.draw, {"black": -1.0, "zeros": 0.0}.get(fill, fill))
             chosen = self.draw.apply.nonzero().flatten().to(latents.device)
             latents = latents.clone()
             latents[chosen] = self.method.encode(pixels[chosen.cpu()]).to(latents.device, latents.dtype)
         else:
-            latents = aug.apply(latents, self.draw, self.method.fill if fill_black else 0.0)
+            latents = aug.apply(latents, self.draw, {"black": self.method.fill, "zeros": 0.0}.get(fill, fill))
         if mask is not None:
             mask = aug.apply(mask, self.draw, 0.0)  # the uncovered border is not part of the subject
         return latents, mask
@@ -73,11 +82,33 @@ class AptStep(MethodStep):
     def before_prediction(self, ctx: StepContext) -> None:
         if not self.reference:
             return
-        recorder = self.method.controller.recorder
-        recorder.clear()
-        with recorder.recording("ref"):
-            pred = ctx.reference()
-        self.loss_ref = ctx.per_sample_loss(pred)
+        apt = self.method.controller
+        if apt.indicator.form == "views":
+            self.loss_view = self.view_losses(ctx)
+        if apt.indicator.form != "views" or apt.layers["rs"] or apt.layers["aa"]:
+            apt.recorder.clear()
+            with apt.recorder.recording("ref"):
+                pred = ctx.reference()
+            self.loss_ref = ctx.per_sample_loss(pred)
+
+    def view_losses(self, ctx: StepContext) -> torch.Tensor:
+        """The trained model's loss on a fresh shifted view of each clean training image (the image
+        mirrored at its edges, whole pixels, never trained on) at the same timestep and noise."""
+        apt = self.method.controller
+        latents, mask = self.clean
+        if apt.opts.augment_space == "pixel" and self.batch.pixels is not None:
+            pixels = self.batch.pixels
+            shifts = aug.draw_view_shifts(len(pixels), max(1, round(apt.opts.view_shift * pixels.shape[-1])),
+                                          self.views_gen)
+            views = self.method.encode(aug.shift_views(pixels, shifts)).to(latents.device, latents.dtype)
+            scale = latents.shape[-1] / pixels.shape[-1]
+            mask_shifts = (shifts.float() * scale).round().long()
+        else:
+            shifts = aug.draw_view_shifts(len(latents), max(1, round(apt.opts.view_shift * latents.shape[-1])),
+                                          self.views_gen)
+            views, mask_shifts = aug.shift_views(latents, shifts), shifts
+        view_mask = None if mask is None else aug.shift_views(mask, mask_shifts)
+        return ctx.loss_on(views, view_mask)
 
     @contextmanager
     def prediction(self):
@@ -96,16 +127,22 @@ class AptStep(MethodStep):
                        "apt/loss_weight": float(self.weights.mean())}
         if not self.reference:
             return None
+        if self.loss_ref is not None:
+            self._stats["apt/loss_ref"] = self.loss_ref.float().mean().item()
+        if self.loss_view is not None:
+            self._stats["apt/loss_view"] = self.loss_view.float().mean().item()
         input_ids = ctx.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
         terms = apt.regularisers(input_ids)
         total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
+        if apt.opts.regularisers_scale == "gamma":  # the regularisers grow with the indicator
+            train = ~self.batch.is_reg
+            total = total * (float(self.gamma[train].mean()) if bool(train.any()) else 0.0)
         finite = bool(torch.isfinite(total))
         if not finite:
             # A non-finite reference (its recordings are the targets) must not poison the step.
             self.method.count_skipped("regularisers")
             total = torch.zeros((), device=per_sample.device)
         self._stats.update({
-            "apt/loss_ref": self.loss_ref.float().mean().item(),
             "apt/l_mu": terms.l_mu.detach().item() if finite else 0.0,
             "apt/l_sigma": terms.l_sigma.detach().item() if finite else 0.0,
             "apt/l_attn": terms.l_attn.detach().item() if finite else 0.0,
@@ -191,12 +228,16 @@ class AptMethod(TrainingMethod):
         results = [r for r, _ in losses]
         self.last_stats = {k: sum(r.stats[k] for r in results) / len(results) for k in results[0].stats}
         rows = []
+        views = self.controller.indicator.form == "views"
         for micro, (result, batch) in zip(self._steps, losses):
             if not micro.reference:
                 continue
             keep = ~batch.is_reg if not self.includes_reg else torch.ones_like(batch.is_reg)
+            if views:  # an augmented sample's training loss is on a transformed image, not the one it could memorise
+                keep = keep & ~micro.augmented
+            other = micro.loss_view if views else micro.loss_ref
             rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
-                                     micro.loss_ref.float().cpu(), keep.float()]).T)
+                                     other.float().cpu(), keep.float()]).T)
         self._steps = []
         if rows:  # between reference passes the indicator stays as it was
             gathered = self.gather(torch.cat(rows))

@@ -82,10 +82,11 @@ class Denoiser:
             method_gen = torch.Generator().manual_seed(gen.initial_seed() ^ 0x5DEECE66D)
             latents, mask = method.augment(latents, mask, timesteps, method_gen)
         noise = self.noise.sample(latents, gen)
-        noisy = self.objective.add_noise(latents, self.noise.perturb(noise, gen), timesteps)
+        input_noise = self.noise.perturb(noise, gen)
+        noisy = self.objective.add_noise(latents, input_noise, timesteps)
         cond = self.conditioning(batch, local=local)
         target = self.objective.target(latents, noise, timesteps)
-        return NoisyInputs(latents, mask, timesteps, noisy, target, cond, batch.size_info)
+        return NoisyInputs(latents, mask, timesteps, noisy, target, cond, batch.size_info, noise, input_noise)
 
     def predict(self, inputs: NoisyInputs, model=None, cond: Conditioning | None = None) -> torch.Tensor:
         return self.family.predict(model or self.model, inputs.noisy, inputs.timesteps.to(self.device),
@@ -103,9 +104,21 @@ class Denoiser:
         finally:
             self.set_enabled(True)
 
+    @torch.no_grad()
+    def loss_on(self, inputs: NoisyInputs, latents: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The trained model's per-sample loss on other clean latents with the same timesteps, noise
+        and conditioning (this process's unwrapped model, no gradients)."""
+        timesteps = inputs.timesteps
+        noisy = self.objective.add_noise(latents, inputs.input_noise, timesteps)
+        target = self.objective.target(latents, inputs.noise, timesteps)
+        pred = self.family.predict(self.local_model, noisy, timesteps.to(self.device), inputs.cond,
+                                   inputs.size_info)
+        return self.loss_fn.per_sample(pred, target, mask)
+
     def context(self, batch: Batch, inputs: NoisyInputs) -> StepContext:
         return StepContext(batch, inputs, lambda pred: self.loss_fn.per_sample(pred, inputs.target, inputs.mask),
-                           lambda: self.reference(batch, inputs), self.conditioning.tokenize)
+                           lambda: self.reference(batch, inputs), self.conditioning.tokenize,
+                           lambda latents, mask: self.loss_on(inputs, latents, mask))
 
     def loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None = None,
              timesteps: torch.Tensor | None = None, local: bool = False, weighted: bool = True) -> StepLoss:

@@ -25,6 +25,8 @@ class NoisyInputs:
     target: torch.Tensor
     cond: Conditioning
     size_info: list[tuple[int, ...]]  # per sample: original (h, w), crop (top, left), target (h, w)
+    noise: torch.Tensor | None = None        # the noise the target is made of
+    input_noise: torch.Tensor | None = None  # the noise mixed into the input (perturbed with ip_noise_gamma)
 
 
 @dataclass
@@ -43,3 +45,6 @@ class StepContext:
     per_sample_loss: Callable[[torch.Tensor], torch.Tensor]  # prediction -> (B,) loss, as training computes it
     reference: Callable[[], torch.Tensor]     # the base model's prediction (adapters off, base text), no grad
     tokenize: Callable[[list[str]], list[torch.Tensor]]      # captions -> token ids per tokenizer
+    # The trained model's (B,) loss on other clean latents (and loss mask) at the same timesteps, noise
+    # and conditioning, without gradients: APT's held-out views.
+    loss_on: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None

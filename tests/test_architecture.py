@@ -116,3 +116,13 @@ def test_benches_use_the_public_probe_and_nothing_from_tests():
             if private.search(line.split("#", 1)[0]):
                 found.append(f"{path.name}:{n}: {line.strip()}")
     assert not found, found
+
+
+def test_tools_and_benches_import_the_installed_package_without_editing_sys_path():
+    edits = re.compile(r"sys\.path\.(insert|append)|sys\.path\s*\+?=|site\.addsitedir")
+    found = []
+    for path in [*(ROOT / "tools").glob("*.py"), *(ROOT / "bench").glob("*.py"), ROOT / "train_apt_lora.py"]:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if edits.search(line.split("#", 1)[0]):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not found, found

@@ -13,8 +13,7 @@ import io
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from library.utils.toolmain import command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from library.utils.toolmain import run_tool
+cli = command(main)
 
-    sys.exit(run_tool(main))
+if __name__ == "__main__":
+    sys.exit(cli())

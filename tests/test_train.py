@@ -168,13 +168,13 @@ def test_gpu_only_options_fail_clearly_on_cpu(tmp_path, tiny_models, images, opt
 
 
 def test_cpu_threads_use_the_cores_unless_chosen(monkeypatch):
-    import os
+    from library.train import setup
+    from library.train.setup import set_cpu_threads, usable_cores
 
-    from library.train.setup import set_cpu_threads
-
+    assert 1 <= usable_cores() <= (__import__("os").cpu_count() or 1)
     before = torch.get_num_threads()
     try:
-        monkeypatch.setattr(os, "cpu_count", lambda: 8)
+        monkeypatch.setattr(setup, "usable_cores", lambda: 8)
         assert set_cpu_threads(0, 1) == 8 and torch.get_num_threads() == 8  # not accelerate's OMP_NUM_THREADS=1
         assert set_cpu_threads(0, 2) == 4  # shared among two local DDP processes
         assert set_cpu_threads(3, 1) == 3 and torch.get_num_threads() == 3

@@ -68,9 +68,17 @@ def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     return accelerator, precision
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (taskset, a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def set_cpu_threads(requested: int, local_processes: int) -> int:
     """`accelerate launch` sets OMP_NUM_THREADS=1 when it is unset, which halves the speed of a CPU run
-    on two cores; use the machine's cores (shared among local processes) unless the user chose."""
-    threads = requested or max(1, (os.cpu_count() or 1) // max(local_processes, 1))
+    on two cores; use the process's cores (shared among local processes) unless the user chose."""
+    threads = requested or max(1, usable_cores() // max(local_processes, 1))
     torch.set_num_threads(threads)
     return threads

@@ -74,12 +74,18 @@ class NetworkOptions:
         return float(self.conv_dim) if self.conv_alpha is None else self.conv_alpha
 
 
+# The optimizers built in by name (library.train.optimizers has their classes).
+OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+                   "PagedLion8bit", "Prodigy", "Adafactor", "SGD")
+
+
 @dataclass(frozen=True)
 class OptimizerOptions:
-    optimizer_type: Literal["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion",
-                            "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGD"] = option(
-        "AdamW", "optimizer; AdamW8bit, Lion8bit and the Paged* ones (state in paged GPU memory) need bitsandbytes, "
-                 "Lion lion-pytorch, Prodigy prodigyopt")
+    optimizer_type: str = option(
+        "AdamW", f"optimizer: {', '.join(OPTIMIZER_NAMES)} (any case), or a class as \"package.module.Class\" "
+                 "(kohya's spelling; bitsandbytes.optim.AdamW8bit and prodigyopt.Prodigy are the built-in ones); "
+                 "AdamW8bit, Lion8bit and the Paged* ones (state in paged GPU memory) need bitsandbytes, Lion "
+                 "lion-pytorch, Prodigy prodigyopt")
     optimizer_args: Union[tuple[str, ...], dict] = option(
         (), 'extra optimizer arguments: "key=value" strings as in kohya (["weight_decay=0.01", "betas=(0.9,0.99)"]) '
             "or a table ({ weight_decay = 0.01 })")
@@ -93,6 +99,13 @@ class OptimizerOptions:
         0, "warm-up steps from 0 to the learning rate; a value below 1 is a fraction of the training steps", ge=0)
     lr_scheduler_num_cycles: int = option(1, "restarts of cosine_with_restarts", ge=1)
     lr_scheduler_power: float = option(1.0, "power of the polynomial schedule", gt=0)
+    lr_scheduler_type: Optional[str] = option(
+        None, "a scheduler class instead of lr_scheduler, as \"package.module.Class\" (e.g. "
+              "\"torch.optim.lr_scheduler.CosineAnnealingLR\"), built with the optimizer and lr_scheduler_args and "
+              "stepped once per optimizer step (lr_warmup_steps does not apply)")
+    lr_scheduler_args: Union[tuple[str, ...], dict] = option(
+        (), 'arguments of lr_scheduler_type: "key=value" strings as in kohya (["T_max=1000", "eta_min=1e-6"]) or a '
+            "table")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this value; 0 disables clipping", ge=0)
 
     def text_encoder_lrs(self, count: int) -> list[float]:
@@ -126,6 +139,10 @@ class TrainingOptions:
     min_timestep: int = option(0, "lowest training timestep", ge=0, le=999)
     max_timestep: int = option(1000, "highest training timestep (exclusive)", ge=1, le=1000)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    max_token_length: Optional[int] = option(
+        None, "caption length in tokens: unset = 75 (one CLIP window); 150 or 225 encode a longer caption as kohya "
+              "does, in 75-token chunks each wrapped in BOS/EOS, concatenated (SDXL's pooled output from the first "
+              "chunk)", choices=(75, 150, 225))
     attention: Literal["sdpa", "xformers"] = option(
         "sdpa", "attention kernel; xformers needs the xformers package and a CUDA GPU", kohya=False)
     apt: bool = option(False, "train with APT (adaptive augmentation and loss weighting, representation "

@@ -135,7 +135,8 @@ def build_run(cfg: Config) -> TrainingRun:
                         TimestepSampler.from_options(training, objective.num_timesteps),
                         Loss.from_options(training, objective), acc.device, network.set_enabled)
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
-                                cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
+                                cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power,
+                                cfg.optimizer.lr_scheduler_type, cfg.optimizer.lr_scheduler_args)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
                        scheduler, list(prepared[:-1]), denoiser, setup, method, validator)

@@ -307,6 +307,7 @@ def _cross_checks(values: dict, source: str) -> None:
     if problem:
         raise UserError(f"{source}: [network] {problem}")
     kind = network_kinds.network_kind(net.network_type)
+    _check_block_options(net, kind, source)
     if net.network_dropout and not kind.dropout:
         raise UserError(f"{source}: [network] network_dropout: {kind.name} has no dropout on its input (peft's "
                         f"{kind.peft_config.removesuffix('Config')} layers); set it to 0")
@@ -335,6 +336,51 @@ def _cross_checks(values: dict, source: str) -> None:
     if (sampling.sample_every_n_steps or sampling.sample_every_n_epochs or sampling.sample_at_first) \
             and not sampling.sample_prompts:
         raise UserError(f"{source}: [sampling] sample_prompts: needed to make sample images (a prompts file)")
+
+
+LR_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _check_block_options(net: NetworkOptions, kind, source: str) -> None:
+    """networks.lora's block, LoRA+ and dropout options (their lengths are checked against the
+    model's blocks when the network is built)."""
+    for key in ("down_lr_weight", "up_lr_weight"):
+        value = getattr(net, key)
+        if isinstance(value, str):
+            name, _, plus = value.partition("+")
+            ok = name in LR_CURVES
+            if ok and plus:
+                try:
+                    float(plus)
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise UserError(f"{source}: [network] {key}: {value!r} is not a list of factors or a curve; use "
+                                f"{', '.join(LR_CURVES)}, optionally with \"+0.5\" (e.g. \"sine+0.5\")")
+    for key in ("rank_dropout", "module_dropout", "block_lr_zero_threshold"):
+        value = getattr(net, key)
+        if not 0 <= value < (1 if key != "block_lr_zero_threshold" else float("inf")):
+            raise UserError(f"{source}: [network] {key}: {value} is out of range")
+    for key in ("block_dims", "conv_block_dims", "block_alphas", "conv_block_alphas", "mid_lr_weight",
+                "down_lr_weight", "up_lr_weight"):
+        value = getattr(net, key)
+        if isinstance(value, tuple) and any(v < 0 for v in value):
+            raise UserError(f"{source}: [network] {key}: negative values are not valid")
+    if (net.block_alphas is not None and net.block_dims is None) or \
+            (net.conv_block_alphas is not None and net.conv_block_dims is None):
+        key = "block_alphas" if net.block_dims is None and net.block_alphas is not None else "conv_block_alphas"
+        raise UserError(f"{source}: [network] {key}: set {key.replace('alphas', 'dims')} too")
+    if (net.rank_dropout or net.module_dropout) and kind.rank_module_dropout is None:
+        key = "rank_dropout" if net.rank_dropout else "module_dropout"
+        with_it = [k.name for k in network_kinds.network_kinds() if k.rank_module_dropout]
+        raise UserError(f"{source}: [network] {key}: not available with network_type = \"{kind.name}\"; use "
+                        + " or ".join(with_it))
+    plus = [k for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+            if getattr(net, k) is not None]
+    if plus and not kind.loraplus:
+        with_it = [k.name for k in network_kinds.network_kinds() if k.loraplus]
+        raise UserError(f"{source}: [network] {plus[0]}: LoRA+ speeds up the up matrices of "
+                        f"{' and '.join(with_it)}; {kind.name} has none")
 
 
 def _check_output_name(name: str, source: str) -> None:

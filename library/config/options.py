@@ -57,6 +57,39 @@ class NetworkOptions:
     lokr_factor: int = option(
         -1, "LoKr: split each layer's input and output size as factor x (size / factor); -1 picks the most "
             "balanced split per layer. The factor must divide every trained layer's sizes", kohya=False)
+    block_dims: Optional[tuple[int, ...]] = option(
+        None, "rank of each UNet block's linear layers, one value per kohya block: 25 for SD1.x/2.x (IN00-IN11, "
+              "MID, OUT00-OUT11), 23 for SDXL (BASE, IN00-IN08, MID00-MID02, OUT00-OUT08, OUT; the original "
+              "UNet's block lists); 0 = no LoRA in that block. The text encoders keep network_dim", ge=0)
+    block_alphas: Optional[tuple[float, ...]] = option(
+        None, "alpha of each block (as block_dims); unset = network_alpha, or each block's rank when that is "
+              "unset too", ge=0)
+    conv_block_dims: Optional[tuple[int, ...]] = option(
+        None, "rank of each block's 3x3 convolutions (as block_dims; trains them as conv_dim does)", ge=0)
+    conv_block_alphas: Optional[tuple[float, ...]] = option(
+        None, "alpha of each block's 3x3 convolutions; unset = conv_alpha, or each block's conv rank", ge=0)
+    down_lr_weight: Optional[Union[tuple[float, ...], str]] = option(
+        None, "learning-rate factor of each input block (IN00..., shallow to deep; missing values are 1), or "
+              "a curve: \"cosine\", \"sine\", \"linear\", \"reverse_linear\", \"zeros\", with \"+0.5\" added "
+              "to every value. Each block becomes its own optimizer parameter group (lr/unet_IN04 in the logs)")
+    mid_lr_weight: Optional[tuple[float, ...]] = option(
+        None, "learning-rate factor of the middle block (SDXL: of MID00-MID02)")
+    up_lr_weight: Optional[Union[tuple[float, ...], str]] = option(
+        None, "learning-rate factor of each output block (OUT00..., deep to shallow), or a curve as down_lr_weight")
+    block_lr_zero_threshold: float = option(
+        0.0, "block learning-rate factors at or below this become 0, and those blocks get no LoRA at all", ge=0)
+    loraplus_lr_ratio: Optional[float] = option(
+        None, "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (16 is common); "
+              "separate parameter groups, shown as lr/<group>_plus", gt=0)
+    loraplus_unet_lr_ratio: Optional[float] = option(None, "LoRA+ ratio of the UNet (unset = loraplus_lr_ratio)",
+                                                     gt=0)
+    loraplus_text_encoder_lr_ratio: Optional[float] = option(
+        None, "LoRA+ ratio of the text encoders (unset = loraplus_lr_ratio)", gt=0)
+    rank_dropout: float = option(
+        0.0, "during training, drop each rank of a LoRA module with this probability per sample (the rest "
+             "scaled up to keep the mean)", ge=0, lt=1)
+    module_dropout: float = option(
+        0.0, "during training, skip a whole LoRA module with this probability per step", ge=0, lt=1)
     network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
     network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
     network_weights_partial: bool = option(

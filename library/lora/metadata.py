@@ -52,7 +52,20 @@ def network_args(net) -> dict[str, str]:
     args.update(kind.option_args(net))
     if net.network_dropout:
         args["dropout"] = str(net.network_dropout)
+    # networks.lora's per-block, LoRA+ and dropout arguments, in its "a,b,c" spelling
+    for key in BLOCK_ARGS:
+        value = getattr(net, key, None)
+        if value is None or (key in ZERO_DEFAULT and not value):
+            continue
+        args[key] = ",".join(_num(v) if isinstance(v, float) else str(v) for v in value) \
+            if isinstance(value, tuple) else (_num(value) if isinstance(value, float) else str(value))
     return args
+
+
+BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+              "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "rank_dropout", "module_dropout")
+ZERO_DEFAULT = ("block_lr_zero_threshold", "rank_dropout", "module_dropout")
 
 
 def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None = None) -> dict[str, str]:

@@ -165,6 +165,14 @@ class ModelFamily:
         """(key in an original-format checkpoint, q/k/v row block or None) of a LoRA target's weight."""
         raise NotImplementedError
 
+    def lora_blocks(self, unet_config: Mapping) -> list[str]:
+        """The labels of kohya's UNet blocks (block_dims, down/mid/up_lr_weight), in index order."""
+        raise NotImplementedError
+
+    def lora_block_index(self, path: str, unet_config: Mapping) -> int | None:
+        """The kohya block (an index into `lora_blocks`) of a denoiser module path, or None."""
+        raise NotImplementedError
+
     def lora_file_problems(self, naming: str, names: list[str]) -> dict[str, list[str]]:
         """Loader problems ({"a1111": [...], ...}) this family's names cause in WebUIs."""
         return {}

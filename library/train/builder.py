@@ -192,12 +192,26 @@ def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraN
 
 
 def parameter_groups(cfg: Config, network: LoraNetwork, encoders: int, trains_text: bool) -> list[dict]:
-    opt = cfg.optimizer
-    groups = [{"params": list(network.parameters("unet")), "lr": opt.unet_lr or opt.learning_rate, "name": "unet"}]
+    """One group per component; with kohya's block learning-rate factors one per UNet block
+    ("unet_IN04"), and with LoRA+ the up matrices of each in a group of their own ("..._plus")."""
+    opt, net = cfg.optimizer, cfg.network
+    base = {"unet": opt.unet_lr or opt.learning_rate}
     if trains_text:
-        for i, lr in enumerate(opt.text_encoder_lrs(encoders)):
-            groups.append({"params": list(network.parameters(f"te{i + 1}")), "lr": lr, "name": f"te{i + 1}"})
-    return groups
+        base.update({f"te{i + 1}": lr for i, lr in enumerate(opt.text_encoder_lrs(encoders))})
+    ratios = {c: (net.loraplus_unet_lr_ratio if c == "unet" else net.loraplus_text_encoder_lr_ratio)
+              or net.loraplus_lr_ratio for c in base}
+    groups: dict[str, dict] = {name: {"params": [], "lr": lr, "name": name} for name, lr in base.items()}
+    for component, block, weight, plus, param in network.parameter_sets():
+        if component not in base:
+            continue
+        ratio = ratios[component] if plus else None
+        name = component + (f"_{block}" if block else "") + ("_plus" if ratio else "")
+        group = groups.setdefault(name, {"params": [], "lr": base[component] * weight * (ratio or 1.0), "name": name})
+        group["params"].append(param)
+    out = [g for g in groups.values() if g["params"] or g["name"] in base]
+    if len(out) > len(base):
+        log.info("optimizer parameter groups: %s", ", ".join(f"{g['name']} lr={g['lr']:g}" for g in out if g["params"]))
+    return [g for g in out if g["params"]] if len(out) > len(base) else out
 
 
 def latent_cache(cfg: Config, data: TrainingData, encoder: VaeEncoder, acc, bundle: ModelBundle) -> LatentCache | None:

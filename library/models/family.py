@@ -109,8 +109,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- training -----------------------------------------------------------------------------
-    def caption_encoder(self, tokenizers: list, encoders: list, clip_skip: int = 1):
-        """The object that turns captions into Conditioning (library.models.conditioning)."""
+    def caption_encoder(self, tokenizers: list, encoders: list, clip_skip: int = 1,
+                        max_token_length: int | None = None):
+        """The object that turns captions into Conditioning (library.models.conditioning);
+        `max_token_length` (150, 225) lets captions run over the encoders' window in chunks."""
         raise NotImplementedError
 
     def predict(self, model, noisy, timesteps, cond, size_info: list[tuple[int, ...]]):

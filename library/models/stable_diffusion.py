@@ -177,10 +177,10 @@ class StableDiffusion(ModelFamily):
         return out
 
     # --- training -----------------------------------------------------------------------------
-    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1):
+    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1, max_token_length=None):
         from library.models.conditioning import ClipCaptionEncoder
 
-        return ClipCaptionEncoder(tokenizers, encoders, clip_skip)
+        return ClipCaptionEncoder(tokenizers, encoders, clip_skip, max_token_length)
 
     def model_kwargs(self, cond, size_info, device) -> dict:
         return {}
@@ -387,10 +387,10 @@ class SDXL(StableDiffusion):
         return any(k.startswith("conditioner.embedders.1.model.") for k in shapes) or \
             UNET_PREFIX + "label_emb.0.0.weight" in shapes
 
-    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1):
+    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1, max_token_length=None):
         from library.models.conditioning import SdxlCaptionEncoder
 
-        return SdxlCaptionEncoder(tokenizers, encoders, clip_skip)
+        return SdxlCaptionEncoder(tokenizers, encoders, clip_skip, max_token_length)
 
     def model_kwargs(self, cond, size_info, device) -> dict:
         import torch

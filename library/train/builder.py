@@ -90,7 +90,7 @@ def build_run(cfg: Config) -> TrainingRun:
     data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
                     model_plan.family.label)
     if acc.is_main_process:
-        log_dataset(data)
+        log_dataset(data, training.max_token_length)
     plan = StepPlan(data, training.gradient_accumulation_steps, acc.num_processes, acc.process_index)
     total_steps = (training.max_train_epochs * plan.steps_per_epoch if training.max_train_epochs
                    else training.max_train_steps)
@@ -122,8 +122,10 @@ def build_run(cfg: Config) -> TrainingRun:
     unet, optimizer = prepared[0], prepared[-1]
     # Training passes go through the DDP wrappers so that gradients are synchronised.
     train_encoders = list(prepared[1:-1]) if trains_text else bundle.text_encoders
-    local_text = family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip)
-    trained_text = family.caption_encoder(bundle.tokenizers, train_encoders, training.clip_skip) if trains_text \
+    local_text = family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
+                                        training.max_token_length)
+    trained_text = family.caption_encoder(bundle.tokenizers, train_encoders, training.clip_skip,
+                                          training.max_token_length) if trains_text \
         else local_text
     conditioning = ConditioningSource(trained_text, local_text, trains_text, acc.device,
                                       text_cache(cfg, data, local_text, acc, bundle))
@@ -265,9 +267,14 @@ def resolution_of(data, bundle) -> tuple[int, int]:
 def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     if not cfg.sampling.sample_prompts:
         return None
+    training = cfg.training
+    # long prompts go through the trainer's chunked encoder (the pipelines cut them at 77 tokens)
+    text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
+                                         training.max_token_length) if training.max_token_length else None
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
                    cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
-                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base)
+                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base,
+                   text)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:

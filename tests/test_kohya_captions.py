@@ -190,10 +190,13 @@ def test_text_cache_refuses_wildcards(tmp_path, tiny_models):
 
 
 def test_resume_is_exact_with_wildcards(tmp_path, tiny_models):
+    """The line and choices drawn depend on (seed, epoch, image) only: a run resumed in the middle of an
+    epoch trains on the captions the uninterrupted run saw (an unseeded draw would make them differ)."""
     from library.train.loop import Trainer
 
     folder = make_images(tmp_path / "img", 4, caption="a {red|blue|green} disc\na plain {shape|thing}")
-    fp32 = [("save_precision", "float"), ("mixed_precision", "no")]
+    fp32 = [("save_precision", "float"), ("mixed_precision", "no"), ("log_with", "none"),
+            ("max_data_loader_n_workers", "0")]
 
     def config(where, steps):
         where.mkdir()
@@ -202,17 +205,11 @@ def test_resume_is_exact_with_wildcards(tmp_path, tiny_models):
                                                  "[[datasets.subsets]]\nenable_wildcard = true"))
         return path
 
-    straight = config(tmp_path / "a", 6)
+    straight = config(tmp_path / "a", 4)
     Trainer(build_config(str(straight), fp32)).run()
-    split = config(tmp_path / "b", 3)
+    split = config(tmp_path / "b", 3)   # batch 2 of 4 images: stops in the middle of epoch 2
     Trainer(build_config(str(split), [*fp32, ("save_state", "true")])).run()
-    Trainer(build_config(str(split), [*fp32, ("resume", "latest"), ("max_train_steps", "6")])).run()
+    Trainer(build_config(str(split), [*fp32, ("resume", "latest"), ("max_train_steps", "4")])).run()
     a, b = load_file(str(tmp_path / "a" / "out" / "lora.safetensors")), load_file(str(tmp_path / "b" / "out" /
                                                                                          "lora.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    # and the wildcards did change the training: without them the weights differ
-    plain = tmp_path / "c"
-    plain.mkdir()
-    Trainer(build_config(str(tiny_config(plain, tiny_models["sd15"], folder, max_train_steps=6)), fp32)).run()
-    c = load_file(str(plain / "out" / "lora.safetensors"))
-    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-6

@@ -189,3 +189,49 @@ def test_kohya_keys_on_the_command_line(tmp_path, tiny_models, images):
     cmd = parse_argv(["--config", str(path), "--xformers", "--persistent_data_loader_workers", "--seed", "3"])
     cfg = build_config(cmd.config_file, cmd.overrides)
     assert cfg.training.attention == "xformers" and cfg.training.seed == 3
+
+
+def test_sdxl_gui_config_with_a_dataset_toml_trains(tmp_path, tiny_models, images):
+    """The SDXL case: the GUI's flat config pointing at a kohya dataset TOML, long captions read with
+    max_token_length, LoRA+ in network_args, Adafactor with kohya's arguments."""
+    for p in images.glob("*.txt"):
+        p.write_text(", ".join(f"tag{i} word{i}" for i in range(20)))  # over 75 tokens
+    dataset = tmp_path / "dataset.toml"
+    dataset.write_text(f"""[general]
+shuffle_caption = true
+caption_extension = ".txt"
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+
+  [[datasets.subsets]]
+  image_dir = "{images}"
+  num_repeats = 1
+""")
+    path = gui_config(tmp_path, tiny_models["sdxl"], images, train_data_dir=None, dataset_config=str(dataset),
+                      no_half_vae=True, max_token_length=150, optimizer_type="Adafactor",
+                      optimizer_args=["scale_parameter=False", "relative_step=False", "warmup_init=False"],
+                      lr_scheduler="constant_with_warmup", network_args=["loraplus_lr_ratio=4"], max_train_steps=1,
+                      cache_latents=False, max_bucket_reso=64, mem_eff_attn=None)
+    cfg = build_config(str(path), [])
+    assert cfg.dataset.datasets[0].enable_bucket          # the GUI's top-level enable_bucket, below [general]
+    assert cfg.dataset.datasets[0].subsets[0].keep_tokens == 1 and cfg.network.loraplus_lr_ratio == 4
+    code, _, err = run_main(["--config", str(path), "--log_with", "none"])
+    assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "gui_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"].startswith("sdxl") and "loraplus_lr_ratio" in meta["ss_network_args"]
+
+
+def test_in_json_fine_tune_dataset(tmp_path, tiny_models, images):
+    meta = tmp_path / "meta.json"
+    meta.write_text('{"img00": {"caption": "a disc"}, "img01": {"tags": "disc, red"}}')
+    path = gui_config(tmp_path, tiny_models["sd15"], images, train_data_dir=str(images), in_json=str(meta),
+                      dataset_repeats=3)
+    cfg = build_config(str(path), [])
+    sub = cfg.dataset.datasets[0].subsets[0]
+    assert sub.metadata_file == str(meta) and sub.num_repeats == 3 and sub.image_dir == str(images)

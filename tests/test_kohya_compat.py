@@ -235,3 +235,26 @@ def test_in_json_fine_tune_dataset(tmp_path, tiny_models, images):
     cfg = build_config(str(path), [])
     sub = cfg.dataset.datasets[0].subsets[0]
     assert sub.metadata_file == str(meta) and sub.num_repeats == 3 and sub.image_dir == str(images)
+
+
+def test_option_list_extractor_reads_argparse_calls(tmp_path):
+    """tools/list_sd_scripts_options.py follows setup_parser into the add_*_arguments helpers."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import list_sd_scripts_options
+
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "train_util.py").write_text(
+        "def add_training_arguments(parser, flag):\n    parser.add_argument('--seed', type=int)\n"
+        "    if flag:\n        parser.add_argument('--xformers', action='store_true')\n")
+    (tmp_path / "train_network.py").write_text(
+        "from library import train_util\ndef setup_parser():\n    parser = None\n"
+        "    train_util.add_training_arguments(parser, True)\n    parser.add_argument('--network_dim')\n")
+    (tmp_path / "sdxl_train_network.py").write_text(
+        "import train_network\ndef setup_parser():\n    parser = train_network.setup_parser()\n"
+        "    parser.add_argument('--cache_text_encoder_outputs')\n    return parser\n")
+    found = list_sd_scripts_options.collect(tmp_path)
+    assert found == {"seed": {"train_network", "sdxl_train_network"}, "xformers": {"train_network",
+                     "sdxl_train_network"}, "network_dim": {"train_network", "sdxl_train_network"},
+                     "cache_text_encoder_outputs": {"sdxl_train_network"}}

@@ -258,3 +258,18 @@ def test_option_list_extractor_reads_argparse_calls(tmp_path):
     assert found == {"seed": {"train_network", "sdxl_train_network"}, "xformers": {"train_network",
                      "sdxl_train_network"}, "network_dim": {"train_network", "sdxl_train_network"},
                      "cache_text_encoder_outputs": {"sdxl_train_network"}}
+
+
+def test_metadata_options_are_written(tmp_path, tiny_models, images):
+    from safetensors import safe_open
+
+    path = gui_config(tmp_path, tiny_models["sd15"], images, metadata_title="Round things", metadata_author="me",
+                      metadata_tags="disc, shape", training_comment="trained for a test", max_train_steps=1,
+                      metadata_thumbnail="data:image/png;base64,AAAA")
+    code, _, err = run_main(["--config", str(path), "--log_with", "none"])
+    assert code == 0, err
+    with safe_open(str(tmp_path / "out" / "gui_lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.title"] == "Round things" and meta["modelspec.author"] == "me"
+    assert meta["modelspec.tags"] == "disc, shape" and meta["ss_training_comment"] == "trained for a test"
+    assert "modelspec.license" not in meta and "modelspec.thumbnail" not in meta

@@ -235,3 +235,21 @@ def test_mixed_rank_file_trains_and_works_with_the_tools(tiny_models, images, tm
                             "--out", str(merged)]) == 0
     state = load_file(str(lora))
     assert {state[k].shape[0] for k in state if k.endswith("lora_down.weight") and "unet" in k} == {1, 2, 3}
+
+
+# Every network argument networks.lora reads (create_network and parse_block_lr_kwargs in
+# sd-scripts' networks/lora.py at commit 48d368fa557731ad0488c07304dfeba8c07910eb).
+NETWORKS_LORA_ARGS = ("conv_dim", "conv_alpha", "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas",
+                      "down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "rank_dropout",
+                      "module_dropout", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
+                      "loraplus_text_encoder_lr_ratio")
+
+
+def test_every_networks_lora_argument_is_an_option():
+    from library.config.loader import all_options
+    from library.config.network_args import mapped
+
+    arguments = mapped()
+    for name in NETWORKS_LORA_ARGS:
+        option, _ = arguments[name]
+        assert option == name and option in all_options()

@@ -176,10 +176,10 @@ KEYS: tuple[KohyaKey, ...] = (
     KohyaKey("zero3_init_flag", NO_EFFECT, "used with deepspeed only"),
     KohyaKey("zero3_save_16bit_model", NO_EFFECT, "used with deepspeed only"),
     KohyaKey("max_validation_steps", NO_EFFECT, "validation always covers every held-out image"),
-    KohyaKey("training_comment", NO_EFFECT, "not written to the file"),
-    *(KohyaKey(f"metadata_{k}", NO_EFFECT, "not written to the file (modelspec.title is output_name)")
-      for k in ("title", "author", "description", "license", "tags", "trigger_phrase", "usage_hint", "thumbnail",
-                "merged_from", "preprocessor", "is_negative_embedding")),
+    KohyaKey("metadata_thumbnail", NO_EFFECT, "no thumbnail is written (WebUIs show their own previews)"),
+    KohyaKey("metadata_merged_from", NO_EFFECT, "describes merged models; a trained LoRA is not one"),
+    KohyaKey("metadata_preprocessor", NO_EFFECT, "describes ControlNet-style models; a LoRA has none"),
+    KohyaKey("metadata_is_negative_embedding", NO_EFFECT, "describes textual-inversion embeddings"),
     # --- refused when set ----------------------------------------------------------------------
     KohyaKey("network_train_text_encoder_only", REFUSED, "training only the text encoder(s) is not supported; "
              "network_train_unet_only = false trains both"),

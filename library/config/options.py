@@ -242,6 +242,14 @@ class SavingOptions:
     save_last_n_epochs: Optional[int] = option(None, "keep only the last N epoch saves (older ones are deleted)", ge=1)
     save_state: bool = option(False, "with every save, write the training state (optimizer, schedule, data position, "
                                      "step) to a -state folder for resume")
+    metadata_title: Optional[str] = option(None, "modelspec.title of the file; unset = output_name")
+    metadata_author: Optional[str] = option(None, "modelspec.author of the file")
+    metadata_description: Optional[str] = option(None, "modelspec.description of the file")
+    metadata_license: Optional[str] = option(None, "modelspec.license of the file")
+    metadata_tags: Optional[str] = option(None, "modelspec.tags of the file (comma-separated)")
+    metadata_trigger_phrase: Optional[str] = option(None, "modelspec.trigger_phrase of the file")
+    metadata_usage_hint: Optional[str] = option(None, "modelspec.usage_hint of the file")
+    training_comment: Optional[str] = option(None, "ss_training_comment of the file: a free note")
     resume: Optional[str] = option(
         None, 'continue from a state folder, or "latest" for the newest one in output_dir (a damaged newest state '
               'stops the run), or "latest_intact" for the newest intact one (damaged newer ones are skipped)')

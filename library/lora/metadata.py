@@ -118,11 +118,19 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": facts.architecture,
         "modelspec.implementation": IMPLEMENTATION,
-        "modelspec.title": cfg.saving.output_name,
+        "modelspec.title": cfg.saving.metadata_title or cfg.saving.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
     }
+    saving = cfg.saving
+    for key, value in (("modelspec.author", saving.metadata_author), ("modelspec.description",
+                       saving.metadata_description), ("modelspec.license", saving.metadata_license),
+                       ("modelspec.tags", saving.metadata_tags), ("modelspec.trigger_phrase",
+                       saving.metadata_trigger_phrase), ("modelspec.usage_hint", saving.metadata_usage_hint),
+                       ("ss_training_comment", saving.training_comment)):
+        if value:  # kohya writes these only when given
+            meta[key] = value
     meta.update(facts.components)
     for key, value in facts.extra.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)

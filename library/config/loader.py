@@ -181,6 +181,8 @@ def _apply_kohya(settings: dict[str, _Setting], kohya: dict[str, tuple[Any, str]
     found = kohya_options.translate(kohya)
     for option, (value, where) in found.settings.items():
         own = settings.get(option)
+        if own is not None and own.origin == "file" and where.startswith("command line"):
+            own = None  # a kohya key on the command line overrides the file's option
         if own is not None:
             if own.value != value and not (own.origin == "cli"):
                 raise UserError(f"{where}: sets {option} = {value!r} but {own.where} = {own.value!r}; keep one "

@@ -104,7 +104,7 @@ def test_long_caption_warnings_name_the_image_and_follow_the_limit(tmp_path, cap
     with caplog.at_level(logging.WARNING):
         log_dataset(data)
     lines = [r.getMessage() for r in caplog.records if "tokens" in r.getMessage()]
-    assert len(lines) == 1 and "img00.png" in lines[0] and "max_token_length = 150" in lines[0]
+    assert len(lines) == 1 and "img00.png" in lines[0] and "(max_token_length = 225 reads all of it)" in lines[0]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         log_dataset(data, 225)

@@ -113,8 +113,10 @@ def log_dataset(data: TrainingData, max_token_length: int | None = None) -> None
     for message in dataset_warnings(data):
         log.warning("%s", message)
     long = long_captions(data, limit=limit)
-    hint = "" if limit >= 225 else f"; max_token_length = {150 if limit < 150 else 225} reads longer captions"
     for path, tokens in long[:LISTED]:
+        longer = next((n for n in (150, 225) if n > limit and tokens <= n), None)
+        hint = f" (max_token_length = {longer} reads all of it)" if longer else \
+            " (max_token_length = 225 reads 225 of them)" if limit < 225 else ""
         log.warning("%s: the caption is %d tokens; the text encoder reads the first %d, the rest is ignored%s",
                     path, tokens, limit, hint)
     if len(long) > LISTED:

@@ -213,3 +213,18 @@ def test_resume_is_exact_with_wildcards(tmp_path, tiny_models):
     a, b = load_file(str(tmp_path / "a" / "out" / "lora.safetensors")), load_file(str(tmp_path / "b" / "out" /
                                                                                          "lora.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_attention_alignment_mask_spans_every_chunk(bundles):
+    """APT's token mask is built on the ids in caption order, so it covers the caption's tokens in every
+    chunk (and the end marker) and leaves out the padding after it."""
+    from library.apt.losses import token_mask
+
+    b = bundles["sd15"]
+    text = b.family.caption_encoder(b.tokenizers, b.text_encoders, 1, 225)
+    ids = text.tokenize([LONG, "short"])[0]
+    n = len(b.tokenizers[0](LONG, add_special_tokens=False).input_ids)
+    assert ids.shape == (2, 227) and 150 < n < 225
+    mask = token_mask(ids, b.tokenizers[0].eos_token_id, True, [])
+    assert mask[0].tolist() == [1.0] * (n + 2) + [0.0] * (225 - n)   # BOS, the tokens of all chunks, EOS
+    assert mask[1].sum() == 3                                        # BOS, "short", EOS

@@ -228,3 +228,22 @@ def test_attention_alignment_mask_spans_every_chunk(bundles):
     mask = token_mask(ids, b.tokenizers[0].eos_token_id, True, [])
     assert mask[0].tolist() == [1.0] * (n + 2) + [0.0] * (225 - n)   # BOS, the tokens of all chunks, EOS
     assert mask[1].sum() == 3                                        # BOS, "short", EOS
+
+
+def test_check_dataset_counts_against_max_token_length(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import check_dataset
+
+    folder = make_images(tmp_path / "img", 2)
+    (folder / "img00.txt").write_text(LONG)
+    ds = tmp_path / "ds.toml"
+    ds.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{folder}"\n')
+    assert check_dataset.main(["--dataset_config", str(ds), "--json"]) == 0
+    assert [c["image"] for c in json.loads(capsys.readouterr().out)["long_captions"]] == [str(folder / "img00.png")]
+    assert check_dataset.main(["--dataset_config", str(ds), "--json", "--max_token_length", "225"]) == 0
+    assert json.loads(capsys.readouterr().out)["long_captions"] == []
+    assert check_dataset.main(["--dataset_config", str(ds), "--max_token_length", "150"]) == 0
+    assert "captions longer than 150 tokens (1;" in capsys.readouterr().out

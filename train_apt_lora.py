@@ -24,6 +24,10 @@ def train_main(argv: list[str] | None) -> int:
     from library.utils.runtime import setup_logging
 
     setup_logging()
+    if cfg.kohya_no_effect and os.environ.get("RANK", "0") == "0":
+        import logging
+
+        logging.getLogger("train_apt_lora").info("kohya options with no effect here: %s", "; ".join(cfg.kohya_no_effect))
     check_output_locations(cfg)  # a folder that cannot be written is found before any model loads
     # One process per run takes the output folder (accelerate/torchrun give every process a RANK).
     main_process = os.environ.get("RANK", "0") == "0"

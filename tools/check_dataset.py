@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 
-def build_report(data) -> dict:
+def build_report(data, max_token_length: int | None = None) -> dict:
     from library.data.summary import dataset_warnings, long_captions, tag_frequency
 
     subsets = []
@@ -48,7 +48,9 @@ def build_report(data) -> dict:
         "class_token_captions": data.report.class_token_captions,
         "bad_files": data.report.bad_images,
         "warnings": dataset_warnings(data),
-        "long_captions": [{"image": path, "tokens": n} for path, n in long_captions(data)],
+        "token_limit": max_token_length or 75,
+        "long_captions": [{"image": path, "tokens": n}
+                          for path, n in long_captions(data, limit=max_token_length or 75)],
         "tag_frequency": dict(tags.most_common()),
         "buckets": [{"width": w, "height": h, "count": n} for w, h, n in data.bucket_table()],
     }
@@ -72,7 +74,7 @@ def print_report(rep: dict, top: int) -> None:
     listings = [
         ("images without any caption ({}, they train with an empty caption):", rep["missing_captions"]),
         ("unreadable images ({}; training stops unless skip_bad_images = true):", rep["bad_files"]),
-        ("captions longer than 75 tokens ({}; the text encoder ignores the rest):",
+        (f"captions longer than {rep['token_limit']} tokens ({{}}; the text encoder ignores the rest):",
          [f"{item['tokens']:4d} tokens  {item['image']}" for item in rep["long_captions"]]),
     ]
     for message in rep["warnings"]:
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrained_model_name_or_path", help="model whose native size is the default resolution")
     ap.add_argument("--resolution", type=int, help="default resolution where the dataset sets none")
     ap.add_argument("--seed", type=int, default=None, help="seed of the validation split (default: the config's)")
+    ap.add_argument("--max_token_length", type=int, choices=(75, 150, 225), default=None,
+                    help="caption length the text encoders read (default: the config's, else 75)")
     ap.add_argument("--top_tags", type=int, default=20, help="tags to list (default 20)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    rep = build_report(data)
+    rep = build_report(data, args.max_token_length)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -132,6 +136,8 @@ def load(args):
     seed, batch_size, model = 42, 1, args.pretrained_model_name_or_path
     if args.config:
         cfg = build_config(args.config, [])
+        if args.max_token_length is None:
+            args.max_token_length = cfg.training.max_token_length
         blueprint, seed, batch_size = cfg.dataset, cfg.training.seed, cfg.training.train_batch_size
         model = model or cfg.model.pretrained_model_name_or_path
     else:

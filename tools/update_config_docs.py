@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Regenerate the option tables of docs/configuration.md from the config schema.
 
-The tables sit between `<!-- generated:options -->` / `<!-- generated:datasets -->` markers and
+The tables sit between `<!-- generated:options -->` / `<!-- generated:datasets -->` /
+`<!-- generated:kohya -->` markers and
 their `<!-- end -->`; the prose around them is written by hand. tests/test_presets_docs.py fails
 when the tables are out of date, so run this after adding or changing an option:
 
@@ -49,8 +50,26 @@ def dataset_tables() -> str:
     return "\n".join(out) + "\n"
 
 
+def kohya_table() -> str:
+    """Every sd-scripts LoRA-training option with its answer here (library.config.kohya_options)."""
+    from library.config.dataset import COMMON, DATASET_LEVEL
+    from library.config.kohya_options import KEYS, describe, sd_scripts_options
+    from library.config.loader import all_options
+
+    options, dataset_keys = set(all_options()), set(COMMON) | set(DATASET_LEVEL)
+    out = ["", "| kohya option | answer | what happens here |", "|---|---|---|"]
+    for name in sd_scripts_options():
+        found = describe(name, options, dataset_keys)
+        answer, note = found if found else ("(none)", "not answered: tests/test_kohya_compat.py fails")
+        out.append(f"| `{name}` | {answer} | {note.replace('|', chr(92) + '|')} |")
+    out += ["", "Keys the kohya_ss GUI writes that sd-scripts itself does not read:", "",
+            "| GUI key | answer | what happens here |", "|---|---|---|"]
+    out += [f"| `{k.name}` | {k.answer} | {k.note} |" for k in KEYS if k.gui]
+    return "\n".join(out) + "\n"
+
+
 def render(text: str) -> str:
-    for marker, body in (("options", option_tables()), ("datasets", dataset_tables())):
+    for marker, body in (("options", option_tables()), ("datasets", dataset_tables()), ("kohya", kohya_table())):
         pattern = re.compile(rf"(<!-- generated:{marker} -->\n).*?(<!-- end -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"error: {DOC}: marker <!-- generated:{marker} --> ... <!-- end --> not found")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from library.config.dataset import COMMON, DATASET_LEVEL, SUBSET_ONLY
-from library.config.loader import Config, all_options, build_config, table_fields
+from library.config.loader import Config, all_options, build_config, is_kohya_key, table_fields
 from library.config.options import FLAT_TABLES, NAMED_TABLES
 from library.config.schema import OptionInfo, describe_type, format_value
 from library.errors import UserError
@@ -48,14 +48,15 @@ def parse_argv(argv: Iterable[str]) -> CommandLine:
             continue
         if not eq:
             info = options.get(name) or options.get(name.split(".", 1)[-1])
-            if info is not None and _is_bool(info) and (i >= len(args) or args[i].startswith("--")):
+            flag = (info is not None and _is_bool(info)) or (info is None and is_kohya_key(name))
+            if flag and (i >= len(args) or args[i].startswith("--")):
                 value = "true"  # a bare boolean flag, kohya style
             elif i < len(args):
                 value = args[i]
                 i += 1
             else:
                 raise UserError(f"command line: --{name}: missing value")
-        if name == "config":
+        if name in ("config", "config_file"):  # config_file: kohya's name
             out.config_file = value
         else:
             out.overrides.append((name, value))

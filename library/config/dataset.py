@@ -34,6 +34,13 @@ class CommonKeys:
     flip_aug: bool = option(False, "randomly mirror images horizontally")
     random_crop: bool = option(False, "crop at a random position instead of the centre")
     alpha_mask: bool = option(False, "use the image's alpha channel as a loss mask")
+    enable_wildcard: bool = option(
+        False, "kohya's wildcards: {a|b|c} in a caption is replaced by one of its choices each time the image is "
+               "used ({{ and }} are literal braces), and a caption file of several lines gives one line, drawn each "
+               "time (otherwise only the first line is read)")
+    secondary_separator: Optional[str] = option(
+        None, "a separator that keeps tags together while shuffling/dropping and becomes caption_separator "
+              "afterwards (\";;;\" in \"red;;;dress\")")
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,6 @@ UNSUPPORTED = {
     "face_crop_aug_range": "face-crop augmentation is not supported",
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
-    "enable_wildcard": "caption wildcards are not supported",
-    "secondary_separator": "secondary separators are not supported",
     "cache_info": "the image-size cache file is not needed: image sizes are read from headers",
     "network_multiplier": "per-dataset network multipliers are not supported",
     "conditioning_data_dir": "ControlNet conditioning data is not supported",
@@ -169,10 +174,12 @@ def check_dataset_file_keys(doc: dict, source: str) -> None:
                         (f"; did you mean [{hint}]?" if hint else "; it holds [general] and [[datasets]] tables"))
 
 
-def parse_blueprint(doc: dict, source: str, base_dir: Path) -> DatasetBlueprint:
+def parse_blueprint(doc: dict, source: str, base_dir: Path, defaults: dict | None = None,
+                    defaults_where: str = "") -> DatasetBlueprint:
     """Build the dataset blueprint from a parsed TOML document (a dataset file or the main config).
 
     Relative paths are resolved by `resolve_input` with `base_dir`, the folder of the file naming them.
+    `defaults` are dataset keys from kohya's flat training config, below [general] (kohya's fallback).
     """
     general_raw = doc.get("general", {})
     datasets_raw = doc.get("datasets", [])
@@ -182,7 +189,8 @@ def parse_blueprint(doc: dict, source: str, base_dir: Path) -> DatasetBlueprint:
         raise UserError(f"{source}: datasets must be written as [[datasets]] tables")
     if not datasets_raw:
         raise UserError(f"{source}: no [[datasets]] table; add one with at least one [[datasets.subsets]] image_dir")
-    general = _check_keys(general_raw, "general", _location(source, "general", None, None))
+    general = {**_check_keys(defaults or {}, "general", defaults_where or source),
+               **_check_keys(general_raw, "general", _location(source, "general", None, None))}
     datasets = []
     for d, ds_raw in enumerate(datasets_raw):
         ds_where = _location(source, "dataset", d, None)
@@ -225,7 +233,8 @@ def dataset_key_names() -> dict[str, list[str]]:
 FOLDER_PATTERN = re.compile(r"(\d+)_(.+)")
 
 
-def folder_blueprint(train_dir: str, reg_dir: str | None, general: dict, source: str) -> DatasetBlueprint:
+def folder_blueprint(train_dir: str, reg_dir: str | None, general: dict, source: str, defaults: dict | None = None,
+                     defaults_where: str = "") -> DatasetBlueprint:
     """kohya's folder convention: each subfolder `N_tokens` is a subset with num_repeats = N and
     class_tokens = tokens. Only used when the user sets train_data_dir (it surprises people)."""
     subsets = []
@@ -243,4 +252,5 @@ def folder_blueprint(train_dir: str, reg_dir: str | None, general: dict, source:
                                 "<repeats>_<caption tokens> (e.g. 10_sks dog)")
             subsets.append({"image_dir": str(folder), "num_repeats": int(match[1]), "class_tokens": match[2].strip(),
                             "is_reg": is_reg})
-    return parse_blueprint({"general": general, "datasets": [{"subsets": subsets}]}, source, Path.cwd())
+    return parse_blueprint({"general": general, "datasets": [{"subsets": subsets}]}, source, Path.cwd(), defaults,
+                           defaults_where)

@@ -12,11 +12,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from library.config import network_kinds
-from library.config.dataset import DatasetBlueprint, check_dataset_file_keys, folder_blueprint, parse_blueprint
+from library.config import kohya_options, network_kinds
+from library.config.dataset import (
+    COMMON, DATASET_LEVEL, DatasetBlueprint, check_dataset_file_keys, folder_blueprint, parse_blueprint,
+)
 from library.config.network_args import apply_network_args
 from library.config.options import (
     AptOptions, DataOptions, FLAT_TABLES, LAYER_ALIASES, LoggingOptions, ModelOptions, NAMED_TABLES, NetworkOptions,
+    OPTIMIZER_NAMES,
     OptimizerOptions, SamplingOptions, SavingOptions, TrainingOptions,
 )
 from library.config.paths import looked_in, resolve_input
@@ -43,6 +46,8 @@ class Config:
     apt: AptOptions
     dataset: DatasetBlueprint | None
     config_file: str | None = None
+    # kohya options that were accepted but change nothing here: "key (why)", for one info line
+    kohya_no_effect: tuple[str, ...] = ()
 
 
 def all_options() -> dict[str, OptionInfo]:
@@ -87,15 +92,38 @@ def _unknown(name: str, where: str, candidates: list[str], what: str = "option")
     return UserError(f"{where}: unknown {what}" + (f"; did you mean {hint}?" if hint else "; run with --help for the list"))
 
 
-def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dict[str, _Setting]:
+KOHYA_DATASET_KEYS = set(COMMON) | set(DATASET_LEVEL)
+
+
+def is_kohya_key(name: str) -> bool:
+    """A key of kohya's flat training config that is not one of our options (library.config.kohya_options)."""
+    return name in kohya_options.TABLE or name in KOHYA_DATASET_KEYS
+
+
+def _is_kohya_section(key: str, value: Any) -> bool:
+    # kohya flattens every table of its training config; its examples name them "*_arguments"
+    return isinstance(value, dict) and key.endswith("_arguments") and key not in FLAT_TABLES
+
+
+def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]
+                  ) -> tuple[dict[str, _Setting], dict[str, tuple[Any, str]]]:
+    """Our options, and the kohya keys (for library.config.kohya_options.translate), by name."""
     settings: dict[str, _Setting] = {}
+    kohya: dict[str, tuple[Any, str]] = {}
     flat_names = [n for n in options if "." not in n]
     tables = list(FLAT_TABLES) + list(NAMED_TABLES) + list(DATASET_TABLES)
 
     def put(name: str, value: Any, where: str) -> None:
-        if name in settings:
-            raise UserError(f"{where}: set twice (also at {settings[name].where.split(': ', 1)[1]})")
+        if name in settings or name in kohya:
+            first = settings[name].where if name in settings else kohya[name][1]
+            raise UserError(f"{where}: set twice (also at {first.split(': ', 1)[1]})")
         settings[name] = _Setting(value, "file", where)
+
+    def put_kohya(name: str, value: Any, where: str) -> None:
+        if name in kohya or name in settings:
+            first = settings[name].where if name in settings else kohya[name][1]
+            raise UserError(f"{where}: set twice (also at {first.split(': ', 1)[1]})")
+        kohya[name] = (value, where)
 
     for key, value in doc.items():
         if key in DATASET_TABLES:
@@ -106,6 +134,9 @@ def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dic
             for name, val in value.items():
                 where = f"{source}: [{key}] {name}"
                 info = options.get(name)
+                if info is None and is_kohya_key(name):
+                    put_kohya(name, val, where)
+                    continue
                 if info is None or "." in name:
                     raise _unknown(name, where, [n for n in flat_names if options[n].table == key] + flat_names)
                 if info.table != key:
@@ -117,13 +148,54 @@ def _collect_file(doc: dict, source: str, options: dict[str, OptionInfo]) -> dic
                 if f"{key}.{name}" not in options:
                     raise _unknown(name, where, [n.split(".", 1)[1] for n in options if n.startswith(key + ".")])
                 put(f"{key}.{name}", val, where)
+        elif _is_kohya_section(key, value):
+            for name, val in value.items():
+                where = f"{source}: [{key}] {name}"
+                if name in flat_names:
+                    put(name, val, where)
+                elif is_kohya_key(name):
+                    put_kohya(name, val, where)
+                else:
+                    raise _unknown(name, where, flat_names)
         elif key in flat_names and not isinstance(value, dict):
             put(key, value, f"{source}: [{options[key].table}] {key}")
+        elif is_kohya_key(key) and not isinstance(value, dict):
+            put_kohya(key, value, f"{source}: {key}")
         elif isinstance(value, dict):
             raise _unknown(key, f"{source}: [{key}]", tables, "table")
         else:
             raise _unknown(key, f"{source}: {key}", flat_names + tables)
-    return settings
+    return settings, kohya
+
+
+def _cli_value(raw: str) -> Any:
+    """A kohya key's command-line string as the TOML value it stands for ("true", "0.5", "[1, 2]")."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_kohya(settings: dict[str, _Setting], kohya: dict[str, tuple[Any, str]]) -> kohya_options.Translation:
+    """kohya's keys become our options (conflicts with an option set directly are errors)."""
+    found = kohya_options.translate(kohya)
+    for option, (value, where) in found.settings.items():
+        own = settings.get(option)
+        if own is not None and own.origin == "file" and where.startswith("command line"):
+            own = None  # a kohya key on the command line overrides the file's option
+        if own is not None:
+            if own.value != value and not (own.origin == "cli"):
+                raise UserError(f"{where}: sets {option} = {value!r} but {own.where} = {own.value!r}; keep one "
+                                "of them")
+            continue  # the option set directly (or on the command line) wins
+        settings[option] = _Setting(value, "file", where)
+    if "optimizer_type" in settings:
+        setting = settings["optimizer_type"]
+        try:
+            setting.value = kohya_options.optimizer_name(setting.value)
+        except UserError as exc:
+            raise UserError(f"{setting.where}: {exc}") from None
+    return found
 
 
 def _build_table(cls: type, table: str, prefix: str, settings: dict[str, _Setting], source: str):
@@ -209,7 +281,21 @@ def _check_not_pickle(path: Path, name: str, where: str, allow_pickle: bool) -> 
                         f"pickles, {refused}")
 
 
+def _class_path(value: str) -> bool:
+    parts = value.split(".")
+    return len(parts) >= 2 and all(p.isidentifier() for p in parts)
+
+
 def _cross_checks(values: dict, source: str) -> None:
+    opt: OptimizerOptions = values["optimizer"]
+    if opt.optimizer_type not in OPTIMIZER_NAMES and not _class_path(opt.optimizer_type):
+        hint = closest(opt.optimizer_type, OPTIMIZER_NAMES)
+        raise UserError(f"{source}: [optimizer] optimizer_type: {opt.optimizer_type!r} is not "
+                        + (f"an optimizer; did you mean {hint}?" if hint else
+                           f"one of {', '.join(OPTIMIZER_NAMES)} or a class path such as \"torch.optim.RAdam\""))
+    if opt.lr_scheduler_type is not None and not _class_path(opt.lr_scheduler_type):
+        raise UserError(f"{source}: [optimizer] lr_scheduler_type: expected a class path such as "
+                        f"\"torch.optim.lr_scheduler.CosineAnnealingLR\", got {opt.lr_scheduler_type!r}")
     net: NetworkOptions = values["network"]
     train: TrainingOptions = values["training"]
     if net.conv_alpha is not None and net.conv_dim is None:
@@ -223,6 +309,7 @@ def _cross_checks(values: dict, source: str) -> None:
     if problem:
         raise UserError(f"{source}: [network] {problem}")
     kind = network_kinds.network_kind(net.network_type)
+    _check_block_options(net, kind, source)
     if net.network_dropout and not kind.dropout:
         raise UserError(f"{source}: [network] network_dropout: {kind.name} has no dropout on its input (peft's "
                         f"{kind.peft_config.removesuffix('Config')} layers); set it to 0")
@@ -253,6 +340,51 @@ def _cross_checks(values: dict, source: str) -> None:
         raise UserError(f"{source}: [sampling] sample_prompts: needed to make sample images (a prompts file)")
 
 
+LR_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _check_block_options(net: NetworkOptions, kind, source: str) -> None:
+    """networks.lora's block, LoRA+ and dropout options (their lengths are checked against the
+    model's blocks when the network is built)."""
+    for key in ("down_lr_weight", "up_lr_weight"):
+        value = getattr(net, key)
+        if isinstance(value, str):
+            name, _, plus = value.partition("+")
+            ok = name in LR_CURVES
+            if ok and plus:
+                try:
+                    float(plus)
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise UserError(f"{source}: [network] {key}: {value!r} is not a list of factors or a curve; use "
+                                f"{', '.join(LR_CURVES)}, optionally with \"+0.5\" (e.g. \"sine+0.5\")")
+    for key in ("rank_dropout", "module_dropout", "block_lr_zero_threshold"):
+        value = getattr(net, key)
+        if not 0 <= value < (1 if key != "block_lr_zero_threshold" else float("inf")):
+            raise UserError(f"{source}: [network] {key}: {value} is out of range")
+    for key in ("block_dims", "conv_block_dims", "block_alphas", "conv_block_alphas", "mid_lr_weight",
+                "down_lr_weight", "up_lr_weight"):
+        value = getattr(net, key)
+        if isinstance(value, tuple) and any(v < 0 for v in value):
+            raise UserError(f"{source}: [network] {key}: negative values are not valid")
+    if (net.block_alphas is not None and net.block_dims is None) or \
+            (net.conv_block_alphas is not None and net.conv_block_dims is None):
+        key = "block_alphas" if net.block_dims is None and net.block_alphas is not None else "conv_block_alphas"
+        raise UserError(f"{source}: [network] {key}: set {key.replace('alphas', 'dims')} too")
+    if (net.rank_dropout or net.module_dropout) and kind.rank_module_dropout is None:
+        key = "rank_dropout" if net.rank_dropout else "module_dropout"
+        with_it = [k.name for k in network_kinds.network_kinds() if k.rank_module_dropout]
+        raise UserError(f"{source}: [network] {key}: not available with network_type = \"{kind.name}\"; use "
+                        + " or ".join(with_it))
+    plus = [k for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+            if getattr(net, k) is not None]
+    if plus and not kind.loraplus:
+        with_it = [k.name for k in network_kinds.network_kinds() if k.loraplus]
+        raise UserError(f"{source}: [network] {plus[0]}: LoRA+ speeds up the up matrices of "
+                        f"{' and '.join(with_it)}; {kind.name} has none")
+
+
 def _check_output_name(name: str, source: str) -> None:
     """output_name is a file name inside output_dir: a path in it would write elsewhere."""
     bad = None
@@ -280,15 +412,19 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
         doc = read_toml(path)
         source = str(path)
         base_dir = path.resolve().parent
-    settings = _collect_file(doc, source, options)
+    settings, kohya = _collect_file(doc, source, options)
     for name, raw in overrides:
         where = f"command line: --{name}"
         key = name
         if key not in options and "." in key and key.split(".", 1)[0] in FLAT_TABLES:
             key = key.split(".", 1)[1]  # --network.network_dim works too
+        if key not in options and is_kohya_key(key):
+            kohya[key] = (_cli_value(raw), where)
+            continue
         if key not in options:
             raise _unknown(name, where, list(options))
         settings[key] = _Setting(raw, "cli", where)
+    translation = _apply_kohya(settings, kohya)
 
     values: dict[str, Any] = {}
     for table, cls in FLAT_TABLES.items():
@@ -311,15 +447,28 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
     if data.train_data_dir and (data.dataset_config or "datasets" in doc):
         raise UserError(f"{source}: [data] train_data_dir: set either train_data_dir or a dataset "
                         "([[datasets]] / dataset_config), not both")
-    if data.train_data_dir:
-        blueprint = folder_blueprint(data.train_data_dir, data.reg_data_dir, doc.get("general", {}), source)
+    defaults = translation.dataset_defaults
+    defaults_where = f"{source}: top-level dataset keys (kohya's fallback below [general])"
+    in_json = kohya.get("in_json", (None, ""))[0]
+    if in_json and not data.train_data_dir:
+        raise UserError(f"{kohya['in_json'][1]}: needs train_data_dir (the folder of the images it describes)")
+    if data.train_data_dir and in_json:
+        meta = resolve_input(in_json, base_dir if kohya["in_json"][1].startswith(source) else None)
+        if not Path(meta).exists():
+            raise UserError(f"{kohya['in_json'][1]}: no such metadata file: {in_json}{looked_in(in_json, base_dir)}")
+        blueprint = parse_blueprint({"general": doc.get("general", {}), "datasets": [
+            {"subsets": [{"image_dir": data.train_data_dir, "metadata_file": meta}]}]}, source, Path.cwd(),
+            defaults, defaults_where)
+    elif data.train_data_dir:
+        blueprint = folder_blueprint(data.train_data_dir, data.reg_data_dir, doc.get("general", {}), source,
+                                     defaults, defaults_where)
     elif data.dataset_config:
         ds_path = Path(data.dataset_config)
         ds_doc = read_toml(ds_path, "dataset config")
         check_dataset_file_keys(ds_doc, str(ds_path))
-        blueprint = parse_blueprint(ds_doc, str(ds_path), ds_path.resolve().parent)
+        blueprint = parse_blueprint(ds_doc, str(ds_path), ds_path.resolve().parent, defaults, defaults_where)
     elif inline:
-        blueprint = parse_blueprint(doc, source, base_dir or Path.cwd())
+        blueprint = parse_blueprint(doc, source, base_dir or Path.cwd(), defaults, defaults_where)
     elif need_dataset:
         raise UserError(f"{source}: no dataset; set dataset_config = \"dataset.toml\", add [[datasets]] tables "
                         "with [[datasets.subsets]] image_dir = \"...\", or use train_data_dir")
@@ -333,12 +482,12 @@ def build_config(config_file: str | None, overrides: list[tuple[str, str]], *, n
                                         f"#{sub.index + 1}: {key}: no such path: {value}")
     if blueprint is not None:
         _dataset_checks(blueprint, values)
-    return Config(dataset=blueprint, config_file=config_file,
+    return Config(dataset=blueprint, config_file=config_file, kohya_no_effect=tuple(translation.no_effect),
                   **{t: values[t] for t in list(FLAT_TABLES) + list(NAMED_TABLES)})
 
 
 CAPTION_RANDOMISERS = ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",
-                       "caption_dropout_every_n_epochs")
+                       "caption_dropout_every_n_epochs", "enable_wildcard")
 
 
 def _dataset_checks(blueprint: DatasetBlueprint, values: dict) -> None:

@@ -17,18 +17,41 @@ from library.errors import UserError
 # "lora" and "locon" are the same module.
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no", "none")
 # Accepted only at these values: the behaviour we implement.
-FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "rank_dropout": ("0", "0.0"),
-         "module_dropout": ("0", "0.0"), "train_norm": _FALSE, "bypass_mode": _FALSE, "rs_lora": _FALSE,
+FIXED = {"use_tucker": _FALSE, "use_scalar": _FALSE, "decompose_both": _FALSE, "train_norm": _FALSE, "bypass_mode": _FALSE, "rs_lora": _FALSE,
          "full_matrix": _FALSE, "unbalanced_factorization": _FALSE, "wd_on_output": _TRUE,
          "preset": ("full",)}
 DORA_KEYS = ("dora_wd", "use_dora")
+
+
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v.strip())
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(",") if v.strip())
+
+
+def _weights(value: str) -> tuple[float, ...] | str:
+    """down/up_lr_weight: "1,0.5,..." or a curve name ("sine+0.5"), checked by the config."""
+    try:
+        return _floats(value)
+    except ValueError:
+        return value
+
+
+# networks.lora's arguments with an option of the same name and meaning
+_BLOCK_ARGS = {"block_dims": _ints, "block_alphas": _floats, "conv_block_dims": _ints,
+               "conv_block_alphas": _floats, "down_lr_weight": _weights, "mid_lr_weight": _floats,
+               "up_lr_weight": _weights, "block_lr_zero_threshold": float, "loraplus_lr_ratio": float,
+               "loraplus_unet_lr_ratio": float, "loraplus_text_encoder_lr_ratio": float, "rank_dropout": float,
+               "module_dropout": float}
 
 
 def mapped() -> dict[str, tuple[str, Any]]:
     """network argument -> (option, parser), the kinds' own options included."""
     kinds = {o.arg: (o.name, o.parse) for o in network_kinds.kind_options().values()}
     return {"conv_dim": ("conv_dim", int), "conv_alpha": ("conv_alpha", float), **kinds,
-            "dropout": ("network_dropout", float)}
+            "dropout": ("network_dropout", float), **{k: (k, p) for k, p in _BLOCK_ARGS.items()}}
 
 
 def parse_pairs(args: tuple[str, ...], where: str) -> dict[str, str]:
@@ -78,7 +101,8 @@ def apply_network_args(net: Any, explicit: Mapping[str, str], where_args: str) -
             try:
                 changes[option] = parse(value)
             except ValueError:
-                kind = "an integer" if parse is int else "a number"
+                kind = {int: "an integer", _ints: "comma-separated integers", _floats: "comma-separated numbers"}.get(
+                    parse, "a number")
                 raise UserError(f"{where_args}: {key}: expected {kind}, got {value!r}") from None
         elif key in FIXED:
             if value.lower() not in FIXED[key]:

@@ -40,6 +40,10 @@ class NetworkKind:
     dora: str | None = None            # the kind network_args' dora_wd=True turns it into
     options: tuple[KindOption, ...] = ()
     dropout: bool = True               # network_dropout works on it
+    # rank_dropout / module_dropout: "hook" (the trainer's hook on the down projection), "peft"
+    # (the peft config's own arguments) or None (not available)
+    rank_module_dropout: str | None = "hook"
+    loraplus: tuple[str, ...] = ()     # file tensor names LoRA+ (loraplus_*_ratio) speeds up
 
     # training: the peft config class and its arguments from a NetworkSpec (the rank, targets and
     # per-layer rank/alpha patterns are added to them); peft parameter names that differ from the
@@ -101,10 +105,12 @@ LOKR_FACTOR = KindOption("lokr_factor", "factor", int, lambda v: v == -1 or v >=
 BUILT_IN = (
     NetworkKind(
         "lora", "LoRA/LoCon", algos=("lora", "locon"), dora="dora", peft_kwargs=_lora_kwargs,
+        loraplus=("lora_up.weight",),
         peft_names=_LORA_NAMES, file_module="LoraModule", file_suffixes=_LORA_FILE,
         linear_in=("lora_up.weight",), network_module="networks.lora", state_keys=None),
     NetworkKind(
         "dora", "LoRA with a trained magnitude per output channel", algos=("dora",), dora="dora",
+        rank_module_dropout=None, loraplus=("lora_up.weight",),
         peft_kwargs=lambda spec: _lora_kwargs(spec, use_dora=True),
         peft_names={**_LORA_NAMES, "lora_magnitude_vector": "dora_scale"},
         # a DoRA module wraps the module its other tensors make (LoRA, or LoHa in LyCORIS's files)
@@ -113,17 +119,20 @@ BUILT_IN = (
         algo="lora", args={"dora_wd": "True"}, state_keys=("lokr_factor",)),
     NetworkKind(
         "loha", "Hadamard product", algos=("loha",), dropout=False, peft_config="LoHaConfig",
+        rank_module_dropout="peft",
         # use_effective_conv2d=False: 3x3 kernels flattened into hada_w*_b, LyCORIS's default layout
-        peft_kwargs=lambda spec: dict(alpha=spec.alpha, init_weights=True, use_effective_conv2d=False),
+        peft_kwargs=lambda spec: dict(alpha=spec.alpha, init_weights=True, use_effective_conv2d=False,
+                                      rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout),
         file_module="LohaModule",
         file_suffixes=("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
         linear_in=("hada_w2_b",), algo="loha", state_keys=("lokr_factor",)),
     NetworkKind(
         "lokr", "Kronecker product", algos=("lokr",), options=(LOKR_FACTOR,), dropout=False,
-        peft_config="LoKrConfig",
+        peft_config="LoKrConfig", rank_module_dropout="peft",
         # LyCORIS's defaults: w1 whole, w2 split when the rank is small; w2 (not w1) starts at zero.
         peft_kwargs=lambda spec: dict(alpha=spec.alpha, init_weights="lycoris", use_effective_conv2d=False,
-                                      decompose_both=False, decompose_factor=spec.lokr_factor),
+                                      decompose_both=False, decompose_factor=spec.lokr_factor,
+                                      rank_dropout=spec.rank_dropout, module_dropout=spec.module_dropout),
         check_layer=_check_lokr_factor, file_module="LokrModule",
         file_suffixes=("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
         linear_in=("lokr_w2", "lokr_w2_b"), ranked=False, algo="lokr", state_keys=("lokr_factor",)),

@@ -57,6 +57,39 @@ class NetworkOptions:
     lokr_factor: int = option(
         -1, "LoKr: split each layer's input and output size as factor x (size / factor); -1 picks the most "
             "balanced split per layer. The factor must divide every trained layer's sizes", kohya=False)
+    block_dims: Optional[tuple[int, ...]] = option(
+        None, "rank of each UNet block's linear layers, one value per kohya block: 25 for SD1.x/2.x (IN00-IN11, "
+              "MID, OUT00-OUT11), 23 for SDXL (BASE, IN00-IN08, MID00-MID02, OUT00-OUT08, OUT; the original "
+              "UNet's block lists); 0 = no LoRA in that block. The text encoders keep network_dim", ge=0)
+    block_alphas: Optional[tuple[float, ...]] = option(
+        None, "alpha of each block (as block_dims); unset = network_alpha, or each block's rank when that is "
+              "unset too", ge=0)
+    conv_block_dims: Optional[tuple[int, ...]] = option(
+        None, "rank of each block's 3x3 convolutions (as block_dims; trains them as conv_dim does)", ge=0)
+    conv_block_alphas: Optional[tuple[float, ...]] = option(
+        None, "alpha of each block's 3x3 convolutions; unset = conv_alpha, or each block's conv rank", ge=0)
+    down_lr_weight: Optional[Union[tuple[float, ...], str]] = option(
+        None, "learning-rate factor of each input block (IN00..., shallow to deep; missing values are 1), or "
+              "a curve: \"cosine\", \"sine\", \"linear\", \"reverse_linear\", \"zeros\", with \"+0.5\" added "
+              "to every value. Each block becomes its own optimizer parameter group (lr/unet_IN04 in the logs)")
+    mid_lr_weight: Optional[tuple[float, ...]] = option(
+        None, "learning-rate factor of the middle block (SDXL: of MID00-MID02)")
+    up_lr_weight: Optional[Union[tuple[float, ...], str]] = option(
+        None, "learning-rate factor of each output block (OUT00..., deep to shallow), or a curve as down_lr_weight")
+    block_lr_zero_threshold: float = option(
+        0.0, "block learning-rate factors at or below this become 0, and those blocks get no LoRA at all", ge=0)
+    loraplus_lr_ratio: Optional[float] = option(
+        None, "LoRA+: the up (B) matrices learn this many times faster than the down (A) ones (16 is common); "
+              "separate parameter groups, shown as lr/<group>_plus", gt=0)
+    loraplus_unet_lr_ratio: Optional[float] = option(None, "LoRA+ ratio of the UNet (unset = loraplus_lr_ratio)",
+                                                     gt=0)
+    loraplus_text_encoder_lr_ratio: Optional[float] = option(
+        None, "LoRA+ ratio of the text encoders (unset = loraplus_lr_ratio)", gt=0)
+    rank_dropout: float = option(
+        0.0, "during training, drop each rank of a LoRA module with this probability per sample (the rest "
+             "scaled up to keep the mean)", ge=0, lt=1)
+    module_dropout: float = option(
+        0.0, "during training, skip a whole LoRA module with this probability per step", ge=0, lt=1)
     network_train_unet_only: bool = option(True, "train the UNet only; false also trains the text encoder(s)")
     network_weights: Optional[str] = option(None, "start from this kohya-format LoRA file (same dim and targets)")
     network_weights_partial: bool = option(
@@ -74,12 +107,18 @@ class NetworkOptions:
         return float(self.conv_dim) if self.conv_alpha is None else self.conv_alpha
 
 
+# The optimizers built in by name (library.train.optimizers has their classes).
+OPTIMIZER_NAMES = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion", "Lion8bit",
+                   "PagedLion8bit", "Prodigy", "Adafactor", "SGD")
+
+
 @dataclass(frozen=True)
 class OptimizerOptions:
-    optimizer_type: Literal["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "PagedAdamW32bit", "Lion",
-                            "Lion8bit", "PagedLion8bit", "Prodigy", "Adafactor", "SGD"] = option(
-        "AdamW", "optimizer; AdamW8bit, Lion8bit and the Paged* ones (state in paged GPU memory) need bitsandbytes, "
-                 "Lion lion-pytorch, Prodigy prodigyopt")
+    optimizer_type: str = option(
+        "AdamW", f"optimizer: {', '.join(OPTIMIZER_NAMES)} (any case), or a class as \"package.module.Class\" "
+                 "(kohya's spelling; bitsandbytes.optim.AdamW8bit and prodigyopt.Prodigy are the built-in ones); "
+                 "AdamW8bit, Lion8bit and the Paged* ones (state in paged GPU memory) need bitsandbytes, Lion "
+                 "lion-pytorch, Prodigy prodigyopt")
     optimizer_args: Union[tuple[str, ...], dict] = option(
         (), 'extra optimizer arguments: "key=value" strings as in kohya (["weight_decay=0.01", "betas=(0.9,0.99)"]) '
             "or a table ({ weight_decay = 0.01 })")
@@ -93,6 +132,13 @@ class OptimizerOptions:
         0, "warm-up steps from 0 to the learning rate; a value below 1 is a fraction of the training steps", ge=0)
     lr_scheduler_num_cycles: int = option(1, "restarts of cosine_with_restarts", ge=1)
     lr_scheduler_power: float = option(1.0, "power of the polynomial schedule", gt=0)
+    lr_scheduler_type: Optional[str] = option(
+        None, "a scheduler class instead of lr_scheduler, as \"package.module.Class\" (e.g. "
+              "\"torch.optim.lr_scheduler.CosineAnnealingLR\"), built with the optimizer and lr_scheduler_args and "
+              "stepped once per optimizer step (lr_warmup_steps does not apply)")
+    lr_scheduler_args: Union[tuple[str, ...], dict] = option(
+        (), 'arguments of lr_scheduler_type: "key=value" strings as in kohya (["T_max=1000", "eta_min=1e-6"]) or a '
+            "table")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this value; 0 disables clipping", ge=0)
 
     def text_encoder_lrs(self, count: int) -> list[float]:
@@ -126,6 +172,10 @@ class TrainingOptions:
     min_timestep: int = option(0, "lowest training timestep", ge=0, le=999)
     max_timestep: int = option(1000, "highest training timestep (exclusive)", ge=1, le=1000)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    max_token_length: Optional[int] = option(
+        None, "caption length in tokens: unset = 75 (one CLIP window); 150 or 225 encode a longer caption as kohya "
+              "does, in 75-token chunks each wrapped in BOS/EOS, concatenated (SDXL's pooled output from the first "
+              "chunk)", choices=(75, 150, 225))
     attention: Literal["sdpa", "xformers"] = option(
         "sdpa", "attention kernel; xformers needs the xformers package and a CUDA GPU", kohya=False)
     apt: bool = option(False, "train with APT (adaptive augmentation and loss weighting, representation "
@@ -192,6 +242,14 @@ class SavingOptions:
     save_last_n_epochs: Optional[int] = option(None, "keep only the last N epoch saves (older ones are deleted)", ge=1)
     save_state: bool = option(False, "with every save, write the training state (optimizer, schedule, data position, "
                                      "step) to a -state folder for resume")
+    metadata_title: Optional[str] = option(None, "modelspec.title of the file; unset = output_name")
+    metadata_author: Optional[str] = option(None, "modelspec.author of the file")
+    metadata_description: Optional[str] = option(None, "modelspec.description of the file")
+    metadata_license: Optional[str] = option(None, "modelspec.license of the file")
+    metadata_tags: Optional[str] = option(None, "modelspec.tags of the file (comma-separated)")
+    metadata_trigger_phrase: Optional[str] = option(None, "modelspec.trigger_phrase of the file")
+    metadata_usage_hint: Optional[str] = option(None, "modelspec.usage_hint of the file")
+    training_comment: Optional[str] = option(None, "ss_training_comment of the file: a free note")
     resume: Optional[str] = option(
         None, 'continue from a state folder, or "latest" for the newest one in output_dir (a damaged newest state '
               'stops the run), or "latest_intact" for the newest intact one (damaged newer ones are skipped)')

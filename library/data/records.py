@@ -65,8 +65,10 @@ def _metadata_caption(entry: dict, subset: SubsetSpec) -> str | None:
     if caption is None:
         return tags
     if tags:
-        return f"{caption}{subset.caption_separator} {tags}" if subset.caption_separator == "," else \
-            caption + subset.caption_separator + tags
+        joiner = f"{subset.caption_separator} " if subset.caption_separator == "," else subset.caption_separator
+        if subset.enable_wildcard:  # the tags go on every line of a multi-line caption
+            return "\n".join(f"{line}{joiner}{tags}" for line in caption.split("\n") if line.strip())
+        return caption + joiner + tags
     return caption
 
 
@@ -97,12 +99,12 @@ def caption_path(image: Path, extension: str, names: dict[str, list[Path]] | Non
     return matches[0] if len(matches) == 1 else None
 
 
-def _read_caption(path: Path) -> str:
+def _read_caption(path: Path, all_lines: bool = False) -> str:
     if path.is_dir():
         raise UserError(f"{path}: a folder where the caption file of the image beside it should be; rename or "
                         "remove it (captions are text files)")
     try:
-        return read_caption_file(path)
+        return read_caption_file(path, all_lines)
     except BadCaption as exc:
         raise UserError(str(exc)) from None
 
@@ -129,7 +131,7 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
             names.setdefault(entry.name.lower(), []).append(entry)
         for path in sorted(p for p in entries if is_image_entry(p)):
             cap_path = caption_path(path, subset.caption_extension, names)
-            pairs.append((path, None if cap_path is None else _read_caption(cap_path)))
+            pairs.append((path, None if cap_path is None else _read_caption(cap_path, subset.enable_wildcard)))
             if pairs[-1][1] == "":
                 report.empty_captions.append(str(cap_path))
                 pairs[-1] = (path, None)  # an empty caption file is treated as a missing one

@@ -93,7 +93,9 @@ def long_captions(data: TrainingData, tokenizer=None, limit: int = TOKEN_LIMIT) 
     return [(path, len(ids)) for path, ids in zip(captions, counts) if len(ids) > limit]
 
 
-def log_dataset(data: TrainingData) -> None:
+def log_dataset(data: TrainingData, max_token_length: int | None = None) -> None:
+    """`max_token_length`: kohya's option (150, 225); unset, the text encoders read 75 tokens."""
+    limit = max_token_length or TOKEN_LIMIT
     train = data.train_indices()
     reg = [i for i in train if data.records[i].subset.is_reg]
     rep = data.report
@@ -110,13 +112,16 @@ def log_dataset(data: TrainingData) -> None:
                     "with an empty caption (first: %s)", len(rep.missing_captions), rep.missing_captions[0])
     for message in dataset_warnings(data):
         log.warning("%s", message)
-    long = long_captions(data)
+    long = long_captions(data, limit=limit)
     for path, tokens in long[:LISTED]:
-        log.warning("%s: the caption is %d tokens; the text encoder reads the first %d, the rest is ignored",
-                    path, tokens, TOKEN_LIMIT)
+        longer = next((n for n in (150, 225) if n > limit and tokens <= n), None)
+        hint = f" (max_token_length = {longer} reads all of it)" if longer else \
+            " (max_token_length = 225 reads 225 of them)" if limit < 225 else ""
+        log.warning("%s: the caption is %d tokens; the text encoder reads the first %d, the rest is ignored%s",
+                    path, tokens, limit, hint)
     if len(long) > LISTED:
         log.warning("%d more captions are longer than %d tokens (tools/check_dataset.py lists them all)",
-                    len(long) - LISTED, TOKEN_LIMIT)
+                    len(long) - LISTED, limit)
     table = data.bucket_table()
     log.info("buckets (width x height: images): %s", ", ".join(f"{w}x{h}: {n}" for w, h, n in table))
 

@@ -125,7 +125,7 @@ def network_target(network, label: str) -> Target:
     ranked = network_kind(getattr(network.spec, "network_type", DEFAULT_KIND)).ranked
     for name, (target, layer) in network.layers.items():
         shapes[name] = tuple(layer.get_base_layer().weight.shape)
-        ranks[name] = network.spec.rank_alpha(target)[0] if ranked else None
+        ranks[name] = network.ranks[name][0] if ranked else None
     return Target(f"{label} ({arch_name(network.arch)})", network.arch, network.index, shapes, ranks, required=True)
 
 

@@ -52,7 +52,20 @@ def network_args(net) -> dict[str, str]:
     args.update(kind.option_args(net))
     if net.network_dropout:
         args["dropout"] = str(net.network_dropout)
+    # networks.lora's per-block, LoRA+ and dropout arguments, in its "a,b,c" spelling
+    for key in BLOCK_ARGS:
+        value = getattr(net, key, None)
+        if value is None or (key in ZERO_DEFAULT and not value):
+            continue
+        args[key] = ",".join(_num(v) if isinstance(v, float) else str(v) for v in value) \
+            if isinstance(value, tuple) else (_num(value) if isinstance(value, float) else str(value))
     return args
+
+
+BLOCK_ARGS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+              "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "loraplus_lr_ratio",
+              "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio", "rank_dropout", "module_dropout")
+ZERO_DEFAULT = ("block_lr_zero_threshold", "rank_dropout", "module_dropout")
 
 
 def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None = None) -> dict[str, str]:
@@ -105,11 +118,19 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": facts.architecture,
         "modelspec.implementation": IMPLEMENTATION,
-        "modelspec.title": cfg.saving.output_name,
+        "modelspec.title": cfg.saving.metadata_title or cfg.saving.output_name,
         "modelspec.resolution": f"{w}x{h}",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished_at)),
         "modelspec.prediction_type": "v" if cfg.model.v_parameterization else "epsilon",
     }
+    saving = cfg.saving
+    for key, value in (("modelspec.author", saving.metadata_author), ("modelspec.description",
+                       saving.metadata_description), ("modelspec.license", saving.metadata_license),
+                       ("modelspec.tags", saving.metadata_tags), ("modelspec.trigger_phrase",
+                       saving.metadata_trigger_phrase), ("modelspec.usage_hint", saving.metadata_usage_hint),
+                       ("ss_training_comment", saving.training_comment)):
+        if value:  # kohya writes these only when given
+            meta[key] = value
     meta.update(facts.components)
     for key, value in facts.extra.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)

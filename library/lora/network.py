@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 
 from library.config.network_kinds import NetworkKind, network_kind
 from library.errors import UserError
+from library.lora.blocks import BlockPlan, block_plan
 from library.lora.index import NameIndex
 from library.lora.lycoris import DORA_SUFFIX, DoraModule, build_module, module_class
 from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
@@ -40,18 +41,41 @@ class NetworkSpec:
     train_text_encoders: bool = False
     network_type: str = "lora"    # a network kind (library.config.network_kinds)
     lokr_factor: int = -1
+    # kohya's per-block arguments (library.lora.blocks), LoRA+ is the optimizer's business
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
+    down_lr_weight: tuple[float, ...] | str | None = None
+    mid_lr_weight: tuple[float, ...] | None = None
+    up_lr_weight: tuple[float, ...] | str | None = None
+    block_lr_zero_threshold: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
 
     @classmethod
     def from_options(cls, net, train_text_encoders: bool) -> "NetworkSpec":
         """From the [network] options (library.config.options.NetworkOptions)."""
         return cls(dim=net.network_dim, alpha=net.alpha, conv_dim=net.conv_dim, conv_alpha=net.conv_alpha_value,
                    dropout=net.network_dropout, train_unet=True, train_text_encoders=train_text_encoders,
-                   network_type=net.network_type, lokr_factor=net.lokr_factor)
+                   network_type=net.network_type, lokr_factor=net.lokr_factor,
+                   **{k: getattr(net, k) for k in BLOCK_FIELDS}, rank_dropout=net.rank_dropout,
+                   module_dropout=net.module_dropout)
 
-    def rank_alpha(self, target: LoraTarget) -> tuple[int, float]:
-        if target.conv3x3:
-            return self.conv_dim, self.conv_alpha
-        return self.dim, self.alpha
+    @property
+    def trains_conv(self) -> bool:
+        return self.conv_dim is not None or self.conv_block_dims is not None
+
+    def rank_alpha(self, target: LoraTarget, plan: BlockPlan | None = None, block: int | None = None
+                   ) -> tuple[int, float]:
+        default = (self.conv_dim, self.conv_alpha) if target.conv3x3 else (self.dim, self.alpha)
+        if plan is None or target.component != "unet":
+            return default
+        return plan.rank_alpha(block, target.conv3x3, default)
+
+
+BLOCK_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 
 
 def _find_module(modules: dict[str, torch.nn.Module], path: str) -> tuple[str, torch.nn.Module] | None:
@@ -97,9 +121,13 @@ class LoraNetwork:
         self.enabled = True
         self.components: dict[str, torch.nn.Module] = {}
         self.layers: dict[str, tuple[LoraTarget, BaseTunerLayer]] = {}
+        self.ranks: dict[str, tuple[int, float]] = {}     # (rank, alpha) of each layer, as written to the file
+        self.blocks: dict[str, int] = {}                  # kohya block of each UNet layer (with a block plan)
         self.index = NameIndex.build(self.family, unet.config, [te.config.num_hidden_layers for te in text_encoders])
+        self.plan = block_plan(spec, self.family, unet.config) if spec.train_unet else None
+        self._unet_config = unet.config
         if spec.train_unet:
-            self._inject("unet", unet, unet_targets(unet.config, self.family, spec.conv_dim is not None))
+            self._inject("unet", unet, unet_targets(unet.config, self.family, spec.trains_conv))
         if spec.train_text_encoders:
             counts = [te.config.num_hidden_layers for te in text_encoders]
             targets = text_encoder_targets(self.family, counts)
@@ -115,12 +143,22 @@ class LoraNetwork:
             if found is None or not isinstance(found[1], (torch.nn.Linear, torch.nn.Conv2d)):
                 raise UserError(f"{component}: module {target.path} ({target.name}) is missing or not Linear/Conv2d; "
                                 "the model does not have the expected architecture")
+            block = self.family.lora_block_index(target.path, self._unet_config) \
+                if self.plan is not None and component == "unet" else None
+            rank, alpha = self.spec.rank_alpha(target, self.plan, block)
+            if not rank:
+                continue  # kohya: a block of rank 0 (or learning-rate factor 0) has no LoRA
+            if block is not None:
+                self.blocks[target.name] = block
+            self.ranks[target.name] = (rank, float(alpha))
             if self.kind.check_layer is not None:
                 self.kind.check_layer(self.spec, target.name, _sizes(found[1]))
             resolved[found[0]] = target
+        if not resolved:
+            return
         rank_pattern, alpha_pattern = {}, {}
         for path, target in resolved.items():
-            rank, alpha = self.spec.rank_alpha(target)
+            rank, alpha = self.ranks[target.name]
             if (rank, alpha) != (self.spec.dim, self.spec.alpha):
                 rank_pattern[re.escape(path)] = rank
                 alpha_pattern[re.escape(path)] = alpha
@@ -133,6 +171,9 @@ class LoraNetwork:
             layer = modules[path]
             assert isinstance(layer, BaseTunerLayer), path
             self.layers[target.name] = (target, layer)
+            if self.kind.rank_module_dropout == "hook" and (self.spec.rank_dropout or self.spec.module_dropout):
+                layer.lora_A[ADAPTER].register_forward_hook(
+                    _dropout_hook(self.spec.rank_dropout, self.spec.module_dropout))
         self.components[component] = model
 
     # --- parameters ---------------------------------------------------------------------------
@@ -140,6 +181,18 @@ class LoraNetwork:
         for target, layer in self.layers.values():
             if component is None or target.component == component:
                 yield from _peft_params(layer, self.kind).values()
+
+    def parameter_sets(self) -> Iterator[tuple[str, str | None, float, bool, torch.nn.Parameter]]:
+        """(component, kohya block label or None, block learning-rate factor, LoRA+ tensor, parameter) of
+        every trained parameter, in a fixed order; the optimizer's parameter groups are built from it."""
+        labels = self.plan.labels if self.plan is not None else ()
+        for name in sorted(self.layers):
+            target, layer = self.layers[name]
+            block = self.blocks.get(name)
+            label = labels[block] if block is not None and self.plan.lr_weights is not None else None
+            weight = self.plan.lr_weight(block) if self.plan is not None else 1.0
+            for key, param in _peft_params(layer, self.kind).items():
+                yield target.component, label, weight, key in self.kind.loraplus, param
 
     @property
     def arch(self) -> str:
@@ -162,7 +215,7 @@ class LoraNetwork:
         if DORA_SUFFIX in parts:  # peft: (out,) or (1, out, 1, 1); files: (out, 1[, 1, 1])
             weight = layer.get_base_layer().weight
             parts[DORA_SUFFIX] = parts[DORA_SUFFIX].reshape(weight.shape[0], *[1] * (weight.ndim - 1))
-        parts["alpha"] = torch.tensor(float(self.spec.rank_alpha(target)[1]))
+        parts["alpha"] = torch.tensor(self.ranks[name][1])
         module = build_module(parts, name, "network")
         # peft scales by alpha / rank; where the file's scale differs (LoKr with both factors
         # whole: scale 1), the difference goes into the factor the weight change is linear in.
@@ -229,6 +282,26 @@ class LoraNetwork:
                                         "to the file's")
                     value = value.float() * ratio if key == linear else value
                     param.copy_(value.reshape(param.shape).to(param.dtype, copy=True))
+
+
+def _dropout_hook(rank_p: float, module_p: float):
+    """kohya's rank and module dropout on a LoRA layer's down projection (training passes only): the
+    whole module is skipped with probability `module_p`; each rank is dropped per sample with
+    probability `rank_p`, the others scaled by 1 / (1 - rank_p)."""
+    def hook(module, inputs, out):
+        if not (module.training and torch.is_grad_enabled()):
+            return out
+        if module_p and torch.rand((), device=out.device) < module_p:
+            return out * 0.0
+        if not rank_p:
+            return out
+        if isinstance(module, torch.nn.Conv2d):  # (batch, rank, h, w)
+            shape = (out.shape[0], out.shape[1]) + (1,) * (out.ndim - 2)
+        else:                                    # (batch, ..., rank)
+            shape = (out.shape[0],) + (1,) * (out.ndim - 2) + (out.shape[-1],)
+        keep = torch.rand(shape, device=out.device) >= rank_p
+        return out * keep.to(out.dtype) / (1.0 - rank_p)
+    return hook
 
 
 def _linear_key(parts: dict, kind: NetworkKind) -> str:

@@ -109,8 +109,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- training -----------------------------------------------------------------------------
-    def caption_encoder(self, tokenizers: list, encoders: list, clip_skip: int = 1):
-        """The object that turns captions into Conditioning (library.models.conditioning)."""
+    def caption_encoder(self, tokenizers: list, encoders: list, clip_skip: int = 1,
+                        max_token_length: int | None = None):
+        """The object that turns captions into Conditioning (library.models.conditioning);
+        `max_token_length` (150, 225) lets captions run over the encoders' window in chunks."""
         raise NotImplementedError
 
     def predict(self, model, noisy, timesteps, cond, size_info: list[tuple[int, ...]]):
@@ -163,6 +165,14 @@ class ModelFamily:
 
     def original_weight_key(self, component: str, path: str, unet_config: Mapping) -> tuple[str, int | None]:
         """(key in an original-format checkpoint, q/k/v row block or None) of a LoRA target's weight."""
+        raise NotImplementedError
+
+    def lora_blocks(self, unet_config: Mapping) -> list[str]:
+        """The labels of kohya's UNet blocks (block_dims, down/mid/up_lr_weight), in index order."""
+        raise NotImplementedError
+
+    def lora_block_index(self, path: str, unet_config: Mapping) -> int | None:
+        """The kohya block (an index into `lora_blocks`) of a denoiser module path, or None."""
         raise NotImplementedError
 
     def lora_file_problems(self, naming: str, names: list[str]) -> dict[str, list[str]]:

@@ -177,10 +177,10 @@ class StableDiffusion(ModelFamily):
         return out
 
     # --- training -----------------------------------------------------------------------------
-    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1):
+    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1, max_token_length=None):
         from library.models.conditioning import ClipCaptionEncoder
 
-        return ClipCaptionEncoder(tokenizers, encoders, clip_skip)
+        return ClipCaptionEncoder(tokenizers, encoders, clip_skip, max_token_length)
 
     def model_kwargs(self, cond, size_info, device) -> dict:
         return {}
@@ -251,6 +251,46 @@ class StableDiffusion(ModelFamily):
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             return base + "attn.in_proj_weight", "qkv".index(module[-6])  # OpenCLIP stacks q, k, v
         return base + _OPEN_CLIP[module] + ".weight", None
+
+    # kohya's blocks follow the original UNet's block lists (input_blocks, middle_block,
+    # output_blocks). SD1.x/2.x: IN00-IN11, one MID, OUT00-OUT11 (25). SDXL (split_mid_block): a
+    # BASE slot (the embeddings), IN00-IN08, MID00-MID02, OUT00-OUT08 and an OUT slot (23).
+    split_mid_block = False
+
+    def _ldm_block_counts(self, unet_config) -> tuple[int, int]:
+        per = unet_config["layers_per_block"]
+        per = per[0] if isinstance(per, (list, tuple)) else per
+        n = len(unet_config["down_block_types"])
+        return n * (per + 1), n * (per + 1)  # input_blocks (conv_in is input_blocks.0), output_blocks
+
+    def lora_blocks(self, unet_config):
+        ins, outs = self._ldm_block_counts(unet_config)
+        if self.split_mid_block:
+            return (["BASE"] + [f"IN{i:02d}" for i in range(ins)] + ["MID00", "MID01", "MID02"]
+                    + [f"OUT{i:02d}" for i in range(outs)] + ["OUT"])
+        return [f"IN{i:02d}" for i in range(ins)] + ["MID"] + [f"OUT{i:02d}" for i in range(outs)]
+
+    def lora_block_index(self, path, unet_config):
+        try:
+            ldm = unet_path_to_ldm(path, unet_config)
+        except KeyError:
+            return None
+        parts = ldm.split(".")
+        ins, _ = self._ldm_block_counts(unet_config)
+        base = 1 if self.split_mid_block else 0
+        mid = base + ins
+        out = mid + (3 if self.split_mid_block else 1)
+        if parts[0] == "input_blocks":
+            return base + int(parts[1])
+        if parts[0] == "middle_block":
+            return mid + (int(parts[1]) if self.split_mid_block else 0)
+        if parts[0] == "output_blocks":
+            return out + int(parts[1])
+        if self.split_mid_block and parts[0] in ("time_embed", "label_emb"):
+            return 0
+        if self.split_mid_block and parts[0] == "out":
+            return len(self.lora_blocks(unet_config)) - 1
+        return None
 
     def lora_file_problems(self, naming, names):
         if self.lora_unet_naming == "diffusers" and naming == "sgm":
@@ -330,6 +370,7 @@ class SDXL(StableDiffusion):
     single_file_text_encoders = (("conditioner.embedders.0.transformer.", "clip"),
                                  ("conditioner.embedders.1.model.", "open_clip"))
     shipped_trees = ("sdxl", "tiny_sdxl")
+    split_mid_block = True
     vae_overflows_in_fp16 = True  # the SDXL VAE gives NaN in fp16
     bucket_step_multiple = 32
 
@@ -346,10 +387,10 @@ class SDXL(StableDiffusion):
         return any(k.startswith("conditioner.embedders.1.model.") for k in shapes) or \
             UNET_PREFIX + "label_emb.0.0.weight" in shapes
 
-    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1):
+    def caption_encoder(self, tokenizers, encoders, clip_skip: int = 1, max_token_length=None):
         from library.models.conditioning import SdxlCaptionEncoder
 
-        return SdxlCaptionEncoder(tokenizers, encoders, clip_skip)
+        return SdxlCaptionEncoder(tokenizers, encoders, clip_skip, max_token_length)
 
     def model_kwargs(self, cond, size_info, device) -> dict:
         import torch

@@ -90,7 +90,7 @@ def build_run(cfg: Config) -> TrainingRun:
     data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
                     model_plan.family.label)
     if acc.is_main_process:
-        log_dataset(data)
+        log_dataset(data, training.max_token_length)
     plan = StepPlan(data, training.gradient_accumulation_steps, acc.num_processes, acc.process_index)
     total_steps = (training.max_train_epochs * plan.steps_per_epoch if training.max_train_epochs
                    else training.max_train_steps)
@@ -122,8 +122,10 @@ def build_run(cfg: Config) -> TrainingRun:
     unet, optimizer = prepared[0], prepared[-1]
     # Training passes go through the DDP wrappers so that gradients are synchronised.
     train_encoders = list(prepared[1:-1]) if trains_text else bundle.text_encoders
-    local_text = family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip)
-    trained_text = family.caption_encoder(bundle.tokenizers, train_encoders, training.clip_skip) if trains_text \
+    local_text = family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
+                                        training.max_token_length)
+    trained_text = family.caption_encoder(bundle.tokenizers, train_encoders, training.clip_skip,
+                                          training.max_token_length) if trains_text \
         else local_text
     conditioning = ConditioningSource(trained_text, local_text, trains_text, acc.device,
                                       text_cache(cfg, data, local_text, acc, bundle))
@@ -135,7 +137,8 @@ def build_run(cfg: Config) -> TrainingRun:
                         TimestepSampler.from_options(training, objective.num_timesteps),
                         Loss.from_options(training, objective), acc.device, network.set_enabled)
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
-                                cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
+                                cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power,
+                                cfg.optimizer.lr_scheduler_type, cfg.optimizer.lr_scheduler_args)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
                        scheduler, list(prepared[:-1]), denoiser, setup, method, validator)
@@ -191,12 +194,26 @@ def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraN
 
 
 def parameter_groups(cfg: Config, network: LoraNetwork, encoders: int, trains_text: bool) -> list[dict]:
-    opt = cfg.optimizer
-    groups = [{"params": list(network.parameters("unet")), "lr": opt.unet_lr or opt.learning_rate, "name": "unet"}]
+    """One group per component; with kohya's block learning-rate factors one per UNet block
+    ("unet_IN04"), and with LoRA+ the up matrices of each in a group of their own ("..._plus")."""
+    opt, net = cfg.optimizer, cfg.network
+    base = {"unet": opt.unet_lr or opt.learning_rate}
     if trains_text:
-        for i, lr in enumerate(opt.text_encoder_lrs(encoders)):
-            groups.append({"params": list(network.parameters(f"te{i + 1}")), "lr": lr, "name": f"te{i + 1}"})
-    return groups
+        base.update({f"te{i + 1}": lr for i, lr in enumerate(opt.text_encoder_lrs(encoders))})
+    ratios = {c: (net.loraplus_unet_lr_ratio if c == "unet" else net.loraplus_text_encoder_lr_ratio)
+              or net.loraplus_lr_ratio for c in base}
+    groups: dict[str, dict] = {name: {"params": [], "lr": lr, "name": name} for name, lr in base.items()}
+    for component, block, weight, plus, param in network.parameter_sets():
+        if component not in base:
+            continue
+        ratio = ratios[component] if plus else None
+        name = component + (f"_{block}" if block else "") + ("_plus" if ratio else "")
+        group = groups.setdefault(name, {"params": [], "lr": base[component] * weight * (ratio or 1.0), "name": name})
+        group["params"].append(param)
+    out = [g for g in groups.values() if g["params"] or g["name"] in base]
+    if len(out) > len(base):
+        log.info("optimizer parameter groups: %s", ", ".join(f"{g['name']} lr={g['lr']:g}" for g in out if g["params"]))
+    return [g for g in out if g["params"]] if len(out) > len(base) else out
 
 
 def latent_cache(cfg: Config, data: TrainingData, encoder: VaeEncoder, acc, bundle: ModelBundle) -> LatentCache | None:
@@ -250,9 +267,14 @@ def resolution_of(data, bundle) -> tuple[int, int]:
 def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     if not cfg.sampling.sample_prompts:
         return None
+    training = cfg.training
+    # long prompts go through the trainer's chunked encoder (the pipelines cut them at 77 tokens)
+    text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
+                                         training.max_token_length) if training.max_token_length else None
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
                    cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
-                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base)
+                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base,
+                   text)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:

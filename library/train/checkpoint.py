@@ -323,5 +323,9 @@ def describe_network(network: Any) -> dict:
     spec = network.spec
     keys = network_kind(spec.network_type).state_keys
     kind = {} if keys is None else {"type": spec.network_type, **{k: getattr(spec, k) for k in keys}}
+    # per-block ranks (kohya's block_dims...): recorded only when set, so older states still match
+    blocks = {k: list(v) if isinstance(v, tuple) else v for k in ("block_dims", "block_alphas", "conv_block_dims",
+                                                                  "conv_block_alphas")
+              if (v := getattr(spec, k, None)) is not None}
     return {"dim": spec.dim, "alpha": spec.alpha, "conv_dim": spec.conv_dim, "conv_alpha": spec.conv_alpha,
-            "text_encoders": spec.train_text_encoders, "modules": len(network.layers), **kind}
+            "text_encoders": spec.train_text_encoders, "modules": len(network.layers), **kind, **blocks}

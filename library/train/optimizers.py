@@ -45,7 +45,7 @@ def _finite(value: Any) -> bool:
     return True
 
 
-def parse_optimizer_args(args: Any) -> dict:
+def parse_optimizer_args(args: Any, option: str = "optimizer_args") -> dict:
     """kohya's ["key=value", ...] strings (values are Python literals) or a TOML table. NaN and
     infinite numbers are refused: an optimizer takes them and silently trains nothing (or NaN)."""
     if isinstance(args, Mapping):
@@ -55,7 +55,7 @@ def parse_optimizer_args(args: Any) -> dict:
         for item in args:
             key, eq, raw = str(item).partition("=")
             if not eq or not key.strip():
-                raise UserError(f"optimizer_args: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
+                raise UserError(f"{option}: {item!r} is not key=value (e.g. \"weight_decay=0.01\")")
             try:
                 value = ast.literal_eval(raw.strip())
             except (ValueError, SyntaxError):
@@ -63,11 +63,25 @@ def parse_optimizer_args(args: Any) -> dict:
             out[key.strip()] = value
     for key, value in out.items():
         if not _finite(value) or (isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf")):
-            raise UserError(f"optimizer_args: {key} = {value!r} is not a finite number")
+            raise UserError(f"{option}: {key} = {value!r} is not a finite number")
     return out
 
 
+def import_class(path: str, option: str):
+    """A "package.module.Class" named by an option (kohya lets optimizer/scheduler types be any class)."""
+    module, _, cls = path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), cls, None)
+    except ImportError:
+        raise UserError(f'{option} = "{path}": cannot import {module}; install the package that provides it') from None
+    if found is None:
+        raise UserError(f'{option} = "{path}": {module} has no {cls}')
+    return found
+
+
 def _import(name: str):
+    if name not in OPTIMIZERS:  # a class path (the config checked its spelling)
+        return import_class(name, "optimizer_type"), {}
     module, cls, package, defaults = OPTIMIZERS[name]
     try:
         return getattr(importlib.import_module(module), cls), defaults

@@ -30,7 +30,8 @@ LATEST_INTACT = "latest_intact"
 NETWORK_KEYS = {"type": "network_type", "dim": "network_dim", "alpha": "network_alpha", "conv_dim": "conv_dim",
                 "conv_alpha": "conv_alpha", "lokr_factor": "lokr_factor",
                 "text_encoders": "text encoders trained (network_train_unet_only = false)",
-                "modules": "trained modules"}
+                "modules": "trained modules", "block_dims": "block_dims", "block_alphas": "block_alphas",
+                "conv_block_dims": "conv_block_dims", "conv_block_alphas": "conv_block_alphas"}
 NETWORK_DEFAULTS = {"type": "lora", "lokr_factor": -1}  # left out of describe_network for plain LoRA
 # describe_data's keys, for the same messages.
 DATA_KEYS = {"images": "training images", "reg_images": "regularisation images", "held_out": "validation images",

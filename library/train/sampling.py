@@ -114,8 +114,9 @@ def grid(images: list[Image.Image], columns: int | None = None, row_labels: list
 class Sampler:
     def __init__(self, prompts: list[SamplePrompt], folder: Path, output_name: str, default_size: tuple[int, int],
                  default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool,
-                 compare_base: bool = False):
+                 compare_base: bool = False, text=None):
         self.prompts = prompts
+        self.text = text  # a CaptionEncoder for prompts longer than the pipeline's 77 tokens, or None
         self.folder = folder
         self.output_name = output_name
         self.default_size = default_size
@@ -131,6 +132,15 @@ class Sampler:
     def stem(self, step: int | None) -> str:
         """output_name_000400 during training; output_name alone for one-off sampling (step None)."""
         return self.output_name if step is None else f"{self.output_name}_{step:06d}"
+
+    def prompt_kwargs(self, p: SamplePrompt) -> dict:
+        if self.text is None:
+            return {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None}
+        cond, neg = self.text.encode([p.prompt]), self.text.encode([p.negative_prompt or ""])
+        out = {"prompt_embeds": cond.hidden_states, "negative_prompt_embeds": neg.hidden_states}
+        if cond.pooled is not None:
+            out.update(pooled_prompt_embeds=cond.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        return out
 
     @torch.no_grad()
     def run(self, bundle, unet, device, step: int | None, autocast, set_enabled=None) -> list[tuple[str, Image.Image]]:
@@ -152,7 +162,7 @@ class Sampler:
                     height = p.height or self.default_size[1]
                     def generate():
                         gen = torch.Generator(device="cpu").manual_seed(seed)
-                        latents = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=width,
+                        latents = pipe(**self.prompt_kwargs(p), width=width,
                                        height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
                                        generator=gen, output_type="latent").images
                         return decode(pipe, latents)[0]

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from library.errors import UserError
+
 
 def warmup_steps(value: int | float, total: int) -> int:
     """lr_warmup_steps: an integer is a step count, a value below 1 a fraction of the training."""
@@ -18,10 +20,20 @@ def warmup_steps(value: int | float, total: int) -> int:
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, total_steps: int, warmup: int | float,
-                    num_cycles: int = 1, power: float = 1.0):
+                    num_cycles: int = 1, power: float = 1.0, scheduler_type: str | None = None,
+                    scheduler_args=()):
     from diffusers.optimization import get_scheduler
 
     optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+    if scheduler_type:
+        from library.train.optimizers import import_class, parse_optimizer_args
+
+        cls = import_class(scheduler_type, "lr_scheduler_type")
+        kwargs = parse_optimizer_args(scheduler_args, "lr_scheduler_args")
+        try:
+            return cls(optimizer, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"lr_scheduler_args: not accepted by {scheduler_type} ({exc})") from None
     if any(group.get("lr") is None for group in optimizer.param_groups):
         # Adafactor with relative_step computes its own step size; its schedule reports it.
         from transformers.optimization import AdafactorSchedule

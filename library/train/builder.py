@@ -11,6 +11,7 @@ comes last, from the parts it reports on.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ from library.train import metrics as step_metrics
 from library.train.batches import BatchBuilder, StepPlan, VaeEncoder
 from library.train.denoiser import ConditioningSource, Denoiser
 from library.train.diffusion import NoiseSampler, TimestepSampler
+from library.train.ema import LoraEma
 from library.train.loss import Loss
 from library.train.method import MethodSetup, TrainingMethod, build_method, selected_method
 from library.train.optimizers import build_optimizer, optimizer_description
@@ -67,6 +69,7 @@ class TrainingRun:
     method_setup: MethodSetup    # to build another method on the same model (benchmarks)
     method: TrainingMethod
     validator: Validator
+    ema: LoraEma | None = None   # the moving average of the LoRA weights (ema = true)
 
     @property
     def device(self) -> torch.device:
@@ -137,8 +140,10 @@ def build_run(cfg: Config) -> TrainingRun:
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
+    # From the starting weights (network_weights or the fresh initialisation), after accelerate placed them.
+    ema = LoraEma.from_options(training, list(network.parameters()), acc.device)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
-                       scheduler, list(prepared[:-1]), denoiser, setup, method, validator)
+                       scheduler, list(prepared[:-1]), denoiser, setup, method, validator, ema)
 
 
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -250,8 +255,10 @@ def resolution_of(data, bundle) -> tuple[int, int]:
 def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     if not cfg.sampling.sample_prompts:
         return None
+    # With EMA the samples show the average, and their names say so.
+    name = cfg.saving.output_name + ("_ema" if cfg.training.ema else "")
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
-                   cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
+                   name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
                    cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base)
 
 
@@ -259,7 +266,8 @@ def training_facts(run: TrainingRun) -> TrainingFacts:
     bundle, family = run.bundle, run.bundle.family
     denoiser = run.denoiser
     components = {**denoiser.objective.metadata(), **denoiser.noise.metadata(), **denoiser.timesteps.metadata(),
-                  **denoiser.loss_fn.metadata()}
+                  **denoiser.loss_fn.metadata(), **(run.ema.metadata() if run.ema is not None else {"ss_ema": "False"}),
+                  "ss_masked_loss": str(run.cfg.training.masked_loss)}
     return TrainingFacts(
         base_model_version=bundle.base_model_version,
         architecture=family.modelspec_architecture(bundle.v_parameterization),
@@ -277,7 +285,12 @@ def build_reporting(run: TrainingRun, write_state: Callable[[Path], None], confi
     tracker = Tracker(acc, run.trackers, cfg.saving.output_name, config_summary)
 
     def sample(n: int) -> list:
-        return sampler.run(run.bundle, run.bundle.unet, run.device, n, acc.autocast, run.network.set_enabled)
+        with run.ema.applied() if run.ema is not None else nullcontext():
+            return sampler.run(run.bundle, run.bundle.unet, run.device, n, acc.autocast, run.network.set_enabled)
+
+    def ema_tensors() -> dict[str, torch.Tensor]:
+        with run.ema.applied():
+            return run.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision])
 
     def validate() -> dict[str, float]:
         with acc.autocast():
@@ -286,7 +299,8 @@ def build_reporting(run: TrainingRun, write_state: Callable[[Path], None], confi
     handles = RunHandles(
         lora_tensors=lambda: run.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision]),
         write_state=write_state, facts=training_facts(run), loss_table=table.render,
-        sample=sample if sampler is not None else None, validate=validate if run.validator else None)
+        sample=sample if sampler is not None else None, validate=validate if run.validator else None,
+        ema_tensors=ema_tensors if run.ema is not None else None)
     outputs = Outputs(cfg, acc, tracker, run.plan, run.total_steps, run.method, handles)
     sources = [step_metrics.LossAverage(), step_metrics.throughput, step_metrics.MemoryPeaks(run.device),
                step_metrics.LearningRates(run.optimizer), step_metrics.from_callable(lambda: outputs.method.metrics()),

@@ -73,7 +73,7 @@ class Denoiser:
         """Timesteps first (the method may depend on them), then the method's change to the clean
         latents, then noise: the order APT needs, and the same draws for plain training."""
         latents = batch.latents.to(self.device)
-        mask = batch.mask.to(self.device) if batch.mask is not None else None
+        mask = self.loss_fn.loss_mask(batch.mask.to(self.device) if batch.mask is not None else None, gen)
         if timesteps is None:
             timesteps = self.timesteps.sample(latents.shape[0], gen)
         if method is not None:
@@ -104,7 +104,8 @@ class Denoiser:
             self.set_enabled(True)
 
     def context(self, batch: Batch, inputs: NoisyInputs) -> StepContext:
-        return StepContext(batch, inputs, lambda pred: self.loss_fn.per_sample(pred, inputs.target, inputs.mask),
+        return StepContext(batch, inputs, lambda pred: self.loss_fn.per_sample(pred, inputs.target, inputs.timesteps,
+                                                                          inputs.mask),
                            lambda: self.reference(batch, inputs), self.conditioning.tokenize)
 
     def loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None = None,

@@ -57,6 +57,9 @@ class SubsetKeys:
     image_dir: Optional[str] = option(None, "folder of images (captions beside them)")
     is_reg: bool = option(False, "regularisation images: their loss is multiplied by prior_loss_weight")
     metadata_file: Optional[str] = option(None, "kohya fine-tune metadata (.json or .jsonl) instead of caption files")
+    conditioning_data_dir: Optional[str] = option(
+        None, "with masked_loss: the folder of this subset's mask images, each named as its image (kohya's); unset "
+              "= <stem>_mask.png beside each image")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class DatasetBlueprint:
 COMMON = options_of(CommonKeys, "any")
 DATASET_LEVEL = options_of(DatasetKeys, "dataset")
 SUBSET_ONLY = options_of(SubsetKeys, "subset")
-PATH_KEYS = ("image_dir", "metadata_file")
+PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 
 # kohya keys this trainer deliberately does not implement, with the reason users get.
 UNSUPPORTED = {
@@ -91,7 +94,6 @@ UNSUPPORTED = {
     "secondary_separator": "secondary separators are not supported",
     "cache_info": "the image-size cache file is not needed: image sizes are read from headers",
     "network_multiplier": "per-dataset network multipliers are not supported",
-    "conditioning_data_dir": "ControlNet conditioning data is not supported",
 }
 
 ALLOWED_AT = {

@@ -88,7 +88,8 @@ def build_run(cfg: Config) -> TrainingRun:
     model_plan = plan_model(cfg.model)
     data = TrainingData(cfg.dataset, native_resolution=model_plan.native_resolution,
                         default_batch_size=training.train_batch_size, seed=training.seed,
-                        skip_bad_images=cfg.data.skip_bad_images)
+                        skip_bad_images=cfg.data.skip_bad_images, masked_loss=training.masked_loss)
+    check_masks(cfg, data)
     # Before the model loads: every bucket on the model's grid, said per dataset.
     data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
                     model_plan.family.label)
@@ -144,6 +145,20 @@ def build_run(cfg: Config) -> TrainingRun:
     ema = LoraEma.from_options(training, list(network.parameters()), acc.device)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
                        scheduler, list(prepared[:-1]), denoiser, setup, method, validator, ema)
+
+
+def check_masks(cfg: Config, data: TrainingData) -> None:
+    """Mask options that would change nothing are refused: no image of the run has a mask."""
+    if data.has_masks():
+        return
+    t = cfg.training
+    if t.masked_loss:
+        raise UserError(f"{data.source}: masked_loss = true, but no image has a mask: put <stem>_mask.png beside "
+                        "the images, set conditioning_data_dir in the subset, or use alpha_mask = true")
+    for key in ("unmasked_probability", "unmasked_weight"):
+        if getattr(t, key):
+            raise UserError(f"{data.source}: {key} = {getattr(t, key)}: no image has a loss mask (masked_loss or "
+                            "alpha_mask); remove it")
 
 
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -183,12 +183,12 @@ def config_with(tmp_path, model, images, subset: dict | None = None, **training)
 @pytest.mark.parametrize("apt", [False, True])
 def test_every_feature_trains_end_to_end_and_is_in_the_metadata(tmp_path, tiny_models, arch, apt):
     images = masked_images(tmp_path / "imgs")
-    path = config_with(tmp_path, tiny_models[arch], images, {"flip_aug": True})
+    path = config_with(tmp_path, tiny_models[arch], images, {"flip_aug": True, "caption_dropout_rate": 0.5})
     trainer = Trainer(build_config(str(path), [
         ("log_with", "none"), ("apt", str(apt).lower()), ("loss_type", "huber"), ("huber_schedule", "exponential"),
         ("debiased_estimation_loss", "true"), ("timestep_sampling", "logit_normal"), ("logit_mean", "0.5"),
         ("min_timestep", "50"), ("ema", "true"), ("ema_decay", "0.9"), ("masked_loss", "true"),
-        ("unmasked_probability", "0.2"), ("unmasked_weight", "0.1"), ("caption_dropout_rate", "0.5")]))
+        ("unmasked_probability", "0.2"), ("unmasked_weight", "0.1")]))
     assert len(trainer.parts.data.records) == 4  # the masks are not training images
     assert trainer.parts.batches.build(trainer.parts.data.epoch_batches(1)[0], 1, 0).mask is not None
     final = trainer.run()
@@ -368,6 +368,7 @@ def test_mask_problems_are_one_line_naming_the_image(tmp_path, tiny_models):
     path.write_text(path.read_text().replace("image_dir = ", f'conditioning_data_dir = "{cond}"\nimage_dir = '))
     Image.new("L", (64, 64), 255).save(cond / "img1.png")
     assert "stray.png: a mask image that names no image" in error("--masked_loss", "true")
+    (tmp_path / "p").mkdir()
     plain = config_with(tmp_path / "p", tiny_models["sd15"], make_images(tmp_path / "plain", 2))
     code, _, err = run_main(["--config", str(plain), "--log_with", "none", "--unmasked_weight", "0.1"])
     assert code == 2 and "unmasked_weight = 0.1: no image has a loss mask" in err

@@ -390,3 +390,42 @@ def test_bad_values_are_refused_with_one_line(tmp_path, tiny_models, images, ove
     code, _, err = run_main(["--config", str(path), "--log_with", "none", *over])
     lines = [x for x in err.strip().splitlines() if x.startswith("error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+# --- network_multiplier per dataset -----------------------------------------------------------
+
+def test_dataset_network_multiplier_scales_the_weight_change_while_its_batches_train(tmp_path, tiny_models, images):
+    path = tiny_config(tmp_path, tiny_models["sd15"], images)
+    path.write_text(path.read_text().replace("resolution = 64", "resolution = 64\nnetwork_multiplier = -1.0"))
+    trainer = Trainer(build_config(str(path), [("log_with", "none"), *FP32]))
+    run = trainer.parts
+    net = run.network
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    batch = first_batch(trainer)
+    assert batch.multiplier == -1.0
+    scales = [dict(layer.scaling) for _, layer in net.layers.values()]
+    negated = run.denoiser.loss(batch, step_generator(7, 0, 0)).per_sample
+    assert [dict(layer.scaling) for _, layer in net.layers.values()] == scales  # put back exactly
+    with torch.no_grad():
+        for _, layer in net.layers.values():
+            layer.lora_B["default"].weight.neg_()  # -B A: the weight change of multiplier -1
+    batch.multiplier = 1.0
+    flipped = run.denoiser.loss(batch, step_generator(7, 0, 0)).per_sample
+    assert torch.allclose(negated, flipped, atol=1e-6)
+    with torch.no_grad():
+        for _, layer in net.layers.values():
+            layer.lora_B["default"].weight.neg_()
+    plain = run.denoiser.loss(batch, step_generator(7, 0, 0)).per_sample
+    assert not torch.allclose(negated, plain, atol=1e-4)
+    trainer.run()
+    with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["ss_datasets"])[0]["network_multiplier"] == -1.0
+    path.write_text(path.read_text().replace("network_multiplier = -1.0", "network_multiplier = 0"))
+    code, _, err = run_main(["--config", str(path), "--log_with", "none"])
+    assert code == 2 and "network_multiplier: 0 would train nothing" in err
+    path.write_text(path.read_text().replace("network_multiplier = 0", "network_multiplier = 0.5"))
+    code, _, err = run_main(["--config", str(path), "--log_with", "none", "--network_type", "dora"])
+    assert code == 2 and "network_multiplier: DoRA" in err

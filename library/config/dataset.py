@@ -47,6 +47,9 @@ class DatasetKeys:
     max_bucket_reso: int = option(1024, "largest bucket edge", ge=32)
     bucket_reso_steps: int = option(64, "bucket edges are multiples of this (SDXL: a multiple of 32)", ge=8)
     bucket_no_upscale: bool = option(False, "never upscale: small images get a bucket no larger than themselves")
+    network_multiplier: float = option(
+        1.0, "multiplier of the LoRA's weight change while this dataset's batches train (kohya's; e.g. -1 for the "
+             "negative side of a slider); not with DoRA")
     validation_split: float = option(0.0, "fraction of images held out for validation loss", ge=0, lt=1)
     validation_seed: Optional[int] = option(None, "seed of the validation split; unset = the training seed", ge=0)
 
@@ -93,7 +96,6 @@ UNSUPPORTED = {
     "enable_wildcard": "caption wildcards are not supported",
     "secondary_separator": "secondary separators are not supported",
     "cache_info": "the image-size cache file is not needed: image sizes are read from headers",
-    "network_multiplier": "per-dataset network multipliers are not supported",
 }
 
 ALLOWED_AT = {
@@ -212,6 +214,9 @@ def parse_blueprint(doc: dict, source: str, base_dir: Path) -> DatasetBlueprint:
         if spec.min_bucket_reso > spec.max_bucket_reso:
             raise UserError(f"{ds_where}: min_bucket_reso ({spec.min_bucket_reso}) is larger than max_bucket_reso "
                             f"({spec.max_bucket_reso})")
+        if spec.network_multiplier == 0:
+            raise UserError(f"{ds_where}: network_multiplier: 0 would train nothing on this dataset; use a non-zero "
+                            "multiplier (1 = as the LoRA is saved)")
         if spec.bucket_reso_steps % 8:
             raise UserError(f"{ds_where}: bucket_reso_steps: expected a multiple of 8, got {spec.bucket_reso_steps}")
         datasets.append(spec)

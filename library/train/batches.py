@@ -24,6 +24,7 @@ class Batch:
     mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
     records: list[int]
     pixels: torch.Tensor | None = None  # B x 3 x H x W in [-1, 1] when latents were encoded live
+    multiplier: float = 1.0           # the dataset's network_multiplier (a batch is of one dataset)
 
 
 class VaeEncoder:
@@ -87,7 +88,8 @@ class BatchBuilder:
         weights = torch.where(is_reg, self.prior_loss_weight, 1.0)
         return Batch(latents=latents, captions=[s.caption for s in samples],
                      size_info=[self.data.size_info(s) for s in samples], weights=weights, is_reg=is_reg, mask=masks,
-                     records=[s.record for s in samples], pixels=pixels)
+                     records=[s.record for s in samples], pixels=pixels,
+                     multiplier=self.data.specs[self.data.records[samples[0].record].dataset_index].network_multiplier)
 
 
 def _stack_masks(masks: list, size) -> torch.Tensor:

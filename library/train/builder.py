@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from library.config import Config
+from library.config.network_kinds import network_kind
 from library.data.dataset import TrainingData
 from library.data.latent_cache import LatentCache
 from library.data.summary import dataset_summary, log_dataset, tag_frequency
@@ -90,6 +91,7 @@ def build_run(cfg: Config) -> TrainingRun:
                         default_batch_size=training.train_batch_size, seed=training.seed,
                         skip_bad_images=cfg.data.skip_bad_images, masked_loss=training.masked_loss)
     check_masks(cfg, data)
+    check_multipliers(cfg, data)
     # Before the model loads: every bucket on the model's grid, said per dataset.
     data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
                     model_plan.family.label)
@@ -137,7 +139,7 @@ def build_run(cfg: Config) -> TrainingRun:
         log.warning("zero_terminal_snr without v_parameterization: an epsilon model cannot learn the last step")
     denoiser = Denoiser(family, unet, bundle.unet, conditioning, objective, NoiseSampler.from_options(training),
                         TimestepSampler.from_options(training, objective.num_timesteps),
-                        Loss.from_options(training, objective), acc.device, network.set_enabled)
+                        Loss.from_options(training, objective), acc.device, network.set_enabled, network.multiplied)
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
@@ -159,6 +161,14 @@ def check_masks(cfg: Config, data: TrainingData) -> None:
         if getattr(t, key):
             raise UserError(f"{data.source}: {key} = {getattr(t, key)}: no image has a loss mask (masked_loss or "
                             "alpha_mask); remove it")
+
+
+def check_multipliers(cfg: Config, data: TrainingData) -> None:
+    kind = network_kind(cfg.network.network_type)
+    for spec in data.specs:
+        if spec.network_multiplier != 1.0 and kind.dora == kind.name:  # a DoRA kind
+            raise UserError(f"{data.source}: [[datasets]] #{spec.index + 1}: network_multiplier: DoRA's weight change "
+                            "is not proportional to a multiplier; use 1, or another network_type")
 
 
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -11,6 +11,7 @@ object.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -56,7 +57,8 @@ class ConditioningSource:
 class Denoiser:
     def __init__(self, family, model, local_model, conditioning: ConditioningSource, objective,
                  noise: NoiseSampler, timesteps: TimestepSampler, loss: Loss, device: torch.device,
-                 set_enabled: Callable[[bool], None]):
+                 set_enabled: Callable[[bool], None],
+                 multiplied: Callable[[float], AbstractContextManager] | None = None):
         self.family = family
         self.model = model                # the trained forward (DDP-wrapped on several processes)
         self.local_model = local_model    # the same module unwrapped: no-grad passes on one process
@@ -67,6 +69,7 @@ class Denoiser:
         self.loss_fn = loss
         self.device = device
         self.set_enabled = set_enabled  # the network's switch: the base model is the model with it off
+        self.multiplied = multiplied or (lambda m: nullcontext())  # the dataset's network_multiplier
 
     def noisy_inputs(self, batch: Batch, gen: torch.Generator, timesteps: torch.Tensor | None = None,
                      method: MethodStep | None = None, local: bool = False) -> NoisyInputs:
@@ -111,7 +114,13 @@ class Denoiser:
     def loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None = None,
              timesteps: torch.Tensor | None = None, local: bool = False, weighted: bool = True) -> StepLoss:
         """The micro-batch's loss. `local` runs the unwrapped modules without text gradients
-        (validation, benchmarks); `weighted = False` gives the plain mean per-sample loss."""
+        (validation, benchmarks); `weighted = False` gives the plain mean per-sample loss. The
+        adapters train at the batch's dataset network_multiplier (the reference pass turns them off)."""
+        with self.multiplied(batch.multiplier):
+            return self._loss(batch, gen, method, timesteps, local, weighted)
+
+    def _loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None, timesteps: torch.Tensor | None,
+              local: bool, weighted: bool) -> StepLoss:
         method = method or MethodStep()
         inputs = self.noisy_inputs(batch, gen, timesteps, method, local)
         ctx = self.context(batch, inputs)

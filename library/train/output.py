@@ -87,7 +87,7 @@ class Outputs:
         total = self.total_steps
         # Ten reports per run whatever the epoch length: one per epoch floods the log on small sets.
         if self.main and (final or (n * 10) // total != ((n - 1) * 10) // total):
-            log.info("step %d/%d (epoch %d): loss by timestep (unweighted MSE, moving average):\n%s",
+            log.info("step %d/%d (epoch %d): loss by timestep (the run's loss_type, unweighted, moving average):\n%s",
                      n, total, epoch, self.handles.loss_table())
 
     def finish(self) -> Path:

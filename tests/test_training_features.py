@@ -429,3 +429,28 @@ def test_dataset_network_multiplier_scales_the_weight_change_while_its_batches_t
     path.write_text(path.read_text().replace("network_multiplier = 0", "network_multiplier = 0.5"))
     code, _, err = run_main(["--config", str(path), "--log_with", "none", "--network_type", "dora"])
     assert code == 2 and "network_multiplier: DoRA" in err
+
+
+def test_network_multiplier_holds_over_the_backward_pass_with_gradient_checkpointing(tmp_path, tiny_models, images):
+    grads = {}
+    for gc in ("false", "true"):
+        folder = tmp_path / gc
+        folder.mkdir()
+        path = tiny_config(folder, tiny_models["sd15"], images)
+        path.write_text(path.read_text().replace("resolution = 64", "resolution = 64\nnetwork_multiplier = -1.0"))
+        trainer = Trainer(build_config(str(path), [("log_with", "none"), *FP32, ("gradient_checkpointing", gc)]))
+        run = trainer.parts
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in run.network.parameters():
+                p.normal_(0, 0.05)
+        params = list(run.network.parameters())
+        original = run.optimizer.step
+
+        def step(*args, **kwargs):
+            grads[gc] = [p.grad.detach().clone() for p in params]
+            return original(*args, **kwargs)
+
+        run.optimizer.step = step
+        trainer.train_step(0)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(grads["false"], grads["true"]))

@@ -140,6 +140,8 @@ class Trainer:
             batch = run.batches.assemble(samples)
             gen = step_generator(cfg.training.seed, step, m, acc.process_index)
             with ExitStack() as stack:
+                # Over the backward pass too: gradient checkpointing reruns the forward there.
+                stack.enter_context(run.network.multiplied(batch.multiplier))
                 if m < len(micro) - 1:  # gradients are synchronised once, with the last micro-batch
                     for model in run.wrapped:
                         stack.enter_context(acc.no_sync(model))

@@ -238,7 +238,8 @@ def kohya_of(trainer, params) -> dict[str, torch.Tensor]:
 
 def test_ema_equals_the_hand_computed_recurrence_and_is_saved(tmp_path, tiny_models, images):
     trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, *FP32, ("ema", "true"), ("ema_decay", "0.8"),
-                           ("ema_update_every", "2"), ("ema_device", "cpu"), max_train_steps=5)
+                           ("ema_update_every", "2"), ("ema_device", "cpu"), ("save_every_n_steps", "2"),
+                           ("save_last_n_steps", "2"), max_train_steps=5)
     params = list(trainer.parts.network.parameters())
     expected = [p.detach().double().clone() for p in params]
     updates = 0
@@ -259,6 +260,9 @@ def test_ema_equals_the_hand_computed_recurrence_and_is_saved(tmp_path, tiny_mod
     for e, a in zip(expected, trainer.parts.ema.shadow):
         assert torch.allclose(a.double(), e, atol=1e-7)
     assert any(not torch.allclose(a, p.detach()) for a, p in zip(trainer.parts.ema.shadow, params))
+    names = {p.name for p in final.parent.glob("*.safetensors")}
+    assert names == {"lora.safetensors", "lora-ema.safetensors", "lora-step00000004.safetensors",
+                     "lora-step00000004-ema.safetensors"}  # step 2's pair pruned together
     saved_ema = load_file(str(final.with_name("lora-ema.safetensors")))
     want = kohya_of(trainer, trainer.parts.ema.shadow)
     assert saved_ema.keys() == want.keys() and all(torch.allclose(saved_ema[k], want[k], atol=1e-7) for k in want)

@@ -127,7 +127,7 @@ def test_class_path_optimizer_and_scheduler_are_built(tmp_path):
 @pytest.mark.parametrize("extra, needle", [
     ({"save_model_as": "ckpt"}, "save_model_as = 'ckpt'"),
     ({"full_fp16": True}, "full_fp16"),
-    ({"loss_type": "huber"}, "loss_type = 'huber'"),
+    ({"weighted_captions": True}, "weighted_captions"),
     ({"t5xxl": "t5.safetensors"}, "t5xxl"),
     ({"optimizer_type": "DAdaptAdam"}, "D-Adaptation"),
     ({"network_train_text_encoder_only": True}, "network_train_text_encoder_only"),

@@ -133,12 +133,13 @@ def load(args):
     from library.data.dataset import TrainingData
     from library.errors import UserError
 
-    seed, batch_size, model = 42, 1, args.pretrained_model_name_or_path
+    seed, batch_size, model, masked_loss = 42, 1, args.pretrained_model_name_or_path, False
     if args.config:
         cfg = build_config(args.config, [])
         if args.max_token_length is None:
             args.max_token_length = cfg.training.max_token_length
         blueprint, seed, batch_size = cfg.dataset, cfg.training.seed, cfg.training.train_batch_size
+        masked_loss = cfg.training.masked_loss  # mask files are then no images, and each image needs one
         model = model or cfg.model.pretrained_model_name_or_path
     else:
         path = Path(args.dataset_config)
@@ -157,7 +158,8 @@ def load(args):
                             "--pretrained_model_name_or_path to use the model's native size")
         native = 512
     return TrainingData(blueprint, native_resolution=native, default_batch_size=batch_size,
-                        seed=args.seed if args.seed is not None else seed, skip_bad_images=True)
+                        seed=args.seed if args.seed is not None else seed, skip_bad_images=True,
+                        masked_loss=masked_loss)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class DatasetKeys:
     max_bucket_reso: int = option(1024, "largest bucket edge", ge=32)
     bucket_reso_steps: int = option(64, "bucket edges are multiples of this (SDXL: a multiple of 32)", ge=8)
     bucket_no_upscale: bool = option(False, "never upscale: small images get a bucket no larger than themselves")
+    network_multiplier: float = option(
+        1.0, "multiplier of the LoRA's weight change while this dataset's batches train (kohya's; e.g. -1 for the "
+             "negative side of a slider); not with DoRA")
     validation_split: float = option(0.0, "fraction of images held out for validation loss", ge=0, lt=1)
     validation_seed: Optional[int] = option(None, "seed of the validation split; unset = the training seed", ge=0)
 
@@ -64,6 +67,9 @@ class SubsetKeys:
     image_dir: Optional[str] = option(None, "folder of images (captions beside them)")
     is_reg: bool = option(False, "regularisation images: their loss is multiplied by prior_loss_weight")
     metadata_file: Optional[str] = option(None, "kohya fine-tune metadata (.json or .jsonl) instead of caption files")
+    conditioning_data_dir: Optional[str] = option(
+        None, "with masked_loss: the folder of this subset's mask images, each named as its image (kohya's); unset "
+              "= <stem>_mask.png beside each image")
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class DatasetBlueprint:
 COMMON = options_of(CommonKeys, "any")
 DATASET_LEVEL = options_of(DatasetKeys, "dataset")
 SUBSET_ONLY = options_of(SubsetKeys, "subset")
-PATH_KEYS = ("image_dir", "metadata_file")
+PATH_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")
 
 # kohya keys this trainer deliberately does not implement, with the reason users get.
 UNSUPPORTED = {
@@ -95,8 +101,6 @@ UNSUPPORTED = {
     "token_warmup_min": "token warm-up is not supported",
     "token_warmup_step": "token warm-up is not supported",
     "cache_info": "the image-size cache file is not needed: image sizes are read from headers",
-    "network_multiplier": "per-dataset network multipliers are not supported",
-    "conditioning_data_dir": "ControlNet conditioning data is not supported",
 }
 
 ALLOWED_AT = {
@@ -218,6 +222,9 @@ def parse_blueprint(doc: dict, source: str, base_dir: Path, defaults: dict | Non
         if spec.min_bucket_reso > spec.max_bucket_reso:
             raise UserError(f"{ds_where}: min_bucket_reso ({spec.min_bucket_reso}) is larger than max_bucket_reso "
                             f"({spec.max_bucket_reso})")
+        if spec.network_multiplier == 0:
+            raise UserError(f"{ds_where}: network_multiplier: 0 would train nothing on this dataset; use a non-zero "
+                            "multiplier (1 = as the LoRA is saved)")
         if spec.bucket_reso_steps % 8:
             raise UserError(f"{ds_where}: bucket_reso_steps: expected a multiple of 8, got {spec.bucket_reso_steps}")
         datasets.append(spec)

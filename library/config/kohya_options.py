@@ -84,13 +84,6 @@ def _save_model_as(value: Any, keys: dict) -> dict:
     return {}
 
 
-def _loss_type(value: Any, keys: dict) -> dict:
-    if str(value).lower() != "l2":
-        raise UserError(f"loss_type = {value!r}: only the squared-error loss (\"l2\") is implemented; huber, "
-                        "smooth_l1 and l1 are not")
-    return {}
-
-
 def _cache_te_to_disk(value: Any, keys: dict) -> dict:
     return {"cache_text_encoder_outputs": True}
 
@@ -118,7 +111,6 @@ KEYS: tuple[KohyaKey, ...] = (
              "save_state = true (a state is written with every save, the last one included)", _opt("save_state", True)),
     KohyaKey("save_model_as", MAPPED, '"safetensors": what every file is written as; ckpt, pt and diffusers '
              "formats are refused", _save_model_as),
-    KohyaKey("loss_type", MAPPED, '"l2": the loss used; huber, smooth_l1 and l1 are refused', _loss_type),
     KohyaKey("caption_extention", MAPPED, "caption_extension (kohya's old spelling), as a dataset default",
              _dataset("caption_extension")),
     KohyaKey("resolution", MAPPED, 'dataset default resolution ("512,768" = width, height)', _resolution),
@@ -157,10 +149,6 @@ KEYS: tuple[KohyaKey, ...] = (
              "(save_last_n_epochs)"),
     KohyaKey("no_metadata", NO_EFFECT, "metadata is always written (WebUIs and the tools read it)"),
     KohyaKey("v2", NO_EFFECT, "the model family is detected from the checkpoint"),
-    KohyaKey("huber_c", NO_EFFECT, "used by loss_type = \"huber\" only"),
-    KohyaKey("huber_scale", NO_EFFECT, "used by loss_type = \"huber\" only"),
-    KohyaKey("huber_schedule", NO_EFFECT, "used by loss_type = \"huber\" only"),
-    KohyaKey("masked_loss", NO_EFFECT, "the loss is masked wherever a subset sets alpha_mask = true"),
     KohyaKey("resize_interpolation", NO_EFFECT, "images are resized with the trainer's own filter (area "
              "downscaling, bicubic upscaling)"),
     KohyaKey("huggingface_token", NO_EFFECT, "used with huggingface_repo_id only"),
@@ -213,10 +201,6 @@ KEYS: tuple[KohyaKey, ...] = (
     KohyaKey("adaptive_noise_scale", REFUSED, "adaptive noise offset is not supported (noise_offset is)"),
     KohyaKey("noise_offset_random_strength", REFUSED, "a random noise-offset strength is not supported"),
     KohyaKey("ip_noise_gamma_random_strength", REFUSED, "a random input-perturbation strength is not supported"),
-    KohyaKey("debiased_estimation_loss", REFUSED, "debiased estimation loss weighting is not supported "
-             "(min_snr_gamma is)"),
-    KohyaKey("scale_v_pred_loss_like_noise_pred", REFUSED, "v-prediction loss rescaling is not supported"),
-    KohyaKey("v_pred_like_loss", REFUSED, "the v-prediction-like loss term is not supported"),
     KohyaKey("lr_scheduler_min_lr_ratio", REFUSED, "belongs to kohya's cosine_with_min_lr / warmup_stable_decay "
              "schedules, which are not built in (lr_scheduler_type can name a scheduler class)"),
     KohyaKey("lr_decay_steps", REFUSED, "belongs to kohya's warmup_stable_decay schedule, which is not built in"),
@@ -225,7 +209,8 @@ KEYS: tuple[KohyaKey, ...] = (
     KohyaKey("token_warmup_step", REFUSED, "token warm-up is not supported", inactive=(None, 0, 0.0)),
     KohyaKey("color_aug", REFUSED, "colour augmentation is not supported (kohya deprecated it too)"),
     KohyaKey("face_crop_aug_range", REFUSED, "face-crop augmentation is not supported"),
-    KohyaKey("conditioning_data_dir", REFUSED, "ControlNet conditioning images are not supported"),
+    KohyaKey("conditioning_data_dir", REFUSED, "at the top level: set it in a [[datasets.subsets]] table, where "
+             "it is the folder of mask images for masked_loss; ControlNet conditioning images are not supported"),
     # --- keys the kohya_ss GUI writes that sd-scripts does not read ------------------------
     KohyaKey("epoch", NO_EFFECT, "the GUI's own copy of the epoch count (sd-scripts does not read it; "
              "max_train_epochs does)", gui=True),
@@ -236,9 +221,8 @@ KEYS: tuple[KohyaKey, ...] = (
     KohyaKey("train_inpainting", NO_EFFECT, "a GUI field that sd-scripts' LoRA training does not read", gui=True),
     *(KohyaKey(k, REFUSED, _FAMILY, gui=True) for k in (
         "clip_l", "clip_g", "t5xxl", "ae", "model_type", "guidance_scale", "discrete_flow_shift",
-        "model_prediction_type", "timestep_sampling", "split_mode", "t5xxl_max_token_length", "apply_t5_attn_mask",
-        "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap", "weighting_scheme", "logit_mean",
-        "logit_std", "mode_scale", "t5xxl_device", "t5xxl_dtype", "clip_l_dropout_rate", "clip_g_dropout_rate",
+        "model_prediction_type", "split_mode", "t5xxl_max_token_length", "apply_t5_attn_mask",
+        "blocks_to_swap", "single_blocks_to_swap", "double_blocks_to_swap", "weighting_scheme", "mode_scale", "t5xxl_device", "t5xxl_dtype", "clip_l_dropout_rate", "clip_g_dropout_rate",
         "t5_dropout_rate", "enable_scaled_pos_embed", "pos_emb_random_crop_rate", "save_clip", "save_t5xxl",
         "text_encoder_batch_size", "mem_eff_save")),
 )

@@ -316,6 +316,16 @@ def _cross_checks(values: dict, source: str) -> None:
     if train.min_timestep >= train.max_timestep:
         raise UserError(f"{source}: [training] min_timestep ({train.min_timestep}) must be below max_timestep "
                         f"({train.max_timestep})")
+    if train.scale_v_pred_loss_like_noise_pred and not values["model"].v_parameterization:
+        raise UserError(f"{source}: [training] scale_v_pred_loss_like_noise_pred: only for v-prediction; set "
+                        "v_parameterization = true or remove it")
+    sampling_of = {"logit_mean": ("logit_normal",), "logit_std": ("logit_normal",),
+                   "sigmoid_scale": ("sigmoid", "shift"), "timestep_shift": ("shift",)}
+    for key, modes in sampling_of.items():
+        if train.timestep_sampling not in modes and getattr(train, key) != TrainingOptions.__dataclass_fields__[
+                key].default:
+            raise UserError(f"{source}: [training] {key}: used only with timestep_sampling = "
+                            + " or ".join(f'"{m}"' for m in modes) + f' (this run has "{train.timestep_sampling}")')
     if train.full_bf16 and train.mixed_precision not in ("bf16", "auto"):
         raise UserError(f"{source}: [training] full_bf16 needs mixed_precision = \"bf16\"")
     warmup = values["optimizer"].lr_warmup_steps

@@ -166,11 +166,57 @@ class TrainingOptions:
     multires_noise_iterations: int = option(0, "pyramid (multi-resolution) noise levels; 0 = off", ge=0)
     multires_noise_discount: float = option(0.3, "weight decay per pyramid noise level", gt=0, le=1)
     min_snr_gamma: Optional[float] = option(None, "Min-SNR loss weighting with this gamma (5 is common)", gt=0)
+    loss_type: Literal["l2", "l1", "huber", "smooth_l1"] = option(
+        "l2", "element-wise loss: l2 (squared error), l1, or kohya's pseudo-Huber huber / smooth_l1 with the "
+              "threshold of huber_schedule")
+    huber_schedule: Literal["constant", "exponential", "snr"] = option(
+        "snr", "threshold c of huber / smooth_l1 per timestep: constant (huber_c * huber_scale), exponential "
+               "(huber_scale at t = 0 down to huber_c * huber_scale at t = T), snr ((1 - huber_c) / (1 + sigma)^2 "
+               "+ huber_c)")
+    huber_c: float = option(0.1, "the Huber threshold parameter of huber_schedule", gt=0, le=1)
+    huber_scale: float = option(1.0, "scale of the constant and exponential Huber thresholds", gt=0)
+    debiased_estimation_loss: bool = option(
+        False, "weight each sample's loss by 1 / sqrt(SNR) (1 / (SNR + 1) with v-prediction): debiased estimation")
+    scale_v_pred_loss_like_noise_pred: bool = option(
+        False, "v-prediction: weight the loss by SNR / (SNR + 1), so each timestep weighs as with noise prediction")
+    v_pred_like_loss: Optional[float] = option(
+        None, "add this much of a v-prediction-like loss: each sample's loss times 1 + value * (SNR + 1) / SNR",
+        gt=0)
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid", "shift"] = option(
+        "uniform", "distribution of the training timesteps in [min_timestep, max_timestep): uniform; logit_normal "
+                   "(sigmoid of a normal with logit_mean, logit_std); sigmoid (sigmoid of sigmoid_scale times a "
+                   "standard normal); shift (sigmoid, then moved towards noise by timestep_shift)")
+    logit_mean: float = option(0.0, "mean of the normal of timestep_sampling = \"logit_normal\" (> 0: noisier)")
+    logit_std: float = option(1.0, "standard deviation of the normal of timestep_sampling = \"logit_normal\"", gt=0)
+    sigmoid_scale: float = option(1.0, "scale of the normal of timestep_sampling = \"sigmoid\" and \"shift\"", gt=0)
+    timestep_shift: float = option(
+        3.0, "shift of timestep_sampling = \"shift\": u becomes u * s / (1 + (s - 1) * u) (> 1: noisier)", gt=0,
+        kohya=False)
     zero_terminal_snr: bool = option(False, "rescale the noise schedule to zero terminal SNR (use with v-prediction)")
     ip_noise_gamma: Optional[float] = option(
         None, "input perturbation: noise the latents with extra noise of this strength (0.1 is common)", gt=0)
     min_timestep: int = option(0, "lowest training timestep", ge=0, le=999)
     max_timestep: int = option(1000, "highest training timestep (exclusive)", ge=1, le=1000)
+    masked_loss: bool = option(
+        False, "masked training: a mask image per training image (the subset's conditioning_data_dir, or "
+               "<stem>_mask.png beside the image) weighs the loss per pixel; white trains, black does not")
+    unmasked_probability: float = option(
+        0.0, "masked training: probability that a sample trains without its mask (OneTrainer's; 0.1 is common)",
+        ge=0, le=1, kohya=False)
+    unmasked_weight: float = option(
+        0.0, "masked training: loss weight of the masked-out area (the mask is raised to at least this; "
+             "OneTrainer's; 0.1 is common)", ge=0, le=1, kohya=False)
+    ema: bool = option(False, "keep an exponential moving average (EMA) of the LoRA weights; every save writes "
+                              "it too (name-ema.safetensors) and samples use it", kohya=False)
+    ema_decay: float = option(0.999, "EMA decay per update (closer to 1: a longer average)", gt=0, lt=1,
+                              kohya=False)
+    ema_warmup: bool = option(
+        True, "warm the EMA up: update k uses decay min(ema_decay, (1 + k) / (10 + k)), so early weights fade "
+              "fast", kohya=False)
+    ema_update_every: int = option(1, "update the EMA every N optimizer steps", ge=1, kohya=False)
+    ema_device: Literal["device", "cpu"] = option(
+        "device", "where the EMA weights live: the training device, or the CPU (saves GPU memory, slower)",
+        kohya=False)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     max_token_length: Optional[int] = option(
         None, "caption length in tokens: unset = 75 (one CLIP window); 150 or 225 encode a longer caption as kohya "

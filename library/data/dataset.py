@@ -18,7 +18,7 @@ from PIL import Image
 from library.config.dataset import DatasetBlueprint, DatasetSpec
 from library.data.buckets import BucketTable, Placement, crop_offset, near_multiples
 from library.data.captions import fixed_caption, process_caption
-from library.data.images import load_image
+from library.data.images import load_image, load_mask
 from library.data.records import ImageRecord, ScanReport, balance_regularisation, scan_subset
 from library.errors import UserError
 
@@ -53,8 +53,9 @@ def _sdxl_crop(placement: Placement, left: int, top: int, flipped: bool) -> tupl
 
 class TrainingData:
     def __init__(self, blueprint: DatasetBlueprint, *, native_resolution: int, default_batch_size: int, seed: int,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, masked_loss: bool = False):
         self.seed = seed
+        self.masked_loss = masked_loss
         self.source = blueprint.source
         self.report = ScanReport()
         self.records: list[ImageRecord] = []
@@ -78,7 +79,7 @@ class TrainingData:
         train, reg = [], []
         for sub in spec.subsets:
             where = f"{source}: [[datasets]] #{spec.index + 1} [[datasets.subsets]] #{sub.index + 1}"
-            found = scan_subset(sub, spec.index, skip_bad, self.report, where)
+            found = scan_subset(sub, spec.index, skip_bad, self.report, where, self.masked_loss)
             (reg if sub.is_reg else train).extend(found)
         val_recs: list[ImageRecord] = []
         if spec.validation_split > 0 and len(train) > 1:
@@ -110,6 +111,10 @@ class TrainingData:
             w, h = table.resolution
             raise UserError(f"{where}: resolution {w}x{h}: {model} needs edges that are multiples of {multiple}; "
                             f"use {near_multiples(w, multiple)}" + (f" by {near_multiples(h, multiple)}" if h != w else ""))
+
+    def has_masks(self) -> bool:
+        """Whether any image trains with a loss mask (an alpha mask or a mask image)."""
+        return any(r.mask is not None or r.subset.alpha_mask for r in self.records)
 
     def train_indices(self) -> list[int]:
         held = set(self.validation)
@@ -164,6 +169,11 @@ class TrainingData:
         rec = self.records[index]
         placement = self.placements[index]
         loaded = load_image(rec.path, keep_alpha_mask=rec.subset.alpha_mask)
+        if rec.mask is not None:
+            # the mask image goes through the same resize, crop and flip as its image; with an alpha
+            # mask too, the two multiply
+            drawn = load_mask(rec.mask)
+            loaded.mask = drawn if loaded.mask is None else loaded.mask * drawn
         w, h = placement.bucket
         img = loaded.rgb.resize(placement.resized, Image.Resampling.LANCZOS)
         img = img.crop((left, top, left + w, top + h))

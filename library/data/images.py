@@ -138,6 +138,14 @@ def load_image(path: Path, keep_alpha_mask: bool = False) -> LoadedImage:
     return LoadedImage(img, mask)
 
 
+def load_mask(path: Path) -> np.ndarray:
+    """A mask image as float32 HxW in [0, 1]: its grayscale (white = 1), EXIF orientation applied
+    as for images; a mask with an alpha channel counts its transparent pixels as black."""
+    loaded = load_image(path, keep_alpha_mask=True)
+    gray = np.asarray(loaded.rgb.convert("L"), dtype=np.float32) / 255.0
+    return gray * loaded.mask if loaded.mask is not None else gray
+
+
 def is_image_entry(path: Path) -> bool:
     """An image file, or a symbolic link named like one that is broken or loops (reported as
     unreadable rather than silently left out). Folders named like images are not."""

@@ -66,10 +66,13 @@ class LatentCache:
         rec = self.data.records[index]
         if index not in self._digests:
             self._digests[index] = file_digest(rec.path)
+            if rec.mask is not None:  # a changed mask image is a new entry too
+                self._digests[index] += ":" + file_digest(rec.mask)
         p = self.data.placements[index]
         left, top = crop_offset(p, False, None)
         parts = {"format": FORMAT, "image": self._digests[index], "original": p.original, "resized": p.resized,
-                 "bucket": p.bucket, "crop": [left, top], "flip": flipped, "mask": rec.subset.alpha_mask,
+                 "bucket": p.bucket, "crop": [left, top], "flip": flipped,
+                 "mask": rec.subset.alpha_mask if rec.mask is None else ["file", rec.subset.alpha_mask],
                  "vae": self.vae_id}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

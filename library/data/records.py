@@ -22,6 +22,7 @@ class ImageRecord:
     dataset_index: int
     size: tuple[int, int]  # (w, h) after EXIF rotation
     repeats: int = 1
+    mask: Path | None = None  # the mask image (masked_loss), same size as the image
 
 
 @dataclass
@@ -109,9 +110,51 @@ def _read_caption(path: Path, all_lines: bool = False) -> str:
         raise UserError(str(exc)) from None
 
 
+MASK_SUFFIX = "_mask"  # <stem>_mask.png beside <stem>.jpg: the image's mask (masked_loss)
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if is_image_entry(p)}
+
+
+def find_masks(subset: SubsetSpec, images: list[Path], where: str) -> dict[Path, Path]:
+    """The mask image of each image of a subset trained with masked_loss: from conditioning_data_dir
+    (the same stem, any image extension, as kohya), or `<stem>_mask.<ext>` beside the image. A subset
+    with masks needs one for every image; a mask that names no image is an error too. Empty when the
+    subset has no mask images (it then trains unmasked, or with its alpha masks)."""
+    if subset.conditioning_data_dir:
+        folder = Path(subset.conditioning_data_dir)
+        if not folder.is_dir():
+            raise UserError(f"{where}: conditioning_data_dir: not a folder: {folder}")
+        masks = _images_by_stem(folder)
+        found = {img: masks.get(img.stem) for img in images}
+        looked = f"{folder}/{{stem}}.png (or another image extension)"
+        unused = set(masks.values()) - set(found.values())
+    else:
+        found = {}
+        for img in images:
+            beside = [img.with_name(img.stem + MASK_SUFFIX + ext) for ext in IMAGE_EXTENSIONS]
+            found[img] = next((m for m in beside if m.is_file()), None)
+        if not any(found.values()):
+            return {}
+        looked = f"{{stem}}{MASK_SUFFIX}.png beside it"
+        unused = set()
+    for img, mask in found.items():
+        if mask is None:
+            raise UserError(f"{img}: no mask image (masked_loss looks for {looked.replace('{stem}', img.stem)}); "
+                            "add one (white = trained) or take the image out of the subset")
+    if unused:
+        first = sorted(unused)[0]
+        raise UserError(f"{first}: a mask image that names no image of the subset (masks are named as their image); "
+                        "rename or remove it")
+    return found
+
+
 def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, report: ScanReport,
-                where: str) -> list[ImageRecord]:
-    """Every usable image of a subset with its raw caption; bad images stop the run unless skipped."""
+                where: str, masked_loss: bool = False) -> list[ImageRecord]:
+    """Every usable image of a subset with its raw caption; bad images stop the run unless skipped.
+    With `masked_loss`, each image's mask is found too (find_masks), and mask files beside the
+    images are not images to train on."""
     pairs: list[tuple[Path, str | None]] = []
     if subset.metadata_file:
         base = Path(subset.image_dir) if subset.image_dir else None
@@ -129,12 +172,18 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
         names: dict[str, list[Path]] = {}
         for entry in entries:
             names.setdefault(entry.name.lower(), []).append(entry)
-        for path in sorted(p for p in entries if is_image_entry(p)):
+        candidates = sorted(p for p in entries if is_image_entry(p))
+        if masked_loss and not subset.conditioning_data_dir:
+            stems = {p.stem for p in candidates}
+            candidates = [p for p in candidates
+                          if not (p.stem.endswith(MASK_SUFFIX) and p.stem[:-len(MASK_SUFFIX)] in stems)]
+        for path in candidates:
             cap_path = caption_path(path, subset.caption_extension, names)
             pairs.append((path, None if cap_path is None else _read_caption(cap_path, subset.enable_wildcard)))
             if pairs[-1][1] == "":
                 report.empty_captions.append(str(cap_path))
                 pairs[-1] = (path, None)  # an empty caption file is treated as a missing one
+    masks = find_masks(subset, [p for p, _ in pairs], where) if masked_loss else {}
     records = []
     for path, caption in pairs:
         try:
@@ -155,7 +204,16 @@ def scan_subset(subset: SubsetSpec, dataset_index: int, skip_bad_images: bool, r
         elif caption is None:
             report.missing_captions.append(str(path))
             caption = ""
-        records.append(ImageRecord(path, caption, subset, dataset_index, size, subset.num_repeats))
+        mask = masks.get(path)
+        if mask is not None:
+            try:
+                mask_size = inspect_image(mask).size
+            except BadImage as exc:
+                raise UserError(f"{path}: its mask cannot be used: {exc}") from None
+            if mask_size != size:
+                raise UserError(f"{path}: the image is {size[0]}x{size[1]}, its mask {mask} {mask_size[0]}x"
+                                f"{mask_size[1]}; a mask must have its image's size")
+        records.append(ImageRecord(path, caption, subset, dataset_index, size, subset.num_repeats, mask))
     source = subset.metadata_file or subset.image_dir
     if not pairs:
         raise UserError(f"{where}: no images in {source} (looked for .jpg, .jpeg, .png, .webp, .bmp)")

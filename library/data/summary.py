@@ -147,10 +147,15 @@ def dataset_summary(data: TrainingData) -> dict:
                             "image_dir": (sub.image_dir or "").replace("\\", "/").rstrip("/").split("/")[-1],
                             "class_tokens": sub.class_tokens, "keep_tokens": sub.keep_tokens,
                             "shuffle_caption": sub.shuffle_caption, "flip_aug": sub.flip_aug,
-                            "caption_dropout_rate": sub.caption_dropout_rate})
+                            "caption_dropout_rate": sub.caption_dropout_rate,
+                            "caption_dropout_every_n_epochs": sub.caption_dropout_every_n_epochs,
+                            "caption_tag_dropout_rate": sub.caption_tag_dropout_rate,
+                            "alpha_mask": sub.alpha_mask,
+                            "masks": sum(1 for r in data.records if r.subset is sub and r.mask is not None)})
         buckets = {f"{w}x{h}": n for w, h, n in data.bucket_table()}
         datasets.append({"is_dreambooth": True, "batch_size_per_device": data.batch_sizes[d],
                          "resolution": list(data.tables[d].resolution), "enable_bucket": spec.enable_bucket,
                          "min_bucket_reso": spec.min_bucket_reso, "max_bucket_reso": spec.max_bucket_reso,
-                         "bucket_info": {"buckets": buckets}, "subsets": subsets})
+                         "bucket_info": {"buckets": buckets}, "network_multiplier": spec.network_multiplier,
+                         "subsets": subsets})
     return {"num_train_images": len(train) - reg, "num_reg_images": reg, "datasets": datasets}

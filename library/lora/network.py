@@ -11,6 +11,7 @@ and how its parameters are named in files.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -206,6 +207,32 @@ class LoraNetwork:
         for _, layer in self.layers.values():  # every injected layer, without walking the models
             layer.enable_adapters(enabled)
         self.enabled = enabled
+
+    @contextmanager
+    def multiplied(self, multiplier: float):
+        """Every adapter's weight change times `multiplier` inside the block (kohya's per-dataset
+        network_multiplier); the exact scales come back after it. peft keeps each layer's alpha / rank
+        scale in `scaling`, for LoRA and the LyCORIS kinds alike, and the weight change is linear in
+        it (DoRA's is not: refused where the option is read). Entered again with the multiplier
+        already in force (the loop holds it over the backward pass, the denoiser over the forward),
+        it changes nothing."""
+        current = getattr(self, "_multiplier", 1.0)
+        if multiplier == current:
+            yield
+            return
+        if current != 1.0:
+            raise RuntimeError(f"network multiplier {multiplier} inside multiplier {current}")
+        saved = [(layer, dict(layer.scaling)) for _, layer in self.layers.values()]
+        for layer, scales in saved:
+            layer.scaling[ADAPTER] = scales[ADAPTER] * multiplier
+        self._multiplier = multiplier
+        try:
+            yield
+        finally:
+            self._multiplier = 1.0
+            for layer, scales in saved:
+                layer.scaling.clear()
+                layer.scaling.update(scales)
 
     # --- file layout --------------------------------------------------------------------------
     def _file_module(self, name: str):

@@ -24,6 +24,7 @@ class Batch:
     mask: torch.Tensor | None         # B x 1 x h x w at latent resolution, from alpha masks
     records: list[int]
     pixels: torch.Tensor | None = None  # B x 3 x H x W in [-1, 1] when latents were encoded live
+    multiplier: float = 1.0           # the dataset's network_multiplier (a batch is of one dataset)
 
 
 class VaeEncoder:
@@ -74,19 +75,27 @@ class BatchBuilder:
             pixels = torch.stack([s.pixels for s in samples])
             latents = self.encoder(pixels)
             if any(s.mask is not None for s in samples):
-                masks = torch.stack([s.mask for s in samples])
+                masks = _stack_masks([s.mask for s in samples], pixels.shape[-2:])
         else:
             got = [self.cache.get(s.record, s.flipped) for s in samples]
             latents = torch.stack([g[0] for g in got])
             if any(g[1] is not None for g in got):
-                masks = torch.stack([g[1] for g in got])
+                size = next(g[1] for g in got if g[1] is not None).shape[-2:]
+                masks = _stack_masks([g[1] for g in got], size)
         if masks is not None:
             masks = F.interpolate(masks.float(), size=latents.shape[-2:], mode="area")
         is_reg = torch.tensor([self.data.records[s.record].subset.is_reg for s in samples], dtype=torch.bool)
         weights = torch.where(is_reg, self.prior_loss_weight, 1.0)
         return Batch(latents=latents, captions=[s.caption for s in samples],
                      size_info=[self.data.size_info(s) for s in samples], weights=weights, is_reg=is_reg, mask=masks,
-                     records=[s.record for s in samples], pixels=pixels)
+                     records=[s.record for s in samples], pixels=pixels,
+                     multiplier=self.data.specs[self.data.records[samples[0].record].dataset_index].network_multiplier)
+
+
+def _stack_masks(masks: list, size) -> torch.Tensor:
+    """A batch can mix images with and without a mask (subsets of one dataset differ): no mask
+    means every position counts."""
+    return torch.stack([m if m is not None else torch.ones(1, *size) for m in masks])
 
 
 def load_samples(data: TrainingData, ref: BatchRef, epoch: int, position: int, with_pixels: bool) -> list[Sample]:

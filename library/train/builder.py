@@ -11,6 +11,7 @@ comes last, from the parts it reports on.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from library.config import Config
+from library.config.network_kinds import network_kind
 from library.data.dataset import TrainingData
 from library.data.latent_cache import LatentCache
 from library.data.summary import dataset_summary, log_dataset, tag_frequency
@@ -34,6 +36,7 @@ from library.train import metrics as step_metrics
 from library.train.batches import BatchBuilder, StepPlan, VaeEncoder
 from library.train.denoiser import ConditioningSource, Denoiser
 from library.train.diffusion import NoiseSampler, TimestepSampler
+from library.train.ema import LoraEma
 from library.train.loss import Loss
 from library.train.method import MethodSetup, TrainingMethod, build_method, selected_method
 from library.train.optimizers import build_optimizer, optimizer_description
@@ -67,6 +70,7 @@ class TrainingRun:
     method_setup: MethodSetup    # to build another method on the same model (benchmarks)
     method: TrainingMethod
     validator: Validator
+    ema: LoraEma | None = None   # the moving average of the LoRA weights (ema = true)
 
     @property
     def device(self) -> torch.device:
@@ -85,7 +89,9 @@ def build_run(cfg: Config) -> TrainingRun:
     model_plan = plan_model(cfg.model)
     data = TrainingData(cfg.dataset, native_resolution=model_plan.native_resolution,
                         default_batch_size=training.train_batch_size, seed=training.seed,
-                        skip_bad_images=cfg.data.skip_bad_images)
+                        skip_bad_images=cfg.data.skip_bad_images, masked_loss=training.masked_loss)
+    check_masks(cfg, data)
+    check_multipliers(cfg, data)
     # Before the model loads: every bucket on the model's grid, said per dataset.
     data.check_grid(model_plan.family.latent_multiple(model_plan.unet_config, model_plan.vae_config),
                     model_plan.family.label)
@@ -135,13 +141,37 @@ def build_run(cfg: Config) -> TrainingRun:
         log.warning("zero_terminal_snr without v_parameterization: an epsilon model cannot learn the last step")
     denoiser = Denoiser(family, unet, bundle.unet, conditioning, objective, NoiseSampler.from_options(training),
                         TimestepSampler.from_options(training, objective.num_timesteps),
-                        Loss.from_options(training, objective), acc.device, network.set_enabled)
+                        Loss.from_options(training, objective), acc.device, network.set_enabled, network.multiplied)
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power,
                                 cfg.optimizer.lr_scheduler_type, cfg.optimizer.lr_scheduler_args)
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
+    # From the starting weights (network_weights or the fresh initialisation), after accelerate placed them.
+    ema = LoraEma.from_options(training, list(network.parameters()), acc.device)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
-                       scheduler, list(prepared[:-1]), denoiser, setup, method, validator)
+                       scheduler, list(prepared[:-1]), denoiser, setup, method, validator, ema)
+
+
+def check_masks(cfg: Config, data: TrainingData) -> None:
+    """Mask options that would change nothing are refused: no image of the run has a mask."""
+    if data.has_masks():
+        return
+    t = cfg.training
+    if t.masked_loss:
+        raise UserError(f"{data.source}: masked_loss = true, but no image has a mask: put <stem>_mask.png beside "
+                        "the images, set conditioning_data_dir in the subset, or use alpha_mask = true")
+    for key in ("unmasked_probability", "unmasked_weight"):
+        if getattr(t, key):
+            raise UserError(f"{data.source}: {key} = {getattr(t, key)}: no image has a loss mask (masked_loss or "
+                            "alpha_mask); remove it")
+
+
+def check_multipliers(cfg: Config, data: TrainingData) -> None:
+    kind = network_kind(cfg.network.network_type)
+    for spec in data.specs:
+        if spec.network_multiplier != 1.0 and kind.dora == kind.name:  # a DoRA kind
+            raise UserError(f"{data.source}: [[datasets]] #{spec.index + 1}: network_multiplier: DoRA's weight change "
+                            "is not proportional to a multiplier; use 1, or another network_type")
 
 
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -271,17 +301,19 @@ def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     # long prompts go through the trainer's chunked encoder (the pipelines cut them at 77 tokens)
     text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
                                          training.max_token_length) if training.max_token_length else None
+    # With EMA the samples show the average, and their names say so.
+    name = cfg.saving.output_name + ("_ema" if training.ema else "")
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
-                   cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
-                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base,
-                   text)
+                   name, resolution_of(data, bundle), cfg.sampling.sample_sampler, training.seed,
+                   cfg.model.v_parameterization, training.zero_terminal_snr, cfg.sampling.sample_compare_base, text)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:
     bundle, family = run.bundle, run.bundle.family
     denoiser = run.denoiser
     components = {**denoiser.objective.metadata(), **denoiser.noise.metadata(), **denoiser.timesteps.metadata(),
-                  **denoiser.loss_fn.metadata()}
+                  **denoiser.loss_fn.metadata(), **(run.ema.metadata() if run.ema is not None else {"ss_ema": "False"}),
+                  "ss_masked_loss": str(run.cfg.training.masked_loss)}
     return TrainingFacts(
         base_model_version=bundle.base_model_version,
         architecture=family.modelspec_architecture(bundle.v_parameterization),
@@ -299,7 +331,12 @@ def build_reporting(run: TrainingRun, write_state: Callable[[Path], None], confi
     tracker = Tracker(acc, run.trackers, cfg.saving.output_name, config_summary)
 
     def sample(n: int) -> list:
-        return sampler.run(run.bundle, run.bundle.unet, run.device, n, acc.autocast, run.network.set_enabled)
+        with run.ema.applied() if run.ema is not None else nullcontext():
+            return sampler.run(run.bundle, run.bundle.unet, run.device, n, acc.autocast, run.network.set_enabled)
+
+    def ema_tensors() -> dict[str, torch.Tensor]:
+        with run.ema.applied():
+            return run.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision])
 
     def validate() -> dict[str, float]:
         with acc.autocast():
@@ -308,7 +345,8 @@ def build_reporting(run: TrainingRun, write_state: Callable[[Path], None], confi
     handles = RunHandles(
         lora_tensors=lambda: run.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision]),
         write_state=write_state, facts=training_facts(run), loss_table=table.render,
-        sample=sample if sampler is not None else None, validate=validate if run.validator else None)
+        sample=sample if sampler is not None else None, validate=validate if run.validator else None,
+        ema_tensors=ema_tensors if run.ema is not None else None)
     outputs = Outputs(cfg, acc, tracker, run.plan, run.total_steps, run.method, handles)
     sources = [step_metrics.LossAverage(), step_metrics.throughput, step_metrics.MemoryPeaks(run.device),
                step_metrics.LearningRates(run.optimizer), step_metrics.from_callable(lambda: outputs.method.metrics()),

@@ -34,6 +34,7 @@ from library.utils.atomic import failed_write, is_leftover, write_failure
 
 STATE_VERSION = 1
 STATE_SUFFIX = "-state"
+EMA_SUFFIX = "-ema"  # name-ema.safetensors beside name.safetensors: the EMA weights (ema = true)
 STATE_FILES = ("state.json", "lora.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
 _INTERRUPTED = re.compile(r"\.(.+)\.(old|tmp)(\d+)")  # write_state's temporary folder names
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class TrainState:
     network: dict = field(default_factory=dict)   # ranks/targets: resume refuses a different network
     extra: dict = field(default_factory=dict)     # e.g. the APT indicator
     data: dict = field(default_factory=dict)      # describe_data: resume names what changed since
+    # Tensor groups besides the LoRA (the EMA weights): name -> tensors, one <name>.safetensors each.
+    tensors: dict = field(default_factory=dict)
 
 
 def rng_state() -> dict:
@@ -104,8 +107,12 @@ def write_state(folder: Path, lora: dict[str, torch.Tensor], optimizer, schedule
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = rng_state()
         torch.save({k: v for k, v in rng.items() if k in ("torch", "cuda")}, tmp / "rng.pt")
-        meta = {"version": STATE_VERSION, **asdict(state), "rng": _python_rng_to_json(rng),
-                "optimizer_class": optimizer_class(optimizer)}
+        for group, tensors in state.tensors.items():
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+                      str(tmp / f"{group}.safetensors"))
+        fields_ = {k: v for k, v in asdict(state).items() if k != "tensors"}
+        meta = {"version": STATE_VERSION, **fields_, "tensor_files": sorted(state.tensors),
+                "rng": _python_rng_to_json(rng), "optimizer_class": optimizer_class(optimizer)}
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         for path in tmp.iterdir():
             with open(path, "rb") as fh:
@@ -182,6 +189,19 @@ def _rng_from(meta: dict, meta_path: Path, rng_path: Path) -> dict:
     return rng
 
 
+def _tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise DamagedState(path, "missing") from None
+    except Exception as exc:  # safetensors' own error type
+        raise DamagedState(path, f"unreadable ({describe_error(exc)})") from None
+    bad = non_finite(tensors)
+    if bad:
+        raise DamagedState(path, f"{len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]})")
+    return tensors
+
+
 def read_state(folder: Path) -> LoadedState:
     """Read and check every file of a state folder (nothing is applied here)."""
     meta_path = folder / "state.json"
@@ -210,6 +230,8 @@ def read_state(folder: Path) -> LoadedState:
     bad = non_finite(lora)
     if bad:
         raise DamagedState(lora_path, f"{len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]})")
+    for group in meta.get("tensor_files") or []:
+        state.tensors[group] = _tensor_file(folder / f"{group}.safetensors")
     optimizer = _torch_file(folder / "optimizer.pt")
     if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("state"), dict):
         raise DamagedState(folder / "optimizer.pt", "not an optimizer state (no param_groups/state)")
@@ -284,7 +306,7 @@ def prune(output_dir: Path, output_name: str, kind: str, keep: list[int]) -> lis
         rest = path.name[len(prefix):]
         digits = rest[:width]
         tail = rest[width:]
-        if not digits.isdigit() or tail not in (".safetensors", "-state"):
+        if not digits.isdigit() or tail not in (".safetensors", "-state", f"{EMA_SUFFIX}.safetensors"):
             continue
         if int(digits) in keep:
             continue

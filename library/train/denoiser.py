@@ -11,6 +11,7 @@ object.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -56,7 +57,8 @@ class ConditioningSource:
 class Denoiser:
     def __init__(self, family, model, local_model, conditioning: ConditioningSource, objective,
                  noise: NoiseSampler, timesteps: TimestepSampler, loss: Loss, device: torch.device,
-                 set_enabled: Callable[[bool], None]):
+                 set_enabled: Callable[[bool], None],
+                 multiplied: Callable[[float], AbstractContextManager] | None = None):
         self.family = family
         self.model = model                # the trained forward (DDP-wrapped on several processes)
         self.local_model = local_model    # the same module unwrapped: no-grad passes on one process
@@ -67,13 +69,14 @@ class Denoiser:
         self.loss_fn = loss
         self.device = device
         self.set_enabled = set_enabled  # the network's switch: the base model is the model with it off
+        self.multiplied = multiplied or (lambda m: nullcontext())  # the dataset's network_multiplier
 
     def noisy_inputs(self, batch: Batch, gen: torch.Generator, timesteps: torch.Tensor | None = None,
                      method: MethodStep | None = None, local: bool = False) -> NoisyInputs:
         """Timesteps first (the method may depend on them), then the method's change to the clean
         latents, then noise: the order APT needs, and the same draws for plain training."""
         latents = batch.latents.to(self.device)
-        mask = batch.mask.to(self.device) if batch.mask is not None else None
+        mask = self.loss_fn.loss_mask(batch.mask.to(self.device) if batch.mask is not None else None, gen)
         if timesteps is None:
             timesteps = self.timesteps.sample(latents.shape[0], gen)
         if method is not None:
@@ -113,17 +116,24 @@ class Denoiser:
         target = self.objective.target(latents, inputs.noise, timesteps)
         pred = self.family.predict(self.local_model, noisy, timesteps.to(self.device), inputs.cond,
                                    inputs.size_info)
-        return self.loss_fn.per_sample(pred, target, mask)
+        return self.loss_fn.per_sample(pred, target, timesteps, mask)
 
     def context(self, batch: Batch, inputs: NoisyInputs) -> StepContext:
-        return StepContext(batch, inputs, lambda pred: self.loss_fn.per_sample(pred, inputs.target, inputs.mask),
+        return StepContext(batch, inputs, lambda pred: self.loss_fn.per_sample(pred, inputs.target, inputs.timesteps,
+                                                                          inputs.mask),
                            lambda: self.reference(batch, inputs), self.conditioning.tokenize,
                            lambda latents, mask: self.loss_on(inputs, latents, mask))
 
     def loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None = None,
              timesteps: torch.Tensor | None = None, local: bool = False, weighted: bool = True) -> StepLoss:
         """The micro-batch's loss. `local` runs the unwrapped modules without text gradients
-        (validation, benchmarks); `weighted = False` gives the plain mean per-sample loss."""
+        (validation, benchmarks); `weighted = False` gives the plain mean per-sample loss. The
+        adapters train at the batch's dataset network_multiplier (the reference pass turns them off)."""
+        with self.multiplied(batch.multiplier):
+            return self._loss(batch, gen, method, timesteps, local, weighted)
+
+    def _loss(self, batch: Batch, gen: torch.Generator, method: MethodStep | None, timesteps: torch.Tensor | None,
+              local: bool, weighted: bool) -> StepLoss:
         method = method or MethodStep()
         inputs = self.noisy_inputs(batch, gen, timesteps, method, local)
         ctx = self.context(batch, inputs)

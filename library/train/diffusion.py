@@ -72,19 +72,57 @@ class NoiseSampler:
                 "ss_multires_noise_discount": _num(self.multires[1]), "ss_ip_noise_gamma": _num(self.ip_noise_gamma)}
 
 
-class TimestepSampler:
-    """Training timesteps, uniform in [min_timestep, max_timestep)."""
+SAMPLINGS = ("uniform", "logit_normal", "sigmoid", "shift")
 
-    def __init__(self, num_timesteps: int, min_timestep: int = 0, max_timestep: int | None = None):
+
+class TimestepSampler:
+    """Training timesteps in [min_timestep, max_timestep): uniform, or a continuous u in (0, 1)
+    (logit-normal, sigmoid of a scaled normal, the same shifted towards noise) mapped onto the
+    range as t = min + floor(u * (max - min)). Every sampling draws from the step's generator
+    only, so a resumed run draws the same timesteps."""
+
+    def __init__(self, num_timesteps: int, min_timestep: int = 0, max_timestep: int | None = None,
+                 sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 sigmoid_scale: float = 1.0, shift: float = 3.0):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"timestep_sampling {sampling!r}; valid: {', '.join(SAMPLINGS)}")
         self.num_timesteps = num_timesteps
         self.range = (min_timestep, min(max_timestep or num_timesteps, num_timesteps))
+        self.sampling = sampling
+        self.logit = (logit_mean, logit_std)
+        self.sigmoid_scale = sigmoid_scale
+        self.shift = shift
 
     @classmethod
     def from_options(cls, training, num_timesteps: int) -> "TimestepSampler":
-        return cls(num_timesteps, training.min_timestep, training.max_timestep)
+        t = training
+        return cls(num_timesteps, t.min_timestep, t.max_timestep, t.timestep_sampling, t.logit_mean, t.logit_std,
+                   t.sigmoid_scale, t.timestep_shift)
+
+    def unit(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        """u in (0, 1) per sample (float64) for the continuous samplings."""
+        z = torch.randn(batch, generator=gen, dtype=torch.float64)
+        if self.sampling == "logit_normal":
+            return torch.sigmoid(self.logit[0] + self.logit[1] * z)
+        u = torch.sigmoid(self.sigmoid_scale * z)
+        if self.sampling == "shift":
+            u = u * self.shift / (1 + (self.shift - 1) * u)
+        return u
 
     def sample(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.range[0], self.range[1], (batch,), generator=gen)
+        lo, hi = self.range
+        if self.sampling == "uniform":
+            return torch.randint(lo, hi, (batch,), generator=gen)
+        t = lo + torch.floor(self.unit(batch, gen) * (hi - lo)).long()
+        return t.clamp(lo, hi - 1)
 
     def metadata(self) -> dict[str, str]:
-        return {"ss_min_timestep": str(self.range[0]), "ss_max_timestep": str(self.range[1])}
+        out = {"ss_min_timestep": str(self.range[0]), "ss_max_timestep": str(self.range[1]),
+               "ss_timestep_sampling": self.sampling}
+        if self.sampling == "logit_normal":
+            out.update({"ss_logit_mean": repr(self.logit[0]), "ss_logit_std": repr(self.logit[1])})
+        if self.sampling in ("sigmoid", "shift"):
+            out["ss_sigmoid_scale"] = repr(self.sigmoid_scale)
+        if self.sampling == "shift":
+            out["ss_timestep_shift"] = repr(self.shift)
+        return out

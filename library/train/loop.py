@@ -63,6 +63,13 @@ class Trainer:
         folder, state = resume.restore(where, Path(self.cfg.saving.output_dir), self.cfg.saving.output_name,
                                        run.network, run.optimizer, run.scheduler, run.total_steps)
         run.method.load_state_dict(state.extra, str(folder))
+        if run.ema is not None:
+            if "ema" in state.tensors:
+                run.ema.load(state.extra.get("ema"), state.tensors["ema"], str(folder))
+            else:
+                log.warning("%s: the state has no EMA weights (saved with ema = false); the average starts from "
+                            "the resumed weights", folder)
+                run.ema.restart()
         scaler = run.accelerator.scaler
         if scaler is not None and "grad_scaler" in state.extra:
             scaler.load_state_dict(state.extra["grad_scaler"])
@@ -83,10 +90,13 @@ class Trainer:
         extra = {"steps_per_epoch": run.plan.steps_per_epoch, **run.method.state_dict()}
         if run.accelerator.scaler is not None:  # fp16: the loss scale must continue where it was
             extra["grad_scaler"] = run.accelerator.scaler.state_dict()
+        tensors = {}
+        if run.ema is not None:
+            extra["ema"], tensors["ema"] = run.ema.state()
         return checkpoint.TrainState(
             step=self.step, consumed=self.step * run.plan.accumulation * run.plan.world, epoch=epoch,
             position=micro[0][0], network=checkpoint.describe_network(run.network),
-            data=checkpoint.describe_data(run.data, run.plan), extra=extra)
+            data=checkpoint.describe_data(run.data, run.plan), extra=extra, tensors=tensors)
 
     def _write_state(self, folder: Path) -> None:
         run = self.parts
@@ -130,6 +140,8 @@ class Trainer:
             batch = run.batches.assemble(samples)
             gen = step_generator(cfg.training.seed, step, m, acc.process_index)
             with ExitStack() as stack:
+                # Over the backward pass too: gradient checkpointing reruns the forward there.
+                stack.enter_context(run.network.multiplied(batch.multiplier))
                 if m < len(micro) - 1:  # gradients are synchronised once, with the last micro-batch
                     for model in run.wrapped:
                         stack.enter_context(acc.no_sync(model))
@@ -155,6 +167,8 @@ class Trainer:
         if not getattr(optimizer, "step_was_skipped", False):
             run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if run.ema is not None:
+            run.ema.after_step(step)
         return total, grad_norm
 
     def _all_finite(self, loss: torch.Tensor) -> bool:

@@ -33,6 +33,7 @@ class RunHandles:
     loss_table: Callable[[], str]                          # the loss-by-timestep table
     sample: Callable[[int], list] | None = None            # sample images at a step
     validate: Callable[[], dict[str, float]] | None = None  # validation losses
+    ema_tensors: Callable[[], dict[str, torch.Tensor]] | None = None  # the EMA weights, as lora_tensors
 
 
 class Outputs:
@@ -86,7 +87,7 @@ class Outputs:
         total = self.total_steps
         # Ten reports per run whatever the epoch length: one per epoch floods the log on small sets.
         if self.main and (final or (n * 10) // total != ((n - 1) * 10) // total):
-            log.info("step %d/%d (epoch %d): loss by timestep (unweighted MSE, moving average):\n%s",
+            log.info("step %d/%d (epoch %d): loss by timestep (the run's loss_type, unweighted, moving average):\n%s",
                      n, total, epoch, self.handles.loss_table())
 
     def finish(self) -> Path:
@@ -108,6 +109,10 @@ class Outputs:
         if self.main:
             digest = write_lora(path, self.handles.lora_tensors(), self.metadata())
             log.info("saved %s (sshs_model_hash %s)", path, digest[:12])
+            if self.handles.ema_tensors is not None:
+                ema_path = self.out_dir / f"{name}{checkpoint.EMA_SUFFIX}.safetensors"
+                digest = write_lora(ema_path, self.handles.ema_tensors(), {**self.metadata(), "ss_ema_weights": "True"})
+                log.info("saved %s (the EMA weights; sshs_model_hash %s)", ema_path, digest[:12])
             if self.cfg.saving.save_state:
                 folder = self.out_dir / f"{name}-state"
                 self.handles.write_state(folder)

@@ -6,9 +6,13 @@ from the same Q and K (cheap: 77 keys) and stores it averaged over heads; for th
 layers chosen for representation stabilisation it stores the per-channel mean and standard
 deviation of the layer's output (or of Q, K and V). Every other layer keeps the stock processor.
 
-Values are stored by layer and pass, overwriting: with gradient checkpointing the forward runs
-again during backward, and a second recording must replace the first, not add to it. Outside APT
-steps recording is off and the processor only computes the output.
+Values are stored by layer and pass, once between two `clear()`s. With gradient checkpointing
+the forward runs again during backward: the rerun must compute the same maps and statistics
+(checkpointing checks that it saves the same tensors as the first run, and fills the first run's
+graph with them), but keeps the first run's tensors. The losses were built from those; a rerun's
+tensors would never be used, and their graphs would keep the block's recomputed activations
+alive until the step ends. Outside APT steps recording is off and the processor only computes
+the output.
 """
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ class Recorder:
     def clear(self) -> None:
         self.features.clear()
         self.maps.clear()
+
+    def keep(self, store: dict, layer: str, value) -> None:
+        """Record `value` for `layer` in the active pass, unless that pass already recorded it
+        since the last clear (a checkpointed block run again during backward)."""
+        store.setdefault((layer, self.active), value)
 
     def layers(self, kind: str) -> list[str]:
         store = self.features if kind == "features" else self.maps
@@ -99,9 +108,10 @@ class RecordingAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        recording = self.recorder.active
+        rec = self.recorder
+        recording = rec.active
         if recording and self.record_features == "qkv":
-            self.recorder.features[(self.layer, recording)] = [channel_stats(t) for t in (query, key, value)]
+            rec.keep(rec.features, self.layer, [channel_stats(t) for t in (query, key, value)])
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -112,8 +122,8 @@ class RecordingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if recording and self.record_maps:
-            self.recorder.maps[(self.layer, recording)] = attention_maps(query, key, attn.scale, attention_mask,
-                                                                         self.record_maps == "probs")
+            rec.keep(rec.maps, self.layer, attention_maps(query, key, attn.scale, attention_mask,
+                                                          self.record_maps == "probs"))
         if self.xformers:
             hidden_states = self._xformers(query, key, value, attention_mask, attn)
         else:
@@ -124,7 +134,7 @@ class RecordingAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if recording and self.record_features == "output":
-            self.recorder.features[(self.layer, recording)] = [channel_stats(hidden_states)]
+            rec.keep(rec.features, self.layer, [channel_stats(hidden_states)])
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:

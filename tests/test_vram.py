@@ -92,3 +92,65 @@ def test_apt_regulariser_gradients_are_the_same_with_checkpointing(tmp_path, tin
     for name in plain:
         if name != "saved":
             assert torch.allclose(plain[name], checkpointed[name], atol=1e-7, rtol=1e-4), name
+
+
+# --- finding 2: latent caching holds the VAE alone on the device -------------------------------
+
+def test_latent_caching_runs_with_only_the_vae_on_the_device(tmp_path, tiny_models, images, monkeypatch):
+    from library.data.latent_cache import LatentCache
+    from library.train import builder
+
+    events = []  # (model class, device asked for) per Module.to call, and the phases between them
+    original_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
+        if type(self).__name__ in ("UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel",
+                                   "CLIPTextModelWithProjection"):
+            events.append((type(self).__name__, None if device is None else str(device)))
+        return original_to(self, *args, **kwargs)
+
+    models = {}
+    original_fill = LatentCache.fill
+
+    def fill(self, progress=None):
+        unet = models["unet"]
+        assert next(unet.parameters()).dtype == torch.bfloat16  # already in the run's dtype
+        events.append(("fill", None))
+        return original_fill(self, progress)
+
+    original_load = builder.load_models
+
+    def load(*args, **kwargs):
+        bundle = original_load(*args, **kwargs)
+        models["unet"] = bundle.unet
+        return bundle
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(LatentCache, "fill", fill)
+    monkeypatch.setattr(builder, "load_models", load)
+    monkeypatch.setattr(builder, "release_cached_memory", lambda device: events.append(("release", str(device))))
+    trainer = tiny_trainer(tmp_path, tiny_models["sdxl"], images, ("cache_latents", "true"),
+                           ("mixed_precision", "bf16"))
+    device = str(trainer.parts.device)
+    fill_at = events.index(("fill", None))
+    before, after = events[:fill_at], events[fill_at + 1:]
+    # Before and while caching: the VAE went to the device; the others were only cast.
+    assert ("AutoencoderKL", device) in before
+    assert [e for e in before if e[0] != "AutoencoderKL" and e[1] is not None] == []
+    # After: the VAE leaves, the cached blocks are released, then the others arrive.
+    assert after[:2] == [("AutoencoderKL", "cpu"), ("release", device)]
+    arrived = {name for name, dev in after[2:] if dev == device}
+    assert {"UNet2DConditionModel", "CLIPTextModel", "CLIPTextModelWithProjection"} <= arrived
+    assert next(trainer.parts.bundle.unet.parameters()).device == trainer.parts.device
+
+
+def test_release_cached_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
+    from library.train.builder import release_cached_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    release_cached_memory(torch.device("cpu"))
+    assert calls == []
+    release_cached_memory(torch.device("cuda", 0))
+    assert calls == [1]

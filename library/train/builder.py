@@ -3,7 +3,9 @@
 The order matters and is written down here once: the data is scanned before any weights load;
 the models are placed and the attention kernel chosen before the network is injected; the
 training method is built while the VAE is still on the device (APT encodes its black border) and
-before latent caching parks the VAE on the CPU; the models are wrapped by accelerate before the
+before latent caching parks the VAE on the CPU; with latent caching, the denoiser and the text
+encoders wait on the CPU (already in their dtype) until the VAE has left the device, so that the
+caching phase holds the VAE alone (as kohya's scripts do); the models are wrapped by accelerate before the
 text cache encodes through them; the denoiser is assembled from the model family's objective and
 the loss, noise and timestep options; the reporting (tracker, sampler, outputs, metric sources)
 comes last, from the parts it reports on.
@@ -100,8 +102,10 @@ def build_run(cfg: Config) -> TrainingRun:
     family = bundle.family
     check_buckets(bundle, data)
     trains_text = not cfg.network.network_train_unet_only
+    caches_latents = cfg.data.cache_latents or cfg.data.cache_latents_to_disk
     place_models(bundle, acc.device, DTYPES[precision],
-                 vae_dtype(training.no_half_vae, family.vae_overflows_in_fp16, precision))
+                 vae_dtype(training.no_half_vae, family.vae_overflows_in_fp16, precision),
+                 vae_only=caches_latents)
     family.use_attention_backend(bundle.unet, training.attention, acc.device)
     network = inject_network(cfg, bundle, trains_text)
 
@@ -112,6 +116,8 @@ def build_run(cfg: Config) -> TrainingRun:
                         gatherer(acc), trains_text)
     method = build_method(selected_method(cfg), setup)
     batches = BatchBuilder(data, encoder, training.prior_loss_weight, latent_cache(cfg, data, encoder, acc, bundle))
+    if caches_latents:
+        move_models(bundle, acc.device)
 
     # 4. Optimizer, accelerate's wrappers, text conditioning (the text cache parks the encoders).
     optimizer = build_optimizer(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args,
@@ -160,11 +166,28 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
                             spec.bucket_reso_steps, multiple, bundle.family.label)
 
 
-def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype) -> None:
-    bundle.unet.to(device, dtype)
+def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype,
+                 vae_only: bool = False) -> None:
+    """Every model in its dtype; on the device, or only the VAE there (`vae_only`: the others
+    follow with `move_models` after latent caching)."""
     bundle.vae.to(device, vae)
-    for te in bundle.text_encoders:
-        te.to(device, dtype)
+    for model in [bundle.unet, *bundle.text_encoders]:
+        if vae_only:
+            model.to(dtype)
+        else:
+            model.to(device, dtype)
+
+
+def move_models(bundle: ModelBundle, device: torch.device) -> None:
+    for model in [bundle.unet, *bundle.text_encoders]:
+        model.to(device)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back after a model left the device: otherwise they stay
+    reserved (the caching phase's peak) and the next phase cannot reuse them as one block."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraNetwork:
@@ -215,6 +238,7 @@ def latent_cache(cfg: Config, data: TrainingData, encoder: VaeEncoder, acc, bund
     if acc.is_main_process:
         log.info("latent cache: %d encoded, %d reused from disk", cache.encoded, cache.hits)
     bundle.vae.to("cpu")  # no longer needed on the device
+    release_cached_memory(acc.device)
     return cache
 
 
@@ -226,6 +250,7 @@ def text_cache(cfg: Config, data: TrainingData, conditioner, acc, bundle: ModelB
         cache.fill()
     for te in bundle.text_encoders:
         te.to("cpu")
+    release_cached_memory(acc.device)
     return cache
 
 

@@ -154,3 +154,74 @@ def test_release_cached_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
     assert calls == []
     release_cached_memory(torch.device("cuda", 0))
     assert calls == [1]
+
+
+# --- finding 3: tools/sample_lora.py keeps no weight copies it does not need ------------------
+
+def tensor_bytes(obj, skip: set[int], seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages reachable from `obj`'s attributes and containers,
+    leaving out the storages in `skip` (the model's own)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.untyped_storage().data_ptr()
+        if ptr in skip:
+            return 0
+        skip.add(ptr)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, torch.nn.Module):
+        return 0  # the model's layers
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(k, skip, seen) + tensor_bytes(v, skip, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(tensor_bytes(v, skip, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return tensor_bytes(vars(obj), skip, seen)
+    return 0
+
+
+@pytest.mark.parametrize("compare_base", [False, True])
+def test_sample_lora_holds_at_most_one_run_dtype_copy_of_the_changed_weights(tmp_path, tiny_models, monkeypatch,
+                                                                              compare_base):
+    import sys
+    from pathlib import Path
+
+    from library.config.options import ModelOptions
+    from library.lora import apply
+    from library.lora.kohya_file import write_lora
+    from library.lora.network import LoraNetwork, NetworkSpec
+    from library.models.loader import load_models
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import sample_lora
+
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models["sd15"])))
+    torch.manual_seed(0)
+    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, NetworkSpec(dim=2, alpha=2.0))
+    with torch.no_grad():
+        for _, layer in network.layers.values():
+            layer.lora_B[ADAPTER].weight.normal_(0, 0.1)
+    lora = tmp_path / "l.safetensors"
+    write_lora(lora, network.kohya_state_dict(torch.float32), {"ss_base_model_version": bundle.base_model_version})
+    made = []
+    original = apply.MergedLoras.__init__
+
+    def init(self, components, *args, **kwargs):
+        original(self, components, *args, **kwargs)
+        made.append((self, components))
+
+    monkeypatch.setattr(apply.MergedLoras, "__init__", init)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_models["sd15"]), "--lora", str(lora), "--prompts", "a red circle --d 5 --s 2",
+            "--size", "64", "--out", str(out), "--name", "x", "--sampler", "ddim", "--precision", "bf16"]
+    assert sample_lora.main(argv + (["--compare_base"] if compare_base else [])) == 0
+    merged, components = made[0]
+    model = {p.untyped_storage().data_ptr() for m in components.values() for p in m.parameters()}
+    changed = sum(layer.weight.numel() for layer in merged.layers.values())
+    assert changed > 0
+    held = tensor_bytes(merged, set(model))
+    # Today's merger kept two fp32 copies (8 bytes per changed weight) whatever the flags.
+    assert held == (changed * 2 if compare_base else 0)  # bf16: one copy, only to switch
+    assert (out / "x_00_5.png").is_file() and (out / "x_00_5_base.png").is_file() == compare_base

@@ -300,3 +300,41 @@ def test_fused_layer_falls_back_to_peft_when_adapters_are_off():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, ref = model(x), plain(x)
     assert out.dtype == ref.dtype == torch.float32 and torch.allclose(out, ref, atol=0.05, rtol=0.02)
+
+
+# --- finding 10: host synchronisations per step -----------------------------------------------
+
+def step_reads(trainer, step: int):
+    from library.utils.syncs import HostReads
+
+    bundle = trainer.parts.bundle
+    with HostReads([bundle.unet, *bundle.text_encoders]) as reads:
+        assert trainer.train_step(step) is not None
+    return reads
+
+
+def test_host_reads_count_device_values_only():
+    from library.utils.syncs import HostReads
+
+    model = torch.nn.Linear(3, 2)
+    with HostReads([model]) as reads:
+        host = torch.arange(4)
+        host.tolist(), int(host[0])  # host values: no synchronisation on a GPU either
+        out = model(torch.ones(1, 3)).sum()
+        out.item(), bool(out > 0), out.detach().to("cpu")
+        out.backward()
+        float(model.weight.grad.norm())
+    assert reads.count == 4, reads.where
+
+
+@pytest.mark.parametrize("apt", [False, True])
+def test_a_training_step_reads_the_device_at_most_three_times(tmp_path, tiny_models, images, apt):
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("apt", str(apt).lower()),
+                           ("cache_latents", "true"), max_train_steps=2)
+    reference = step_reads(trainer, 0)  # APT's reference pass runs at step 0 (reference_every = 4)
+    other = step_reads(trainer, 1)
+    # Plain: the loss with the per-sample losses, and the gradient norm. APT adds one read of its
+    # statistics (with the reference pass's losses and the regularisers' finiteness).
+    limit = 3 if apt else 2
+    assert reference.count <= limit, reference.where
+    assert other.count <= limit, other.where

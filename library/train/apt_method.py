@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -48,6 +49,9 @@ class AptStep(MethodStep):
         self.weights = torch.ones(len(batch.records))  # (1 - gamma), floored; 1 for regularisation images
         self.draw: aug.AugmentDraw | None = None
         self.loss_ref: torch.Tensor | None = None
+        # reference steps: both passes' per-sample losses, read to the host once (extra_loss)
+        self.loss_theta_host: torch.Tensor | None = None
+        self.loss_ref_host: torch.Tensor | None = None
         self._stats: dict[str, float] = {}
 
     def augment(self, latents, mask, timesteps, gen):
@@ -91,24 +95,36 @@ class AptStep(MethodStep):
 
     def extra_loss(self, ctx: StepContext, per_sample: torch.Tensor) -> torch.Tensor | None:
         apt = self.method.controller
-        self._stats = {"apt/loss_theta": per_sample.detach().mean().item(),
-                       "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
-                       "apt/loss_weight": float(self.weights.mean())}
+        self._stats = {"apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
+                       "apt/loss_weight": float(self.weights.mean())}  # both on the host
         if not self.reference:
+            self._stats["apt/loss_theta"] = per_sample.detach().mean().item()
             return None
         input_ids = ctx.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
         terms = apt.regularisers(input_ids)
         total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
-        finite = bool(torch.isfinite(total))
+        # One read of the device for everything the host needs from a reference step: the
+        # regularisers' finiteness, the statistics, and both passes' per-sample losses (for the
+        # indicator at the end of the step).
+        device = per_sample.device
+        theta, ref = per_sample.detach().float(), self.loss_ref.detach().float().flatten()
+        scalars = [theta.mean(), ref.mean(), terms.l_mu.detach(), terms.l_sigma.detach(), terms.l_attn.detach(),
+                   total.detach()]
+        values = torch.cat([torch.stack([v.float().to(device) for v in scalars]), theta, ref.to(device)]).tolist()
+        (loss_theta, loss_ref, l_mu, l_sigma, l_attn, total_value), n = values[:6], len(theta)
+        self.loss_theta_host = torch.tensor(values[6:6 + n])
+        self.loss_ref_host = torch.tensor(values[6 + n:])
+        finite = math.isfinite(total_value)
         if not finite:
             # A non-finite reference (its recordings are the targets) must not poison the step.
             self.method.count_skipped("regularisers")
             total = torch.zeros((), device=per_sample.device)
         self._stats.update({
-            "apt/loss_ref": self.loss_ref.float().mean().item(),
-            "apt/l_mu": terms.l_mu.detach().item() if finite else 0.0,
-            "apt/l_sigma": terms.l_sigma.detach().item() if finite else 0.0,
-            "apt/l_attn": terms.l_attn.detach().item() if finite else 0.0,
+            "apt/loss_theta": loss_theta,
+            "apt/loss_ref": loss_ref,
+            "apt/l_mu": l_mu if finite else 0.0,
+            "apt/l_sigma": l_sigma if finite else 0.0,
+            "apt/l_attn": l_attn if finite else 0.0,
         })
         return total
 
@@ -195,8 +211,8 @@ class AptMethod(TrainingMethod):
             if not micro.reference:
                 continue
             keep = ~batch.is_reg if not self.includes_reg else torch.ones_like(batch.is_reg)
-            rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
-                                     micro.loss_ref.float().cpu(), keep.float()]).T)
+            rows.append(torch.stack([result.timesteps.float(), micro.loss_theta_host, micro.loss_ref_host,
+                                     keep.float()]).T)
         self._steps = []
         if rows:  # between reference passes the indicator stays as it was
             gathered = self.gather(torch.cat(rows))

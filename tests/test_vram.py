@@ -338,3 +338,39 @@ def test_a_training_step_reads_the_device_at_most_three_times(tmp_path, tiny_mod
     limit = 3 if apt else 2
     assert reference.count <= limit, reference.where
     assert other.count <= limit, other.where
+
+
+# --- finding 4: loading under several processes -----------------------------------------------
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_the_processes_of_a_machine_load_one_at_a_time(monkeypatch, rank):
+    from types import SimpleNamespace
+
+    from library.train.builder import in_turns
+
+    events = []
+    acc = SimpleNamespace(num_processes=3, local_process_index=rank, wait_for_everyone=lambda: events.append("wait"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert in_turns(acc, lambda: events.append("load") or "bundle") == "bundle"
+    # Process r loads after r rounds of waiting, while the others wait for it.
+    assert events == ["wait"] * rank + ["load"] + ["wait"] * (3 - rank)
+    events.clear()
+    assert in_turns(SimpleNamespace(num_processes=1, local_process_index=0, wait_for_everyone=None),
+                    lambda: "alone") == "alone"
+
+
+@pytest.mark.parametrize("no_half_vae,expected", [("false", torch.bfloat16), ("true", torch.float32)])
+def test_the_model_loads_in_the_run_dtype_unless_the_vae_needs_fp32(tmp_path, tiny_models, images, monkeypatch,
+                                                                     no_half_vae, expected):
+    from library.train import builder
+
+    loaded = []
+    original = builder.load_models
+    monkeypatch.setattr(builder, "load_models",
+                        lambda opts, plan=None, dtype=None: loaded.append(dtype) or original(opts, plan, dtype))
+    trainer = tiny_trainer(tmp_path, tiny_models["sd15"], images, ("mixed_precision", "bf16"),
+                           ("no_half_vae", no_half_vae))
+    assert loaded == [expected]
+    vae = trainer.parts.bundle.vae
+    assert next(vae.parameters()).dtype == (torch.float32 if no_half_vae == "true" else torch.bfloat16)
+    assert next(trainer.parts.bundle.unet.parameters()).dtype == torch.bfloat16

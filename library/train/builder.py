@@ -13,6 +13,7 @@ comes last, from the parts it reports on.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -98,14 +99,21 @@ def build_run(cfg: Config) -> TrainingRun:
                    else training.max_train_steps)
 
     # 2. Models on the device in their dtypes, the attention kernel, then the network.
-    bundle = load_models(cfg.model, model_plan)
+    # The processes of one machine load in turn, in the run's dtype where the VAE's allows it, and
+    # each places its models before the next one loads: one fp32 copy per machine at most.
+    weights, vae = DTYPES[precision], vae_dtype(training.no_half_vae, model_plan.family.vae_overflows_in_fp16,
+                                                precision)
+    caches_latents = cfg.data.cache_latents or cfg.data.cache_latents_to_disk
+
+    def load_and_place() -> ModelBundle:
+        loaded = load_models(cfg.model, model_plan, dtype=weights if vae == weights else torch.float32)
+        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents)
+        return loaded
+
+    bundle = in_turns(acc, load_and_place)
     family = bundle.family
     check_buckets(bundle, data)
     trains_text = not cfg.network.network_train_unet_only
-    caches_latents = cfg.data.cache_latents or cfg.data.cache_latents_to_disk
-    place_models(bundle, acc.device, DTYPES[precision],
-                 vae_dtype(training.no_half_vae, family.vae_overflows_in_fp16, precision),
-                 vae_only=caches_latents)
     family.use_attention_backend(bundle.unet, training.attention, acc.device)
     network = inject_network(cfg, bundle, trains_text)
 
@@ -145,6 +153,20 @@ def build_run(cfg: Config) -> TrainingRun:
     validator = Validator(data.validation, training.validation_timesteps, training.seed)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
                        scheduler, list(prepared[:-1]), denoiser, setup, method, validator)
+
+
+def in_turns(acc, work: Callable[[], object]):
+    """`work()` on each process of this machine in turn (the others wait): kohya's way of keeping
+    several processes from holding the freshly loaded weights in host memory at once."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    if acc.num_processes == 1 or local == 1:
+        return work()
+    result = None
+    for turn in range(local):
+        if acc.local_process_index == turn:
+            result = work()
+        acc.wait_for_everyone()
+    return result
 
 
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -374,3 +374,74 @@ def test_the_model_loads_in_the_run_dtype_unless_the_vae_needs_fp32(tmp_path, ti
     vae = trainer.parts.bundle.vae
     assert next(vae.parameters()).dtype == (torch.float32 if no_half_vae == "true" else torch.bfloat16)
     assert next(trainer.parts.bundle.unet.parameters()).dtype == torch.bfloat16
+
+
+# --- finding 7: APT's recordings keep no fp32 copies for backward ------------------------------
+
+def reference_maps(query, key, scale, mask, probabilities):
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits + mask.float()
+    return (logits.softmax(-1) if probabilities else logits).mean(1)
+
+
+@pytest.mark.parametrize("probabilities", [True, False])
+def test_attention_maps_and_channel_stats_have_autograd_gradients(probabilities):
+    from library.apt.attention import attention_maps, channel_stats
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4, requires_grad=True), torch.randn(2, 3, 5, 4, requires_grad=True)
+    mask = torch.zeros(2, 1, 1, 5)
+    mask[:, :, :, -1] = -1e4
+    weights = torch.randn(2, 7, 5)
+    ours = attention_maps(q, k, 0.5, mask, probabilities)
+    theirs = reference_maps(q, k, 0.5, mask, probabilities)
+    assert torch.equal(ours, theirs)
+    g_ours = torch.autograd.grad((ours * weights).sum(), (q, k))
+    g_theirs = torch.autograd.grad((theirs * weights).sum(), (q, k))
+    for a, b in zip(g_ours, g_theirs):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    with torch.no_grad():
+        x[:, :, 0] = 1.5  # a constant channel: std 0
+    mu, sd = channel_stats(x)
+    assert torch.allclose(mu, x.mean(1)) and torch.allclose(sd, x.std(1, unbiased=False))
+    a, b = torch.randn(2, 6), torch.randn(2, 6)
+    g = torch.autograd.grad((mu * a + sd * b).sum(), x)[0]
+    # autograd's std gradient of a constant channel is 0/0; ours is 0 there
+    expected = torch.autograd.grad((x.mean(1) * a).sum() + (x[:, :, 1:].std(1, unbiased=False) * b[:, 1:]).sum(),
+                                   x)[0]
+    assert torch.allclose(g, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("features", ["output", "qkv"])
+def test_recording_saves_no_fp32_copies_under_bf16_autocast(features):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from library.apt.attention import Recorder, RecordingAttnProcessor
+
+    torch.manual_seed(0)
+    cross = Attention(64, cross_attention_dim=32, heads=4, dim_head=16).to(torch.bfloat16)
+    selfa = Attention(64, heads=4, dim_head=16).to(torch.bfloat16)
+    for layer in (cross, selfa):
+        layer.to_q.weight.requires_grad_(True)  # a trained adapter's place: gradients flow
+    x = torch.randn(2, 256, 64, dtype=torch.bfloat16, requires_grad=True)
+    ctx = torch.randn(2, 77, 32, dtype=torch.bfloat16)
+    rec = Recorder()
+
+    def saved(processors):
+        cross.set_processor(processors[0])
+        selfa.set_processor(processors[1])
+        with torch.autocast("cpu", dtype=torch.bfloat16), rec.recording("tuned"), SavedTensors() as s:
+            selfa(cross(x, ctx))
+        rec.clear()
+        return s
+
+    stock = saved([AttnProcessor2_0(), AttnProcessor2_0()])
+    recording = saved([RecordingAttnProcessor(rec, "c", record_maps="probs"),
+                       RecordingAttnProcessor(rec, "s", record_features=features)])
+    extra = recording.bytes - stock.bytes
+    # What may be added: the maps' and statistics' own small outputs. An fp32 copy of the query
+    # alone would be 2 x 256 x 64 x 4 bytes (131 kB); the softmax per head 2 x 4 x 256 x 77 x 4.
+    assert extra <= 2 * 256 * 77 * 4 + 6 * 2 * 64 * 4, (extra, recording.by_dtype, stock.by_dtype)
+    assert recording.by_dtype.get(torch.float32, 0) <= 2 * 256 * 77 * 4 + 6 * 2 * 64 * 4

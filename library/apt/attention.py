@@ -56,21 +56,74 @@ class Recorder:
 def attention_maps(query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor | None,
                    probabilities: bool) -> torch.Tensor:
     """Head-averaged attention maps (B, N, tokens) in fp32. Autocast is switched off: inside it a
-    matmul of fp32 tensors still runs in bf16/fp16, and these maps are loss targets."""
-    with torch.autocast(query.device.type, enabled=False):
-        logits = (query.float() @ key.float().transpose(-1, -2)) * scale
-        if attention_mask is not None:
-            logits = logits + attention_mask.float()
-        maps = logits.softmax(dim=-1) if probabilities else logits
-        return maps.mean(dim=1)
+    matmul of fp32 tensors still runs in bf16/fp16, and these maps are loss targets. For backward
+    only `query` and `key` are kept, as they are (the attention kernel keeps the same tensors):
+    their fp32 copies and the per-head probabilities are recomputed there."""
+    return _HeadMeanMaps.apply(query, key, attention_mask, scale, probabilities)
+
+
+def _maps(query, key, attention_mask, scale, probabilities) -> torch.Tensor:
+    """Per-head maps (B, heads, N, tokens) in fp32."""
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    return logits.softmax(dim=-1) if probabilities else logits
+
+
+class _HeadMeanMaps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, attention_mask, scale, probabilities):
+        with torch.autocast(query.device.type, enabled=False):
+            maps = _maps(query, key, attention_mask, scale, probabilities).mean(dim=1)
+        ctx.save_for_backward(query, key, attention_mask)
+        ctx.scale, ctx.probabilities = scale, probabilities
+        return maps
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, attention_mask = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            per_head = (grad.float() / query.shape[1]).unsqueeze(1)  # d maps / d per-head maps
+            if ctx.probabilities:
+                p = _maps(query, key, attention_mask, ctx.scale, True)
+                d_logits = p * (per_head - (per_head * p).sum(-1, keepdim=True))
+            else:
+                d_logits = per_head.expand(-1, query.shape[1], -1, -1)
+            d_query = (d_logits @ key.float()) * ctx.scale if ctx.needs_input_grad[0] else None
+            d_key = (d_logits.transpose(-1, -2) @ query.float()) * ctx.scale if ctx.needs_input_grad[1] else None
+        return (None if d_query is None else d_query.to(query.dtype),
+                None if d_key is None else d_key.to(key.dtype), None, None, None)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and standard deviation over positions of a (B, N, C) tensor, in
-    fp32 with autocast off (statistics)."""
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
-        return x.mean(dim=1), x.std(dim=1, unbiased=False)
+    fp32 with autocast off (statistics). For backward `x` is kept as it is, not its fp32 copy."""
+    return _ChannelStats.apply(x)
+
+
+class _ChannelStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            mean, std = xf.mean(dim=1), xf.std(dim=1, unbiased=False)
+        ctx.save_for_backward(x, mean, std)
+        return mean, std
+
+    @staticmethod
+    def backward(ctx, d_mean, d_std):
+        x, mean, std = ctx.saved_tensors
+        n = x.shape[1]
+        with torch.autocast(x.device.type, enabled=False):
+            out = torch.zeros_like(x, dtype=torch.float32)
+            if d_mean is not None:
+                out = out + (d_mean / n).unsqueeze(1)
+            if d_std is not None:
+                # d std / d x = (x - mean) / (n std); a constant channel (std 0) gets no gradient
+                safe = torch.where(std > 0, std, torch.ones_like(std))
+                scale = torch.where(std > 0, d_std / (n * safe), torch.zeros_like(std))
+                out = out + (x.float() - mean.unsqueeze(1)) * scale.unsqueeze(1)
+        return out.to(x.dtype)
 
 
 class RecordingAttnProcessor:

@@ -445,3 +445,24 @@ def test_recording_saves_no_fp32_copies_under_bf16_autocast(features):
     # alone would be 2 x 256 x 64 x 4 bytes (131 kB); the softmax per head 2 x 4 x 256 x 77 x 4.
     assert extra <= 2 * 256 * 77 * 4 + 6 * 2 * 64 * 4, (extra, recording.by_dtype, stock.by_dtype)
     assert recording.by_dtype.get(torch.float32, 0) <= 2 * 256 * 77 * 4 + 6 * 2 * 64 * 4
+
+
+# --- finding 6: no second copy of a LoRA layer's input under autocast --------------------------
+
+def test_lora_under_autocast_saves_no_copy_of_the_input(tmp_path, tiny_models):
+    from library.config.options import ModelOptions
+    from library.lora.network import LoraNetwork, NetworkSpec
+    from library.models.loader import load_models
+
+    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models["sd15"])), dtype=torch.bfloat16)
+    spec = NetworkSpec(dim=2, alpha=2.0, train_text_encoders=False)
+    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, spec)
+    attn = bundle.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    x = torch.randn(2, 300, attn.to_q.get_base_layer().in_features, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SavedTensors() as saved:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    assert all(t.dtype == torch.bfloat16 for t in (q, k, v))
+    # The three adapters keep x itself for their gradients, and their rank-2 tensors. peft's cast
+    # made an fp32 copy of x per layer, and autocast a bf16 copy of that, saved: 3 x 2 x 300 x C x 2.
+    assert saved.bytes_besides(x) < x.numel() * 2, saved.by_dtype  # measured: 14 kB against 129 kB
+    assert network.layers  # (the network is what changed the layers)

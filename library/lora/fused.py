@@ -1,4 +1,5 @@
-"""One matmul per layer for adapters that train a whole weight change (LoHa, LoKr).
+"""Adapter layers that compute and keep less than peft's: one matmul per layer for adapters that
+train a whole weight change (LoHa, LoKr), and no second copy of the input under autocast.
 
 peft's LyCORIS layers compute `base(x) + F.linear(x, delta_W)`: a second full-size matmul (or
 convolution) in every adapted layer, forward and backward, and, without gradient checkpointing,
@@ -111,3 +112,18 @@ def fuse_whole_delta(layer) -> bool:
         return False
     layer.forward = types.MethodType(_fused_forward, layer)
     return True
+
+
+def _cast_outside_autocast(self, x, dtype):
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(self)._cast_input_dtype(self, x, dtype)
+
+
+def keep_input_under_autocast(layer) -> None:
+    """peft casts a layer's input to the adapter's dtype (fp32) before the adapter; under autocast
+    the adapter's matmul casts it back, and that second copy is saved for backward beside the
+    base layer's (the same activation twice). Under autocast the input now goes in as it is;
+    outside autocast peft's cast stays (dtypes must match there)."""
+    if hasattr(layer, "_cast_input_dtype"):
+        layer._cast_input_dtype = types.MethodType(_cast_outside_autocast, layer)

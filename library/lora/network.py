@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from library.config.network_kinds import NetworkKind, network_kind
 from library.errors import UserError
 from library.lora.index import NameIndex
-from library.lora.fused import fuse_whole_delta
+from library.lora.fused import fuse_whole_delta, keep_input_under_autocast
 from library.lora.lycoris import DORA_SUFFIX, DoraModule, build_module, module_class
 from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
 
@@ -134,6 +134,7 @@ class LoraNetwork:
             layer = modules[path]
             assert isinstance(layer, BaseTunerLayer), path
             fuse_whole_delta(layer)  # LoHa/LoKr: one matmul per layer instead of peft's two
+            keep_input_under_autocast(layer)
             self.layers[target.name] = (target, layer)
         self.components[component] = model
 

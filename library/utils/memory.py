@@ -75,6 +75,11 @@ class SavedTensors:
     def bytes(self) -> int:
         return sum(n for n, _ in self._storages.values())
 
+    def bytes_besides(self, *tensors: torch.Tensor) -> int:
+        """Bytes saved, leaving out the storages of `tensors` (alive anyway, e.g. the input)."""
+        skip = {t.untyped_storage().data_ptr() for t in tensors}
+        return sum(n for ptr, (n, _) in self._storages.items() if ptr not in skip)
+
     @property
     def by_dtype(self) -> dict[torch.dtype, int]:
         out: dict[torch.dtype, int] = {}

@@ -466,3 +466,40 @@ def test_lora_under_autocast_saves_no_copy_of_the_input(tmp_path, tiny_models):
     # made an fp32 copy of x per layer, and autocast a bf16 copy of that, saved: 3 x 2 x 300 x C x 2.
     assert saved.bytes_besides(x) < x.numel() * 2, saved.by_dtype  # measured: 14 kB against 129 kB
     assert network.layers  # (the network is what changed the layers)
+
+
+# --- finding 8: reserved memory and the phases between steps are reported ----------------------
+
+def test_memory_metrics_report_reserved_and_the_whole_run(monkeypatch):
+    from library.train.metrics import MemoryPeaks, StepReport
+
+    gib = 2 ** 30
+    alloc = {"now": 2 * gib, "peak": 2 * gib, "reserved": 3 * gib, "reserved_peak": 3 * gib}
+
+    def use(n, reserved):
+        alloc["peak"] = max(alloc["peak"], alloc["now"] + n * gib)
+        alloc["reserved_peak"] = max(alloc["reserved_peak"], reserved * gib)
+
+    def reset(device=None):
+        alloc["peak"], alloc["reserved_peak"] = alloc["now"], alloc["reserved"]
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: alloc["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: alloc["reserved_peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 16 * gib))
+    source = MemoryPeaks(torch.device("cuda", 0))
+    report = StepReport(1, 1, 0.1, 1.0, 1.0, 1)
+    use(9, 12)  # latent caching before the first step
+    source.start_step()
+    use(3, 6)
+    first = source(report)
+    assert first["peak_memory_gib"] == 5.0 and first["peak_reserved_gib"] == 6.0
+    assert first["peak_memory_whole_run_gib"] == 11.0 and first["peak_reserved_whole_run_gib"] == 12.0
+    assert first["device_memory_used_gib"] == 6.0  # context and other processes included
+    use(10, 14)  # a sample round between steps
+    source.start_step()
+    use(1, 4)
+    second = source(report)
+    assert second["peak_memory_gib"] == 3.0 and second["peak_memory_run_gib"] == 5.0
+    assert second["peak_memory_whole_run_gib"] == 12.0 and second["peak_reserved_whole_run_gib"] == 14.0
+    assert MemoryPeaks(torch.device("cpu"))(report).keys() == {"peak_memory_gib", "peak_memory_run_gib"}

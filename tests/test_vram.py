@@ -503,3 +503,40 @@ def test_memory_metrics_report_reserved_and_the_whole_run(monkeypatch):
     assert second["peak_memory_gib"] == 3.0 and second["peak_memory_run_gib"] == 5.0
     assert second["peak_memory_whole_run_gib"] == 12.0 and second["peak_reserved_whole_run_gib"] == 14.0
     assert MemoryPeaks(torch.device("cpu"))(report).keys() == {"peak_memory_gib", "peak_memory_run_gib"}
+
+
+# --- finding 12: DDP's unused-parameter search, validation chunks, TF32 ------------------------
+
+def test_only_the_text_encoders_wrappers_search_for_unused_parameters(tmp_path, tiny_models, images, monkeypatch):
+    from accelerate import Accelerator
+
+    seen = []
+    original = Accelerator.prepare
+
+    def prepare(self, *objects):
+        seen.append(([type(o).__name__ for o in objects], self.ddp_handler.find_unused_parameters))
+        return original(self, *objects)
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare)
+    trainer = tiny_trainer(tmp_path, tiny_models["sdxl"], images, ("network_train_unet_only", "false"),
+                           train_batch_size=1)
+    assert seen[:3] == [(["UNet2DConditionModel"], False), (["CLIPTextModel"], True),
+                        (["CLIPTextModelWithProjection"], True)]
+    assert len(seen) == 4 and len(seen[3][0]) == 1  # then the optimizer
+    assert trainer.parts.accelerator.ddp_handler.find_unused_parameters is True  # as configured
+    assert trainer.parts.validator.batch_size == 1  # uncached validation encodes one training batch at a time
+
+
+def test_tf32_is_used_by_fp32_gpu_runs_only():
+    from library.train.setup import use_tf32
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        assert not use_tf32(torch.device("cpu"), "no")
+        assert not use_tf32(torch.device("cuda", 0), "bf16") and not matmul.allow_tf32
+        assert use_tf32(torch.device("cuda", 0), "no")
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before

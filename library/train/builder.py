@@ -131,8 +131,7 @@ def build_run(cfg: Config) -> TrainingRun:
     optimizer = build_optimizer(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args,
                                 parameter_groups(cfg, network, len(bundle.text_encoders), trains_text),
                                 cfg.optimizer.learning_rate)
-    models = [bundle.unet] + (bundle.text_encoders if trains_text else [])
-    prepared = acc.prepare(*models, optimizer)
+    prepared = prepare_models(acc, bundle.unet, bundle.text_encoders if trains_text else [], optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     # Training passes go through the DDP wrappers so that gradients are synchronised.
     train_encoders = list(prepared[1:-1]) if trains_text else bundle.text_encoders
@@ -150,9 +149,32 @@ def build_run(cfg: Config) -> TrainingRun:
                         Loss.from_options(training, objective), acc.device, network.set_enabled)
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power)
-    validator = Validator(data.validation, training.validation_timesteps, training.seed)
+    # Uncached validation images are VAE-encoded a chunk at a time: no larger than a training batch.
+    validator = Validator(data.validation, training.validation_timesteps, training.seed,
+                          batch_size=min(4, training.train_batch_size))
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
                        scheduler, list(prepared[:-1]), denoiser, setup, method, validator)
+
+
+def prepare_models(acc, unet, text_encoders: list, optimizer) -> list:
+    """accelerate's wrappers: [unet, *text_encoders, optimizer]. Each DDP wrapper is told whether
+    some of its parameters may get no gradient: never in the UNet (every LoRA layer is used each
+    step), in the text encoders yes (the layers after clip_skip's). find_unused_parameters costs a
+    graph walk each backward pass, so only the encoders pay it."""
+    handler = getattr(acc, "ddp_handler", None)
+    chosen = None if handler is None else handler.find_unused_parameters
+
+    def wrap(model, find_unused: bool):
+        if handler is not None:
+            handler.find_unused_parameters = find_unused and chosen
+        return acc.prepare(model)
+
+    try:
+        out = [wrap(unet, False)] + [wrap(te, True) for te in text_encoders]
+    finally:
+        if handler is not None:
+            handler.find_unused_parameters = chosen
+    return out + [acc.prepare(optimizer)]
 
 
 def in_turns(acc, work: Callable[[], object]):

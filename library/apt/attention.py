@@ -16,7 +16,7 @@ the output.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,11 @@ class Recorder:
         return sorted({layer for layer, _ in store})
 
 
+def _no_autocast(device_type: str):
+    """Autocast off; the meta device (library.train.memory_estimate counts on it) has none."""
+    return nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def attention_maps(query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor | None,
                    probabilities: bool) -> torch.Tensor:
     """Head-averaged attention maps (B, N, tokens) in fp32. Autocast is switched off: inside it a
@@ -73,7 +78,7 @@ def _maps(query, key, attention_mask, scale, probabilities) -> torch.Tensor:
 class _HeadMeanMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, attention_mask, scale, probabilities):
-        with torch.autocast(query.device.type, enabled=False):
+        with _no_autocast(query.device.type):
             maps = _maps(query, key, attention_mask, scale, probabilities).mean(dim=1)
         ctx.save_for_backward(query, key, attention_mask)
         ctx.scale, ctx.probabilities = scale, probabilities
@@ -82,7 +87,7 @@ class _HeadMeanMaps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         query, key, attention_mask = ctx.saved_tensors
-        with torch.autocast(grad.device.type, enabled=False):
+        with _no_autocast(grad.device.type):
             per_head = (grad.float() / query.shape[1]).unsqueeze(1)  # d maps / d per-head maps
             if ctx.probabilities:
                 p = _maps(query, key, attention_mask, ctx.scale, True)
@@ -104,7 +109,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _ChannelStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             xf = x.float()
             mean, std = xf.mean(dim=1), xf.std(dim=1, unbiased=False)
         ctx.save_for_backward(x, mean, std)
@@ -114,7 +119,7 @@ class _ChannelStats(torch.autograd.Function):
     def backward(ctx, d_mean, d_std):
         x, mean, std = ctx.saved_tensors
         n = x.shape[1]
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             out = torch.zeros_like(x, dtype=torch.float32)
             if d_mean is not None:
                 out = out + (d_mean / n).unsqueeze(1)

@@ -20,9 +20,16 @@ import torch
 import torch.nn.functional as F
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device without autocast (meta: library.train.memory_estimate)
+        return False
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
@@ -115,7 +122,7 @@ def fuse_whole_delta(layer) -> bool:
 
 
 def _cast_outside_autocast(self, x, dtype):
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _autocast_on(x.device.type):
         return x
     return type(self)._cast_input_dtype(self, x, dtype)
 

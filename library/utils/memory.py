@@ -14,10 +14,10 @@ import torch
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int] | None:
-    if t.device.type == "meta":
-        return None
+    """(identity, bytes) of a tensor's storage; meta tensors (no data) count by their storage
+    object, so that the meta device can stand in for a GPU."""
     s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
+    return (s._cdata if t.device.type == "meta" else s.data_ptr()), s.nbytes()
 
 
 def graph_saved_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -39,9 +39,8 @@ def graph_saved_bytes(tensors: Iterable[torch.Tensor]) -> int:
                 continue
             for item in value if isinstance(value, (tuple, list)) else (value,):
                 if isinstance(item, torch.Tensor):
-                    found = _storage(item)
-                    if found:
-                        storages[found[0]] = found[1]
+                    key, size = _storage(item)
+                    storages[key] = size
         stack.extend(fn for fn, _ in node.next_functions)
     return sum(storages.values())
 
@@ -54,14 +53,17 @@ class SavedTensors:
         saved.bytes, saved.by_dtype
     """
 
-    def __init__(self):
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        """`exclude`: tensors whose storages are not counted (a model's parameters, which frozen
+        layers save for their input's gradient, but which exist anyway)."""
+        self._skip = {_storage(t)[0] for t in exclude}
         self._storages: dict[int, tuple[int, torch.dtype]] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        found = _storage(t)
-        if found:
-            self._storages.setdefault(found[0], (found[1], t.dtype))
+        key, size = _storage(t)
+        if key not in self._skip:
+            self._storages.setdefault(key, (size, t.dtype))
         return t
 
     def __enter__(self) -> "SavedTensors":
@@ -77,7 +79,7 @@ class SavedTensors:
 
     def bytes_besides(self, *tensors: torch.Tensor) -> int:
         """Bytes saved, leaving out the storages of `tensors` (alive anyway, e.g. the input)."""
-        skip = {t.untyped_storage().data_ptr() for t in tensors}
+        skip = {_storage(t)[0] for t in tensors}
         return sum(n for ptr, (n, _) in self._storages.items() if ptr not in skip)
 
     @property

@@ -540,3 +540,55 @@ def test_tf32_is_used_by_fp32_gpu_runs_only():
         assert matmul.allow_tf32 and cudnn.allow_tf32
     finally:
         matmul.allow_tf32, cudnn.allow_tf32 = before
+
+
+# --- bench/memory_estimate.py: counting on the meta device equals counting a real forward ------
+
+@pytest.mark.parametrize("apt", [False, True])
+def test_meta_device_count_equals_a_real_cpu_forward(apt):
+    from diffusers import UNet2DConditionModel
+
+    from library.apt.controller import AptController
+    from library.config.options import AptOptions
+    from library.lora.network import LoraNetwork, NetworkSpec
+    from library.models import shipped
+    from library.models.families import get_family
+    from library.train import memory_estimate as me
+
+    family = get_family(shipped.SHIPPED_TREES["tiny_sdxl"])
+    config = shipped.read_json(shipped.tree("tiny_sdxl") / "unet" / "config.json")
+    counts = []
+    for device in ("meta", "cpu"):
+        if device == "meta":
+            unet = me.meta_denoiser(config, torch.float32)
+        else:
+            torch.manual_seed(0)
+            unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+        network = LoraNetwork(unet, [], family, NetworkSpec(dim=4, alpha=2.0))
+        recorder = None
+        if apt:
+            controller = AptController(AptOptions(), family.attention_layers(unet), 1000)
+            family.set_attention_processors(unet, {**family.attention_processors(unet), **controller.processors})
+            recorder = controller.recorder
+        inputs = me.step_inputs(unet, 2, (8, 8), torch.float32, device=device)
+        with me.flash_like_attention():
+            full = me.activations(family, unet, inputs, False, recorder, network.set_enabled)
+            ckpt = me.activations(family, unet, inputs, True, recorder, network.set_enabled)
+        counts.append((full, ckpt, sum(p.numel() for p in network.parameters())))
+    assert counts[0] == counts[1]
+    (full, ckpt, _), _ = counts
+    assert 0 < ckpt["saved"] < full["saved"] and 0 < full["largest_block"] < full["saved"]
+    assert (full["recorded"] > 0) == apt
+
+
+def test_flash_like_attention_saves_linear_memory_in_the_positions():
+    from library.train.memory_estimate import flash_like_attention
+
+    sizes = []
+    for n in (256, 1024):
+        q = torch.zeros(1, 2, n, 8, device="meta", requires_grad=True)
+        with flash_like_attention(), SavedTensors() as saved:
+            out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        assert out.shape == q.shape
+        sizes.append(saved.bytes)
+    assert sizes[1] == 4 * sizes[0]  # the math path would save an n x n matrix: 16x

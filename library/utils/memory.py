@@ -58,12 +58,16 @@ class SavedTensors:
         layers save for their input's gradient, but which exist anyway)."""
         self._skip = {_storage(t)[0] for t in exclude}
         self._storages: dict[int, tuple[int, torch.dtype]] = {}
+        self._alive: list[torch.Tensor] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key, size = _storage(t)
-        if key not in self._skip:
-            self._storages.setdefault(key, (size, t.dtype))
+        if key not in self._skip and key not in self._storages:
+            self._storages[key] = (size, t.dtype)
+            # Held until the counter goes: a storage freed during the block (a graph branch that
+            # dies early) could otherwise hand its identity to a new one and be counted once.
+            self._alive.append(t)
         return t
 
     def __enter__(self) -> "SavedTensors":

@@ -592,3 +592,37 @@ def test_flash_like_attention_saves_linear_memory_in_the_positions():
         assert out.shape == q.shape
         sizes.append(saved.bytes)
     assert sizes[1] == 4 * sizes[0]  # the math path would save an n x n matrix: 16x
+
+
+# --- finding 11: sample images can be decoded in tiles -----------------------------------------
+
+def test_sample_decode_tiles_large_images_only_when_asked(monkeypatch):
+    import numpy as np
+
+    from library.models.tiny import build_tiny_pipeline
+    from library.train import sampling
+
+    pipe = build_tiny_pipeline("sd1", seed=0)
+    vae, scale = pipe.vae, pipe.vae_scale_factor
+    before = vae.tile_sample_min_size, vae.tile_latent_min_size
+    seen = []
+    original = type(vae).tiled_decode
+
+    def tiled(self, z, return_dict=True):
+        seen.append((self.tile_sample_min_size, self.tile_latent_min_size, tuple(z.shape[-2:])))
+        return original(self, z, return_dict)
+
+    monkeypatch.setattr(type(vae), "tiled_decode", tiled)
+    torch.manual_seed(0)
+    big = torch.randn(1, vae.config.latent_channels, 640 // scale, 640 // scale)
+    plain = np.asarray(sampling.decode(pipe, big)[0], dtype=np.float32)
+    assert seen == []
+    tiles = np.asarray(sampling.decode(pipe, big, tiled=True)[0], dtype=np.float32)
+    assert seen == [(sampling.TILE_PX, sampling.TILE_PX // scale, big.shape[-2:])]
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == before  # the VAE as it was
+    assert tiles.shape == plain.shape == (640, 640, 3)
+    assert np.abs(tiles - plain).mean() < 0.1 * 255  # the same picture, up to the blended seams
+    small = torch.randn(1, vae.config.latent_channels, 64 // scale, 64 // scale)
+    assert np.array_equal(np.asarray(sampling.decode(pipe, small, tiled=True)[0]),
+                          np.asarray(sampling.decode(pipe, small)[0]))
+    assert len(seen) == 1

@@ -321,7 +321,8 @@ def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
         return None
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
                    cfg.saving.output_name, resolution_of(data, bundle), cfg.sampling.sample_sampler, cfg.training.seed,
-                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base)
+                   cfg.model.v_parameterization, cfg.training.zero_terminal_snr, cfg.sampling.sample_compare_base,
+                   cfg.sampling.sample_vae_tiling)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:

@@ -210,9 +210,15 @@ def train_metrics(scalars: dict, warmup: int, expected_steps: int) -> dict:
     peaks = [v for _, v in scalars.get("peak_memory_gib", [])]
     finite = [v for v in losses if math.isfinite(v)]
     finite_all = len(losses) == expected_steps and len(finite) == len(losses) if losses else None
+    # GPU runs also log what the per-step allocated peak leaves out (library.train.tracking.RunMemory)
+    memory = {key: max(v for _, v in scalars[tag]) for key, tag in MEMORY_TAGS.items() if scalars.get(tag)}
     return {"steps": len(losses), "losses_finite": finite_all,
             "s_per_step": statistics.median(timed) if timed else None, "peak_gib": max(peaks) if peaks else None,
-            "mean_loss": statistics.fmean(finite) if finite else None}
+            "mean_loss": statistics.fmean(finite) if finite else None, "extra": memory}
+
+
+MEMORY_TAGS = {"reserved_gib": "peak_reserved_gib", "whole_run_gib": "peak_memory_whole_run_gib",
+               "whole_run_reserved_gib": "peak_reserved_whole_run_gib", "device_used_gib": "device_memory_used_gib"}
 
 
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
@@ -316,10 +322,7 @@ class Check:
         if run.attention == "xformers":
             if self.tiny:
                 return "xformers runs only on a CUDA GPU"
-            try:
-                import xformers.ops  # noqa: F401
-            except Exception as exc:
-                return f"xformers does not import ({type(exc).__name__})"
+            return xformers_probe()
         return ""
 
     def model(self, arch: str) -> Path:
@@ -424,6 +427,23 @@ class Check:
         atomic_write_text(self.out / "gpu_check.md", render(self.info, self.results, self.tiny) + "\n")
 
 
+def xformers_probe() -> str:
+    """"" when xformers' attention kernel runs here: one real call on the GPU, before a row loads a
+    model for it (an import can succeed and the kernel still fail for this GPU or torch)."""
+    try:
+        import torch
+        import xformers.ops
+
+        q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+        out = xformers.ops.memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize()
+        if not torch.isfinite(out).all():
+            return "xformers' attention gives non-finite values on this GPU"
+    except Exception as exc:
+        return f"xformers does not run here ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return ""
+
+
 def environment(tiny: bool) -> dict:
     from importlib import metadata
 
@@ -439,6 +459,9 @@ def environment(tiny: bool) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not tiny else None
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": gpu or "CPU",
             "cuda": torch.version.cuda if gpu else None, "versions": versions}
+
+
+APT_GAP_TARGET_GIB = 1.0  # issue 21: SDXL APT within 1 GiB of plain LoRA
 
 
 def comparisons(results: dict[str, Result]) -> list[str]:
@@ -462,6 +485,27 @@ def comparisons(results: dict[str, Result]) -> list[str]:
     return lines
 
 
+def memory_notes(results: dict[str, Result]) -> list[str]:
+    """Reserved memory over the whole run, and the issue-21 target for APT's extra memory."""
+    def ok(name):
+        r = results.get(name)
+        return r if r is not None and r.status == "ok" else None
+
+    lines = []
+    for arch, precision in (("sd15", "bf16"), ("sdxl", "bf16")):
+        plain, apt = ok(f"{arch}-plain-{precision}"), ok(f"{arch}-apt-{precision}")
+        reserved = [r.extra.get("whole_run_reserved_gib") if r else None for r in (plain, apt)]
+        if None not in reserved:
+            lines.append(f"{arch} {precision}: reserved over the whole run (caching and sampling included): plain "
+                         f"{reserved[0]:.2f} GiB, APT {reserved[1]:.2f} GiB")
+    plain, apt = ok("sdxl-plain-bf16"), ok("sdxl-apt-bf16")
+    if plain and apt and plain.peak_gib is not None and apt.peak_gib is not None:
+        gap = apt.peak_gib - plain.peak_gib
+        lines.append(f"target APT - plain <= {APT_GAP_TARGET_GIB:.0f} GiB (sdxl bf16): {gap:+.2f} GiB, "
+                     + ("met" if gap <= APT_GAP_TARGET_GIB else "NOT met"))
+    return lines
+
+
 def render(info: dict, results: dict[str, Result], tiny: bool) -> str:
     def num(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -478,7 +522,10 @@ def render(info: dict, results: dict[str, Result], tiny: bool) -> str:
         error = x.error.replace("|", "\\|")
         rows.append(f"| {r.name} | {x.status} | {num(x.s_per_step, '.3f')} | {num(x.peak_gib, '.2f')} | {finite} | "
                     f"{num(x.mean_loss, '.4f')} | {num(x.wall_s, '.0f')} | {error} |")
-    notes = comparisons(results)
+    notes = comparisons(results) + memory_notes(results)
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v and k != "torch")
+    if versions:
+        notes.append(f"packages on this machine: {versions}")
     if tiny:
         notes.append("tiny models on the CPU in fp32: peak GiB is the process's peak RSS, and the figures say "
                      "nothing about a GPU")

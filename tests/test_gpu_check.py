@@ -164,3 +164,41 @@ def test_step_time_counts_the_reference_pass_every_4th_step_at_its_share():
     times = [(step, 2.0 if step % 4 == 0 else 1.0) for step in range(1, 16)]
     metrics = gpu_check.train_metrics({"s_per_it": times, "loss": [(s, 0.1) for s in range(1, 16)]}, 3, 15)
     assert metrics["s_per_step"] == 1.25  # a plain median would say 1.0
+
+
+def test_memory_notes_report_reserved_and_the_apt_target():
+    results = {r.name: gpu_check.Result(r.name, status="dropped") for r in MATRIX}
+    for name, peak, reserved in (("sdxl-plain-bf16", 7.0, 8.5), ("sdxl-apt-bf16", 7.6, 9.2)):
+        results[name] = gpu_check.Result(name, "ok", 1.0, peak, True, 0.1, 13, 60.0,
+                                         extra={"whole_run_reserved_gib": reserved})
+    assert gpu_check.memory_notes(results) == [
+        "sdxl bf16: reserved over the whole run (caching and sampling included): plain 8.50 GiB, APT 9.20 GiB",
+        "target APT - plain <= 1 GiB (sdxl bf16): +0.60 GiB, met"]
+    metrics = gpu_check.train_metrics({"loss": [(1, 0.1)], "peak_reserved_whole_run_gib": [(1, 3.0), (2, 4.0)]}, 0, 1)
+    assert metrics["extra"] == {"whole_run_reserved_gib": 4.0}
+
+
+def test_xformers_is_probed_with_one_real_call(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, dtype=None: real_randn(*shape, dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def failing(q, k, v):
+        calls.append(q.shape)
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    ops = types.SimpleNamespace(memory_efficient_attention=failing)
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    assert gpu_check.xformers_probe().startswith("xformers does not run here (NotImplementedError: No operator found")
+    assert calls  # the import alone succeeded: only the call tells
+    ops.memory_efficient_attention = lambda q, k, v: q
+    assert gpu_check.xformers_probe() == ""

@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_models(opts, plan)
     components = {"unet": bundle.unet, **{f"te{i + 1}": te for i, te in enumerate(bundle.text_encoders)}}
     # Merged on the CPU in fp32 (the loaded models' dtype), then moved once in the run's dtype: an
-    # fp32 SDXL on the GPU before halving would need about twice the memory.
+    # fp32 SDXL on the GPU before halving would need about twice the memory. Only --compare_base
+    # keeps the base weights, once, in the run's dtype.
     with tqdm(total=sum(len(w.modules) for w, _ in loras), desc="merging") as bar:
-        merged = MergedLoras(components, loras, bar.update)
+        merged = MergedLoras(components, loras, bar.update, switchable=args.compare_base,
+                             store_dtype=DTYPES[precision])
     if merged.missing:
         raise UserError(f"{args.model}: has no layer for {merged.missing[0]} (and {len(merged.missing) - 1} more) "
                         "that the LoRA changes; is the LoRA for this architecture?")
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or parse_lora(args.lora[0])[0].stem
     sampler = Sampler(prompts, args.out, name, default_size, sampler_name, args.seed, bundle.v_parameterization,
                       False, args.compare_base)
-    results = sampler.run(bundle, bundle.unet, device, None, nullcontext, merged.set_enabled)
+    results = sampler.run(bundle, bundle.unet, device, None, nullcontext,
+                          merged.set_enabled if args.compare_base else None)
     print(f"wrote {len(results) - 1} images and {results[-1][0]} to {args.out}")
     return 0
 

@@ -6,13 +6,17 @@ from the same Q and K (cheap: 77 keys) and stores it averaged over heads; for th
 layers chosen for representation stabilisation it stores the per-channel mean and standard
 deviation of the layer's output (or of Q, K and V). Every other layer keeps the stock processor.
 
-Values are stored by layer and pass, overwriting: with gradient checkpointing the forward runs
-again during backward, and a second recording must replace the first, not add to it. Outside APT
-steps recording is off and the processor only computes the output.
+Values are stored by layer and pass, once between two `clear()`s. With gradient checkpointing
+the forward runs again during backward: the rerun must compute the same maps and statistics
+(checkpointing checks that it saves the same tensors as the first run, and fills the first run's
+graph with them), but keeps the first run's tensors. The losses were built from those; a rerun's
+tensors would never be used, and their graphs would keep the block's recomputed activations
+alive until the step ends. Outside APT steps recording is off and the processor only computes
+the output.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -39,29 +43,92 @@ class Recorder:
         self.features.clear()
         self.maps.clear()
 
+    def keep(self, store: dict, layer: str, value) -> None:
+        """Record `value` for `layer` in the active pass, unless that pass already recorded it
+        since the last clear (a checkpointed block run again during backward)."""
+        store.setdefault((layer, self.active), value)
+
     def layers(self, kind: str) -> list[str]:
         store = self.features if kind == "features" else self.maps
         return sorted({layer for layer, _ in store})
 
 
+def _no_autocast(device_type: str):
+    """Autocast off; the meta device (library.train.memory_estimate counts on it) has none."""
+    return nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def attention_maps(query: torch.Tensor, key: torch.Tensor, scale: float, attention_mask: torch.Tensor | None,
                    probabilities: bool) -> torch.Tensor:
     """Head-averaged attention maps (B, N, tokens) in fp32. Autocast is switched off: inside it a
-    matmul of fp32 tensors still runs in bf16/fp16, and these maps are loss targets."""
-    with torch.autocast(query.device.type, enabled=False):
-        logits = (query.float() @ key.float().transpose(-1, -2)) * scale
-        if attention_mask is not None:
-            logits = logits + attention_mask.float()
-        maps = logits.softmax(dim=-1) if probabilities else logits
-        return maps.mean(dim=1)
+    matmul of fp32 tensors still runs in bf16/fp16, and these maps are loss targets. For backward
+    only `query` and `key` are kept, as they are (the attention kernel keeps the same tensors):
+    their fp32 copies and the per-head probabilities are recomputed there."""
+    return _HeadMeanMaps.apply(query, key, attention_mask, scale, probabilities)
+
+
+def _maps(query, key, attention_mask, scale, probabilities) -> torch.Tensor:
+    """Per-head maps (B, heads, N, tokens) in fp32."""
+    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        logits = logits + attention_mask.float()
+    return logits.softmax(dim=-1) if probabilities else logits
+
+
+class _HeadMeanMaps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, attention_mask, scale, probabilities):
+        with _no_autocast(query.device.type):
+            maps = _maps(query, key, attention_mask, scale, probabilities).mean(dim=1)
+        ctx.save_for_backward(query, key, attention_mask)
+        ctx.scale, ctx.probabilities = scale, probabilities
+        return maps
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, attention_mask = ctx.saved_tensors
+        with _no_autocast(grad.device.type):
+            per_head = (grad.float() / query.shape[1]).unsqueeze(1)  # d maps / d per-head maps
+            if ctx.probabilities:
+                p = _maps(query, key, attention_mask, ctx.scale, True)
+                d_logits = p * (per_head - (per_head * p).sum(-1, keepdim=True))
+            else:
+                d_logits = per_head.expand(-1, query.shape[1], -1, -1)
+            d_query = (d_logits @ key.float()) * ctx.scale if ctx.needs_input_grad[0] else None
+            d_key = (d_logits.transpose(-1, -2) @ query.float()) * ctx.scale if ctx.needs_input_grad[1] else None
+        return (None if d_query is None else d_query.to(query.dtype),
+                None if d_key is None else d_key.to(key.dtype), None, None, None)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and standard deviation over positions of a (B, N, C) tensor, in
-    fp32 with autocast off (statistics)."""
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.float()
-        return x.mean(dim=1), x.std(dim=1, unbiased=False)
+    fp32 with autocast off (statistics). For backward `x` is kept as it is, not its fp32 copy."""
+    return _ChannelStats.apply(x)
+
+
+class _ChannelStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        with _no_autocast(x.device.type):
+            xf = x.float()
+            mean, std = xf.mean(dim=1), xf.std(dim=1, unbiased=False)
+        ctx.save_for_backward(x, mean, std)
+        return mean, std
+
+    @staticmethod
+    def backward(ctx, d_mean, d_std):
+        x, mean, std = ctx.saved_tensors
+        n = x.shape[1]
+        with _no_autocast(x.device.type):
+            out = torch.zeros_like(x, dtype=torch.float32)
+            if d_mean is not None:
+                out = out + (d_mean / n).unsqueeze(1)
+            if d_std is not None:
+                # d std / d x = (x - mean) / (n std); a constant channel (std 0) gets no gradient
+                safe = torch.where(std > 0, std, torch.ones_like(std))
+                scale = torch.where(std > 0, d_std / (n * safe), torch.zeros_like(std))
+                out = out + (x.float() - mean.unsqueeze(1)) * scale.unsqueeze(1)
+        return out.to(x.dtype)
 
 
 class RecordingAttnProcessor:
@@ -99,9 +166,10 @@ class RecordingAttnProcessor:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-        recording = self.recorder.active
+        rec = self.recorder
+        recording = rec.active
         if recording and self.record_features == "qkv":
-            self.recorder.features[(self.layer, recording)] = [channel_stats(t) for t in (query, key, value)]
+            rec.keep(rec.features, self.layer, [channel_stats(t) for t in (query, key, value)])
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -112,8 +180,8 @@ class RecordingAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if recording and self.record_maps:
-            self.recorder.maps[(self.layer, recording)] = attention_maps(query, key, attn.scale, attention_mask,
-                                                                         self.record_maps == "probs")
+            rec.keep(rec.maps, self.layer, attention_maps(query, key, attn.scale, attention_mask,
+                                                          self.record_maps == "probs"))
         if self.xformers:
             hidden_states = self._xformers(query, key, value, attention_mask, attn)
         else:
@@ -124,7 +192,7 @@ class RecordingAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if recording and self.record_features == "output":
-            self.recorder.features[(self.layer, recording)] = [channel_stats(hidden_states)]
+            rec.keep(rec.features, self.layer, [channel_stats(hidden_states)])
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:

@@ -71,8 +71,8 @@ class AptController:
 
     def stop_recording(self) -> None:
         """Recording of the trained pass stays on until after the backward pass: gradient
-        checkpointing runs the forward again during backward, and the rerun must record
-        (overwriting) exactly what the first run did."""
+        checkpointing runs the forward again during backward, and the rerun must compute exactly
+        what the first run did (library.apt.attention keeps the first run's tensors)."""
         self.recorder.active = None
 
     def regularisers(self, input_ids: torch.Tensor | None) -> AptTerms:

@@ -313,6 +313,9 @@ class SamplingOptions:
         "euler_a", "sampler of the sample images (a prompt's --ss overrides it)")
     sample_compare_base: bool = option(
         False, "also render each prompt with the LoRA off (same seed), side by side in the grid", kohya=False)
+    sample_vae_tiling: bool = option(
+        False, "decode sample images in overlapping 512 px tiles (a fraction of the VAE's memory at 1024 px and "
+               "above; tile seams are blended)", kohya=False)
 
 
 @dataclass(frozen=True)

@@ -69,18 +69,23 @@ def merge_into_modules(components: dict[str, torch.nn.Module], loras: list[tuple
 
 
 class MergedLoras:
-    """LoRAs merged into loaded modules, switchable off and on again (to compare with the base model).
+    """LoRAs merged into loaded modules in place, optionally switchable off and on again (to
+    compare with the base model).
 
     Merging, not injecting layers: any file the reader understands works, whatever its ranks or
-    alphas per module, and generation runs at the base model's speed. Both versions of every
-    changed weight are computed once (in fp32, kept on the CPU); switching only copies them back,
-    so the LoRA's images are the same however often it is switched."""
+    alphas per module, and generation runs at the base model's speed. Each changed weight is
+    merged once, in fp32 (the loaded models' dtype). Only with `switchable` is a copy of the
+    other version kept, one per changed weight, on the CPU in `store_dtype` (the dtype the model
+    will run in: the copy is then exactly what the model would hold); a switch swaps that copy
+    with the model's weight, so the images of either version are the same however often it is
+    switched. Without it nothing is kept besides the model."""
 
-    def __init__(self, components: dict[str, torch.nn.Module], loras: list[tuple[LoraWeights, float]], progress=None):
+    def __init__(self, components: dict[str, torch.nn.Module], loras: list[tuple[LoraWeights, float]], progress=None,
+                 switchable: bool = False, store_dtype: torch.dtype | None = None):
         lookup = {name: dict(model.named_modules()) for name, model in components.items()}
         self.layers: dict[tuple[str, str], torch.nn.Module] = {}
         self.missing: list[str] = []
-        merged: dict[tuple[str, str], torch.Tensor] = {}
+        self.other: dict[tuple[str, str], torch.Tensor] = {}  # the version not in the model (switchable)
         with torch.no_grad():
             for weights, mult in loras:
                 for name, mod in weights.modules.items():
@@ -91,20 +96,28 @@ class MergedLoras:
                         self.missing.append(name)
                         continue
                     key = (target.component, target.path)
+                    if switchable and key not in self.layers:
+                        self.other[key] = layer.weight.detach().to("cpu", store_dtype or layer.weight.dtype,
+                                                                   copy=True)
                     self.layers[key] = layer
-                    base = merged.get(key, layer.weight.detach().float().cpu())
-                    merged[key] = _add(base, mod, mult, None)
+                    layer.weight.copy_(_add(layer.weight, mod, mult, None))
                     if progress:
                         progress(1)
-        self.weights = {False: {k: layer.weight.detach().float().cpu().clone() for k, layer in self.layers.items()},
-                        True: merged}
-        self.enabled = False
-        self.set_enabled(True)
+        self.switchable = switchable
+        self.enabled = True
+
+    def held_bytes(self) -> int:
+        """Bytes this object keeps besides the model."""
+        return sum(t.numel() * t.element_size() for t in self.other.values())
 
     def set_enabled(self, enabled: bool) -> None:
         if enabled == self.enabled:
             return
+        if not self.switchable:
+            raise RuntimeError("these LoRAs were merged without switchable = True")
         with torch.no_grad():
             for key, layer in self.layers.items():
-                layer.weight.copy_(self.weights[enabled][key])
+                current = layer.weight.detach().to("cpu", self.other[key].dtype, copy=True)
+                layer.weight.copy_(self.other[key])
+                self.other[key] = current
         self.enabled = enabled

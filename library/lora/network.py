@@ -24,6 +24,7 @@ from library.config.network_kinds import NetworkKind, network_kind
 from library.errors import UserError
 from library.lora.blocks import BlockPlan, block_plan
 from library.lora.index import NameIndex
+from library.lora.fused import fuse_whole_delta, keep_input_under_autocast
 from library.lora.lycoris import DORA_SUFFIX, DoraModule, build_module, module_class
 from library.lora.names import LoraTarget, as_family, text_encoder_targets, unet_targets
 
@@ -171,6 +172,8 @@ class LoraNetwork:
         for path, target in resolved.items():
             layer = modules[path]
             assert isinstance(layer, BaseTunerLayer), path
+            fuse_whole_delta(layer)  # LoHa/LoKr: one matmul per layer instead of peft's two
+            keep_input_under_autocast(layer)
             self.layers[target.name] = (target, layer)
             if self.kind.rank_module_dropout == "hook" and (self.spec.rank_dropout or self.spec.module_dropout):
                 layer.lora_A[ADAPTER].register_forward_hook(

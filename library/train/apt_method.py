@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,9 @@ class AptStep(MethodStep):
         self.loss_ref: torch.Tensor | None = None
         self.loss_view: torch.Tensor | None = None  # the "views" indicator's held-out views
         self.clean: tuple[torch.Tensor, torch.Tensor | None] | None = None  # latents and mask before augmentation
+        # reference steps: the per-sample losses the indicator compares, read to the host once (extra_loss)
+        self.loss_theta_host: torch.Tensor | None = None
+        self.loss_other_host: torch.Tensor | None = None  # the base model's, or the views' for "views"
         self._stats: dict[str, float] = {}
 
     @property
@@ -122,30 +126,46 @@ class AptStep(MethodStep):
 
     def extra_loss(self, ctx: StepContext, per_sample: torch.Tensor) -> torch.Tensor | None:
         apt = self.method.controller
-        self._stats = {"apt/loss_theta": per_sample.detach().mean().item(),
-                       "apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
-                       "apt/loss_weight": float(self.weights.mean())}
+        self._stats = {"apt/augment_rate": self.draw.rate if self.draw is not None else 0.0,
+                       "apt/loss_weight": float(self.weights.mean())}  # both on the host
         if not self.reference:
+            self._stats["apt/loss_theta"] = per_sample.detach().mean().item()
             return None
-        if self.loss_ref is not None:
-            self._stats["apt/loss_ref"] = self.loss_ref.float().mean().item()
-        if self.loss_view is not None:
-            self._stats["apt/loss_view"] = self.loss_view.float().mean().item()
         input_ids = ctx.tokenize(self.batch.captions)[0] if apt.layers["aa"] else None
         terms = apt.regularisers(input_ids)
         total = terms.total(apt.opts.lambda_dist, apt.opts.lambda_attn)
-        if apt.opts.regularisers_scale == "gamma":  # the regularisers grow with the indicator
+        if apt.opts.regularisers_scale == "gamma":  # the regularisers grow with the indicator (gamma is on the host)
             train = ~self.batch.is_reg
             total = total * (float(self.gamma[train].mean()) if bool(train.any()) else 0.0)
-        finite = bool(torch.isfinite(total))
+        # One read of the device for everything the host needs from a reference step: the
+        # regularisers' finiteness, the statistics, and the per-sample losses the indicator compares
+        # (at the end of the step).
+        device = per_sample.device
+        theta = per_sample.detach().float()
+        other = (self.loss_view if apt.indicator.form == "views" else self.loss_ref).detach().float().flatten()
+        named = {"apt/loss_theta": theta.mean()}
+        if self.loss_ref is not None:
+            named["apt/loss_ref"] = self.loss_ref.detach().float().mean()
+        if self.loss_view is not None:
+            named["apt/loss_view"] = self.loss_view.detach().float().mean()
+        named.update({"apt/l_mu": terms.l_mu.detach(), "apt/l_sigma": terms.l_sigma.detach(),
+                      "apt/l_attn": terms.l_attn.detach(), "total": total.detach()})
+        values = torch.cat([torch.stack([v.float().to(device) for v in named.values()]), theta,
+                            other.to(device)]).tolist()
+        k, n = len(named), len(theta)
+        host = dict(zip(named, values[:k]))
+        self.loss_theta_host = torch.tensor(values[k:k + n])
+        self.loss_other_host = torch.tensor(values[k + n:])
+        finite = math.isfinite(host.pop("total"))
         if not finite:
             # A non-finite reference (its recordings are the targets) must not poison the step.
             self.method.count_skipped("regularisers")
             total = torch.zeros((), device=per_sample.device)
         self._stats.update({
-            "apt/l_mu": terms.l_mu.detach().item() if finite else 0.0,
-            "apt/l_sigma": terms.l_sigma.detach().item() if finite else 0.0,
-            "apt/l_attn": terms.l_attn.detach().item() if finite else 0.0,
+            **{key: host[key] for key in ("apt/loss_theta", "apt/loss_ref", "apt/loss_view") if key in host},
+            "apt/l_mu": host["apt/l_mu"] if finite else 0.0,
+            "apt/l_sigma": host["apt/l_sigma"] if finite else 0.0,
+            "apt/l_attn": host["apt/l_attn"] if finite else 0.0,
         })
         return total
 
@@ -235,9 +255,8 @@ class AptMethod(TrainingMethod):
             keep = ~batch.is_reg if not self.includes_reg else torch.ones_like(batch.is_reg)
             if views:  # an augmented sample's training loss is on a transformed image, not the one it could memorise
                 keep = keep & ~micro.augmented
-            other = micro.loss_view if views else micro.loss_ref
-            rows.append(torch.stack([result.timesteps.float(), result.per_sample.float().cpu(),
-                                     other.float().cpu(), keep.float()]).T)
+            rows.append(torch.stack([result.timesteps.float(), micro.loss_theta_host, micro.loss_other_host,
+                                     keep.float()]).T)
         self._steps = []
         if rows:  # between reference passes the indicator stays as it was
             gathered = self.gather(torch.cat(rows))

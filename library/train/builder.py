@@ -3,7 +3,9 @@
 The order matters and is written down here once: the data is scanned before any weights load;
 the models are placed and the attention kernel chosen before the network is injected; the
 training method is built while the VAE is still on the device (APT encodes its black border) and
-before latent caching parks the VAE on the CPU; the models are wrapped by accelerate before the
+before latent caching parks the VAE on the CPU; with latent caching, the denoiser and the text
+encoders wait on the CPU (already in their dtype) until the VAE has left the device, so that the
+caching phase holds the VAE alone (as kohya's scripts do); the models are wrapped by accelerate before the
 text cache encodes through them; the denoiser is assembled from the model family's objective and
 the loss, noise and timestep options; the reporting (tracker, sampler, outputs, metric sources)
 comes last, from the parts it reports on.
@@ -11,6 +13,7 @@ comes last, from the parts it reports on.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,12 +105,21 @@ def build_run(cfg: Config) -> TrainingRun:
                    else training.max_train_steps)
 
     # 2. Models on the device in their dtypes, the attention kernel, then the network.
-    bundle = load_models(cfg.model, model_plan)
+    # The processes of one machine load in turn, in the run's dtype where the VAE's allows it, and
+    # each places its models before the next one loads: one fp32 copy per machine at most.
+    weights, vae = DTYPES[precision], vae_dtype(training.no_half_vae, model_plan.family.vae_overflows_in_fp16,
+                                                precision)
+    caches_latents = cfg.data.cache_latents or cfg.data.cache_latents_to_disk
+
+    def load_and_place() -> ModelBundle:
+        loaded = load_models(cfg.model, model_plan, dtype=weights if vae == weights else torch.float32)
+        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents)
+        return loaded
+
+    bundle = in_turns(acc, load_and_place)
     family = bundle.family
     check_buckets(bundle, data)
     trains_text = not cfg.network.network_train_unet_only
-    place_models(bundle, acc.device, DTYPES[precision],
-                 vae_dtype(training.no_half_vae, family.vae_overflows_in_fp16, precision))
     family.use_attention_backend(bundle.unet, training.attention, acc.device)
     network = inject_network(cfg, bundle, trains_text)
 
@@ -118,13 +130,14 @@ def build_run(cfg: Config) -> TrainingRun:
                         gatherer(acc), trains_text)
     method = build_method(selected_method(cfg), setup)
     batches = BatchBuilder(data, encoder, training.prior_loss_weight, latent_cache(cfg, data, encoder, acc, bundle))
+    if caches_latents:
+        move_models(bundle, acc.device)
 
     # 4. Optimizer, accelerate's wrappers, text conditioning (the text cache parks the encoders).
     optimizer = build_optimizer(cfg.optimizer.optimizer_type, cfg.optimizer.optimizer_args,
                                 parameter_groups(cfg, network, len(bundle.text_encoders), trains_text),
                                 cfg.optimizer.learning_rate)
-    models = [bundle.unet] + (bundle.text_encoders if trains_text else [])
-    prepared = acc.prepare(*models, optimizer)
+    prepared = prepare_models(acc, bundle.unet, bundle.text_encoders if trains_text else [], optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     # Training passes go through the DDP wrappers so that gradients are synchronised.
     train_encoders = list(prepared[1:-1]) if trains_text else bundle.text_encoders
@@ -145,7 +158,9 @@ def build_run(cfg: Config) -> TrainingRun:
     scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, total_steps, cfg.optimizer.lr_warmup_steps,
                                 cfg.optimizer.lr_scheduler_num_cycles, cfg.optimizer.lr_scheduler_power,
                                 cfg.optimizer.lr_scheduler_type, cfg.optimizer.lr_scheduler_args)
-    validator = Validator(data.validation, training.validation_timesteps, training.seed)
+    # Uncached validation images are VAE-encoded a chunk at a time: no larger than a training batch.
+    validator = Validator(data.validation, training.validation_timesteps, training.seed,
+                          batch_size=min(4, training.train_batch_size))
     # From the starting weights (network_weights or the fresh initialisation), after accelerate placed them.
     ema = LoraEma.from_options(training, list(network.parameters()), acc.device)
     return TrainingRun(cfg, acc, precision, trackers, data, plan, total_steps, bundle, network, batches, optimizer,
@@ -174,6 +189,41 @@ def check_multipliers(cfg: Config, data: TrainingData) -> None:
                             "is not proportional to a multiplier; use 1, or another network_type")
 
 
+def prepare_models(acc, unet, text_encoders: list, optimizer) -> list:
+    """accelerate's wrappers: [unet, *text_encoders, optimizer]. Each DDP wrapper is told whether
+    some of its parameters may get no gradient: never in the UNet (every LoRA layer is used each
+    step), in the text encoders yes (the layers after clip_skip's). find_unused_parameters costs a
+    graph walk each backward pass, so only the encoders pay it."""
+    handler = getattr(acc, "ddp_handler", None)
+    chosen = None if handler is None else handler.find_unused_parameters
+
+    def wrap(model, find_unused: bool):
+        if handler is not None:
+            handler.find_unused_parameters = find_unused and chosen
+        return acc.prepare(model)
+
+    try:
+        out = [wrap(unet, False)] + [wrap(te, True) for te in text_encoders]
+    finally:
+        if handler is not None:
+            handler.find_unused_parameters = chosen
+    return out + [acc.prepare(optimizer)]
+
+
+def in_turns(acc, work: Callable[[], object]):
+    """`work()` on each process of this machine in turn (the others wait): kohya's way of keeping
+    several processes from holding the freshly loaded weights in host memory at once."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))
+    if acc.num_processes == 1 or local == 1:
+        return work()
+    result = None
+    for turn in range(local):
+        if acc.local_process_index == turn:
+            result = work()
+        acc.wait_for_everyone()
+    return result
+
+
 def gatherer(acc) -> Callable[[torch.Tensor], torch.Tensor]:
     """Rows of a tensor from every process, concatenated (padding rows are all zeros)."""
     def gather(rows: torch.Tensor) -> torch.Tensor:
@@ -193,11 +243,28 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
                             spec.bucket_reso_steps, multiple, bundle.family.label)
 
 
-def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype) -> None:
-    bundle.unet.to(device, dtype)
+def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype,
+                 vae_only: bool = False) -> None:
+    """Every model in its dtype; on the device, or only the VAE there (`vae_only`: the others
+    follow with `move_models` after latent caching)."""
     bundle.vae.to(device, vae)
-    for te in bundle.text_encoders:
-        te.to(device, dtype)
+    for model in [bundle.unet, *bundle.text_encoders]:
+        if vae_only:
+            model.to(dtype)
+        else:
+            model.to(device, dtype)
+
+
+def move_models(bundle: ModelBundle, device: torch.device) -> None:
+    for model in [bundle.unet, *bundle.text_encoders]:
+        model.to(device)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back after a model left the device: otherwise they stay
+    reserved (the caching phase's peak) and the next phase cannot reuse them as one block."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def inject_network(cfg: Config, bundle: ModelBundle, trains_text: bool) -> LoraNetwork:
@@ -262,6 +329,7 @@ def latent_cache(cfg: Config, data: TrainingData, encoder: VaeEncoder, acc, bund
     if acc.is_main_process:
         log.info("latent cache: %d encoded, %d reused from disk", cache.encoded, cache.hits)
     bundle.vae.to("cpu")  # no longer needed on the device
+    release_cached_memory(acc.device)
     return cache
 
 
@@ -273,6 +341,7 @@ def text_cache(cfg: Config, data: TrainingData, conditioner, acc, bundle: ModelB
         cache.fill()
     for te in bundle.text_encoders:
         te.to("cpu")
+    release_cached_memory(acc.device)
     return cache
 
 
@@ -305,7 +374,8 @@ def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     name = cfg.saving.output_name + ("_ema" if training.ema else "")
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
                    name, resolution_of(data, bundle), cfg.sampling.sample_sampler, training.seed,
-                   cfg.model.v_parameterization, training.zero_terminal_snr, cfg.sampling.sample_compare_base, text)
+                   cfg.model.v_parameterization, training.zero_terminal_snr, cfg.sampling.sample_compare_base, text,
+                   cfg.sampling.sample_vae_tiling)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:

@@ -9,6 +9,7 @@ patching anything).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -148,13 +149,16 @@ class Trainer:
                 try:
                     with acc.autocast():
                         result = run.denoiser.loss(batch, gen, method.step(batch, step))
-                    if not self._all_finite(result.loss):
-                        return self._skip_step(step, result.loss)
+                    # One read of the device per micro-batch: the loss and the per-sample losses.
+                    values = torch.cat([result.loss.detach().float().reshape(1), result.per_sample.float()]).tolist()
+                    loss = values[0]
+                    if not self._all_finite(loss):
+                        return self._skip_step(step, loss)
                     acc.backward(result.loss / len(micro))
                 finally:
                     method.after_backward()
-            self.reporting.timestep_table.update(result.per_sample.float().cpu(), result.timesteps)
-            total += result.loss.item() / len(micro)
+            self.reporting.timestep_table.update(torch.tensor(values[1:]), result.timesteps)
+            total += loss / len(micro)
             results.append((result, batch))
         method.end_step(step, results)
         optimizer = run.optimizer
@@ -171,21 +175,22 @@ class Trainer:
             run.ema.after_step(step)
         return total, grad_norm
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
+    def _all_finite(self, loss: float) -> bool:
         acc = self.parts.accelerator
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=acc.device)
-        if acc.num_processes > 1:
-            bad = acc.reduce(bad, "sum")  # every process skips or stops together
-        return bad.item() == 0
+        finite = math.isfinite(loss)
+        if acc.num_processes == 1:
+            return finite
+        bad = torch.tensor([0.0 if finite else 1.0], device=acc.device)
+        return acc.reduce(bad, "sum").item() == 0  # every process skips or stops together
 
-    def _skip_step(self, step: int, loss: torch.Tensor) -> None:
+    def _skip_step(self, step: int, loss: float) -> None:
         self.parts.optimizer.zero_grad(set_to_none=True)
         epoch = self.parts.plan.epoch_of(step)
         if not self.cfg.training.skip_nan_steps:
-            raise UserError(f"loss became {loss.item()} at step {step + 1} (epoch {epoch}); stopped without "
+            raise UserError(f"loss became {loss} at step {step + 1} (epoch {epoch}); stopped without "
                             "saving anything new. Lower the learning rate, use mixed_precision = \"bf16\" or "
                             "\"no\", or set skip_nan_steps = true")
-        log.warning("loss is %s at step %d (epoch %d): step skipped", loss.item(), step + 1, epoch)
+        log.warning("loss is %s at step %d (epoch %d): step skipped", loss, step + 1, epoch)
         # The step counter moves on, so the learning-rate schedule must too: it is a function of the step.
         self.parts.scheduler.step()
         return None

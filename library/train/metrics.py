@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from library.train.tracking import PeakMemory
+from library.train.tracking import PeakMemory, RunMemory
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,19 @@ class LearningRates:
 
 
 class MemoryPeaks:
-    """Peak memory of each step (library.train.tracking.PeakMemory, reset when a step starts)."""
+    """Peak memory of each step (library.train.tracking.PeakMemory, reset when a step starts), and
+    on a GPU reserved memory and the whole run's peaks (RunMemory: caching and sampling included)."""
 
     def __init__(self, device):
         self.peak = PeakMemory(device)
+        self.run = RunMemory(device)
 
     def start_step(self) -> None:
+        self.run.start_step()  # reads the peaks of the phase before this step, before they reset
         self.peak.start_step()
 
     def __call__(self, report: StepReport) -> dict[str, float]:
-        return self.peak.scalars()
+        return {**self.peak.scalars(), **self.run.scalars()}
 
 
 def from_callable(fn: Callable[[], dict[str, float]]) -> StepMetric:

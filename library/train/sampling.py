@@ -49,8 +49,11 @@ def build_pipeline(bundle, unet, scheduler):
     return bundle.family.pipeline(bundle, unet, scheduler)
 
 
+TILE_PX = 512  # decoded tile size with tiling: about a quarter of a 1024 px decode's memory
+
+
 @torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+def decode(pipe, latents: torch.Tensor, tiled: bool = False) -> list[Image.Image]:
     """Latents from a pipeline (output_type="latent") -> images, decoded by the VAE in its own dtype
     with autocast off.
 
@@ -70,8 +73,22 @@ def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        pixels = vae.decode(latents).sample
+        if tiled and max(latents.shape[-2:]) * pipe.vae_scale_factor > TILE_PX:
+            pixels = tiled_decode(vae, latents, pipe.vae_scale_factor)
+        else:
+            pixels = vae.decode(latents).sample
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def tiled_decode(vae, latents: torch.Tensor, scale: int) -> torch.Tensor:
+    """diffusers' tiled decode with TILE_PX tiles (its default tile is the VAE's whole training
+    size, 1024 px for SDXL: no tiling at the sizes that need it), the VAE's settings restored."""
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // scale
+    try:
+        return vae.tiled_decode(latents).sample
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
 
 @contextmanager
@@ -114,7 +131,7 @@ def grid(images: list[Image.Image], columns: int | None = None, row_labels: list
 class Sampler:
     def __init__(self, prompts: list[SamplePrompt], folder: Path, output_name: str, default_size: tuple[int, int],
                  default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool,
-                 compare_base: bool = False, text=None):
+                 compare_base: bool = False, text=None, vae_tiling: bool = False):
         self.prompts = prompts
         self.text = text  # a CaptionEncoder for prompts longer than the pipeline's 77 tokens, or None
         self.folder = folder
@@ -125,6 +142,7 @@ class Sampler:
         self.v_prediction = v_prediction
         self.zero_terminal_snr = zero_terminal_snr
         self.compare_base = compare_base
+        self.vae_tiling = vae_tiling
 
     def file_name(self, step: int | None, index: int, seed: int) -> str:
         return f"{self.stem(step)}_{index:02d}_{seed}.png"
@@ -165,7 +183,7 @@ class Sampler:
                         latents = pipe(**self.prompt_kwargs(p), width=width,
                                        height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
                                        generator=gen, output_type="latent").images
-                        return decode(pipe, latents)[0]
+                        return decode(pipe, latents, self.vae_tiling)[0]
 
                     if self.compare_base and set_enabled is not None:
                         set_enabled(False)
@@ -178,6 +196,8 @@ class Sampler:
         finally:
             unet.train(was_training)
             set_rng_state(saved)
+            if device.type == "cuda":  # the round's blocks go back: training cannot reuse them as one
+                torch.cuda.empty_cache()
         self.folder.mkdir(parents=True, exist_ok=True)
         for name, image in results:
             with atomic_path(self.folder / name) as tmp:

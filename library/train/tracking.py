@@ -50,6 +50,34 @@ class PeakMemory:
         return {"peak_memory_gib": step, "peak_memory_run_gib": self.run_peak}
 
 
+class RunMemory:
+    """What a step's allocated peak leaves out, on a GPU: the allocator's reserved memory (what
+    the process holds, fragmentation included), the peaks of the phases between steps (model
+    loading and latent caching before the first step, sample rounds, validation and saving
+    between steps), and the device memory in use (the CUDA context and every other process
+    included). Its `start_step` must run before PeakMemory's, which resets the peaks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.allocated = 0.0  # the highest peaks of the run so far, between steps included
+        self.reserved = 0.0
+
+    def start_step(self) -> None:
+        if self.device.type == "cuda":  # the peaks since the last reset: the phase before this step
+            self.allocated = max(self.allocated, torch.cuda.max_memory_allocated(self.device) / 2 ** 30)
+            self.reserved = max(self.reserved, torch.cuda.max_memory_reserved(self.device) / 2 ** 30)
+
+    def scalars(self) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        step_reserved = torch.cuda.max_memory_reserved(self.device) / 2 ** 30
+        self.allocated = max(self.allocated, torch.cuda.max_memory_allocated(self.device) / 2 ** 30)
+        self.reserved = max(self.reserved, step_reserved)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"peak_reserved_gib": step_reserved, "peak_memory_whole_run_gib": self.allocated,
+                "peak_reserved_whole_run_gib": self.reserved, "device_memory_used_gib": (total - free) / 2 ** 30}
+
+
 class TimestepLossTable:
     """Loss per timestep bin (an EMA per bin): overfitting shows as low/middle bins dropping."""
 

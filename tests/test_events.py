@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from library.config import build_config
 from library.train import checkpoint
-from library.train.control import COMMANDS_NAME, CommandFile
-from library.train.events import EVENTS_NAME, EventLog, jsonable
+from library.train.control import COMMANDS_NAME, CommandFile, send_command
+from library.train.events import EVENTS_NAME, EventLog, jsonable, read_events as tail
 from library.train.loop import Trainer
 from tests.helpers import make_images, run_main, tiny_config
 
@@ -30,8 +30,7 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
 
 
 def send(out: Path, command: str, ident: str) -> None:
-    with open(out / COMMANDS_NAME, "a") as fh:
-        fh.write(json.dumps({"command": command, "id": ident}) + "\n")
+    send_command(out, command, ident)
 
 
 def commanding(monkeypatch, at: dict[int, list[tuple[str, str]]]) -> None:
@@ -296,6 +295,14 @@ def test_events_are_plain_json_lines_and_a_cut_line_is_ended(tmp_path):
     assert event == {"v": 1, "type": "step", "time": event["time"], "run": "r1", "step": 1, "loss": None,
                      "lr": {"unet": None}, "path": str(tmp_path), "shape": [1, 2], "value": 0.5}
     assert jsonable({1: {2, }}) == {"1": [2]}
+    # the reader skips the cut line and waits for a line's newline
+    with open(path, "a") as fh:
+        fh.write('{"v": 1, "type": "end", "st')
+    events, offset = tail(path)
+    assert events == [event] and offset == len(path.read_bytes()) - len('{"v": 1, "type": "end", "st')
+    with open(path, "a") as fh:
+        fh.write('atus": "finished"}\n')
+    assert tail(path, offset) == ([{"v": 1, "type": "end", "status": "finished"}], len(path.read_bytes()))
     EventLog(None).emit("step", step=1)  # another process than the main one: nothing, nowhere
 
 

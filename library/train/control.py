@@ -170,3 +170,16 @@ class Control:
                     stop = True
                 merged.append(Command(command, ident, source))
         return merged
+
+
+def send_command(output_dir: str | os.PathLike, command: str, ident: str) -> None:
+    """Append one command for the run writing `output_dir` (one write to a file opened for appending,
+    so lines from several senders never interleave)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+    line = (json.dumps({"command": command, "id": ident}) + "\n").encode()
+    fd = os.open(Path(output_dir) / COMMANDS_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)

@@ -210,7 +210,17 @@ def test_stop_command_saves_a_resumable_state_and_exits_0_and_the_resume_appends
 def test_save_and_sample_commands_act_at_their_step(tiny_models, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_models["sd15"], make_images(tmp_path / "images", 2), max_train_steps=3)
     out = tmp_path / "out"
-    commanding(monkeypatch, {1: [("save", "s1")], 2: [("sample", "p1")]})
+    import library.train.loop as loop
+
+    real_build = loop.build_run
+
+    def build_run(cfg):  # the save is sent while the model loads: it counts, after the first step
+        run = real_build(cfg)
+        send(out, "save", "s1")
+        return run
+
+    monkeypatch.setattr(loop, "build_run", build_run)
+    commanding(monkeypatch, {2: [("sample", "p1")]})
     code, _, err = run_main(["--config", str(cfg), "--sample_prompts", prompts_file(tmp_path), *TRAIN])
     assert code == 0, err
     # the save: LoRA and state at step 1, though this config saves neither along the way

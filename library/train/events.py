@@ -83,7 +83,7 @@ class EventLog:
         self.run = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._fh = None
         self._failed = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pending: list[str] = []   # warnings logged before the start event
         self.started = False
 

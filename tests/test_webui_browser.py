@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.test_webui import tiny_run_values
+from tests.test_webui import tiny_run_values, tiny_sd15  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def server(tmp_path):
     from tools.ui.app import create_app
 
     port = _free_port()
-    app = create_app(tmp_path / "ws", launcher="python")
+    app = create_app(tmp_path / "ws", launcher=__import__("tests.test_webui", fromlist=["FAKE"]).FAKE)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -99,11 +99,11 @@ def _type(driver, css: str, text: str) -> None:
     field.send_keys(text)
 
 
-def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_models):
+def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15):
     from selenium.webdriver.support.ui import Select
 
     base, app = server
-    values, dataset_toml = tiny_run_values(tmp_path, tiny_models["sd15"], steps=400, sample_every=2)
+    values, dataset_toml = tiny_run_values(tmp_path, tiny_sd15, steps=400, sample_every=2)
     browser.get(base + "/")
     _wait(browser, lambda: browser.find_element("css selector", "body[data-ready]"), "the page to load")
 
@@ -111,14 +111,14 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_mode
     for key, value in values.items():
         css = "#opt-" + key.replace(".", "__")
         field = browser.find_element("css selector", css)
+        browser.execute_script("arguments[0].closest('details').open = true;"
+                               "arguments[0].scrollIntoView({block: 'center'})", field)
         if field.tag_name == "select":
             Select(field).select_by_visible_text(str(value).lower() if isinstance(value, bool) else str(value))
         elif field.get_attribute("type") == "checkbox":
             if field.is_selected() != bool(value):
-                browser.execute_script("arguments[0].scrollIntoView({block:'center'})", field)
                 field.click()
         else:
-            browser.execute_script("arguments[0].closest('details').open = true", field)
             _type(browser, css, str(value))
     browser.execute_script("document.querySelector('#table-network').open = true")
     _type(browser, "#opt-network_dim", "0")
@@ -156,7 +156,8 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_mode
     browser.find_element("css selector", "[data-command=stop]").click()
     _wait(browser, lambda: browser.find_element("id", "live-status").get_attribute("data-status") == "stopped",
           "the run to stop", 90)
-    assert "acknowledged" in browser.find_element("id", "live-command").text
+    _wait(browser, lambda: "acknowledged at step" in browser.find_element("id", "live-command").text,
+          "the trainer's acknowledgement")
     browser.get(base + "/#runs")
     _wait(browser, lambda: "stopped" in browser.find_element("id", "runs-table").text, "the runs table")
     _shot(browser, "runs")

@@ -69,7 +69,7 @@ def form_schema() -> list[dict]:
     for key, info in all_options().items():
         table = tables.setdefault(info.table, {
             "table": info.table, "named": info.table in NAMED_TABLES,
-            "doc": (docs[info.table].__doc__ or "").strip().splitlines()[0] if docs[info.table].__doc__ else "",
+            "doc": _table_doc(docs[info.table]),
             "options": []})
         kind, optional = _kind(info)
         choices = list(info.choices) if info.choices else (
@@ -80,6 +80,12 @@ def form_schema() -> list[dict]:
             "allowed": info.describe_allowed(), "ge": info.ge, "gt": info.gt, "le": info.le, "lt": info.lt,
         })
     return list(tables.values())
+
+
+def _table_doc(cls: type) -> str:
+    """The first line of a table's docstring; dataclasses without one get a generated signature, not shown."""
+    doc = (cls.__doc__ or "").strip()
+    return "" if not doc or doc.startswith(f"{cls.__name__}(") else doc.splitlines()[0]
 
 
 def _strip_optional(tp: Any) -> Any:

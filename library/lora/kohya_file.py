@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save
 
 from library.config.network_kinds import file_suffixes
 from library.errors import UserError
-from library.utils.atomic import atomic_write_bytes
+from library.utils.atomic import atomic_path
 
 SAVE_DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,10 +40,16 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> byt
     return save(tensors, metadata=meta)
 
 
-def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """Write atomically; returns the sshs_model_hash."""
+def write_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+               before_rename: Callable[[], None] | None = None) -> str:
+    """Write atomically; returns the sshs_model_hash. `before_rename` runs once the file is written
+    under its temporary name: when it raises, the file is not renamed into place (the earlier file of
+    that name stays)."""
     blob = serialize(tensors, metadata)
-    atomic_write_bytes(path, blob)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+        if before_rename is not None:
+            before_rename()
     return hashlib.sha256(data_section(blob)).hexdigest()
 
 

@@ -286,7 +286,8 @@ def build_reporting(run: TrainingRun, write_state: Callable[[Path], None], confi
     handles = RunHandles(
         lora_tensors=lambda: run.network.kohya_state_dict(SAVE_DTYPES[cfg.saving.save_precision]),
         write_state=write_state, facts=training_facts(run), loss_table=table.render,
-        sample=sample if sampler is not None else None, validate=validate if run.validator else None)
+        sample=sample if sampler is not None else None, validate=validate if run.validator else None,
+        sample_records=(lambda n: sampler.records(n, base=sampler.compare_base)) if sampler is not None else None)
     outputs = Outputs(cfg, acc, tracker, run.plan, run.total_steps, run.method, handles)
     sources = [step_metrics.LossAverage(), step_metrics.throughput, step_metrics.MemoryPeaks(run.device),
                step_metrics.LearningRates(run.optimizer), step_metrics.from_callable(lambda: outputs.method.metrics()),

@@ -9,6 +9,7 @@ patching anything).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,12 +21,14 @@ from tqdm.auto import tqdm
 from library.config import Config
 from library.config.loader import table_fields
 from library.errors import UserError
-from library.train import checkpoint, resume
+from library.train import checkpoint, events, resume
 from library.train import metrics as step_metrics
 from library.train.batches import MicroBatches, micro_batch_stream
 from library.train.builder import build_reporting, build_run
+from library.train.control import Control
 from library.train.diffusion import step_generator
 from library.train.metrics import StepReport
+from library.train.method import TrainingMethod
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +36,26 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.parts = build_run(cfg)
-        self.reporting = build_reporting(self.parts, self._write_state, self.config_summary())
         self.step = 0                # optimizer steps completed
         self.losses: list[float] = []
         self.listeners: list[Callable[[StepReport, dict], None]] = []
         self._stream = None
         self._stream_next = -1
         self._fixed_samples: list[list] | None = None
-        if cfg.saving.resume:
-            self._resume(cfg.saving.resume)
+        self.resumed_from: Path | None = None
+        # The event stream (main process): nothing is written unless the run fails here or runs.
+        self.events = events.EventLog.for_output(cfg.saving.output_dir)
+        with self.events.capture_warnings():
+            try:
+                self.parts = build_run(cfg)
+                self.reporting = build_reporting(self.parts, self._write_state, self.config_summary())
+                self.reporting.outputs.events = self.events
+                if cfg.saving.resume:
+                    self._resume(cfg.saving.resume)
+            except BaseException as exc:
+                self._report_failure(exc)
+                raise
+        self.listeners.append(events.StepEvents(self.events, self.parts.total_steps))
 
     @property
     def probe(self):
@@ -67,6 +80,7 @@ class Trainer:
         if scaler is not None and "grad_scaler" in state.extra:
             scaler.load_state_dict(state.extra["grad_scaler"])
         self.step = state.step
+        self.resumed_from = folder
         epoch, _ = run.plan.step_batches(self.step)
         changes = resume.data_changes(state.data, checkpoint.describe_data(run.data, run.plan))
         if changes:
@@ -178,20 +192,56 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Train to the last step, or until a stop command or signal (library.train.control)."""
         run, outputs = self.parts, self.reporting.outputs
         acc = run.accelerator
-        outputs.begin(self.step, time.time())
-        if self.step == 0:
-            outputs.at_start()
-        bar = tqdm(total=run.total_steps, initial=self.step, desc="training", unit="step",
-                   disable=not acc.is_main_process)
-        samples_per_step = sum(len(ref.items) for _, ref in run.plan.step_batches(self.step)[1]) * acc.num_processes
-        try:
-            self._train_loop(bar, samples_per_step)
-        finally:
-            bar.close()
-            self._close_stream()
-        return outputs.finish()
+        with self.events.capture_warnings(), \
+                Control(Path(self.cfg.saving.output_dir), acc, lambda message: log.warning("%s", message)) as control:
+            try:
+                self.events.start(**self.start_fields())
+                outputs.begin(self.step, time.time())
+                if self.step == 0:
+                    outputs.at_start()
+                bar = tqdm(total=run.total_steps, initial=self.step, desc="training", unit="step",
+                           disable=not acc.is_main_process)
+                samples_per_step = sum(len(ref.items) for _, ref in run.plan.step_batches(self.step)[1]) * \
+                    acc.num_processes
+                try:
+                    stopped = self._train_loop(bar, samples_per_step, control)
+                finally:
+                    bar.close()
+                    self._close_stream()
+                path = outputs.stop() if stopped else outputs.finish()
+            except BaseException as exc:
+                self._report_failure(exc)
+                raise
+            loras, states = outputs.existing_saves()
+            self.events.emit("end", status="stopped" if stopped else "finished", step=self.step, outputs=loras,
+                             states=states)
+            self.events.close()
+        if stopped:
+            log.info("stopped at step %d; resume = \"latest\" continues from %s", self.step,
+                     path.with_name(path.stem + checkpoint.STATE_SUFFIX))
+        return path
+
+    def start_fields(self) -> dict:
+        run = self.parts
+        name = run.method.name
+        return {"config": table_fields(self.cfg), "dataset": events.dataset_summary(run.data),
+                "dataset_config": run.data.source, "max_steps": run.total_steps,
+                "output_dir": self.cfg.saving.output_dir, "output_name": self.cfg.saving.output_name,
+                "pid": os.getpid(), "resumed_from": self.resumed_from, "step": self.step,
+                "method": "lora" if name == TrainingMethod.name else name,
+                "network_type": self.cfg.network.network_type, "processes": run.accelerator.num_processes}
+
+    def _report_failure(self, exc: BaseException) -> None:
+        """The error line and a failed end in the events (the entry point prints the same line)."""
+        self.events.flush_pending()
+        self.events.emit("error", message=events.error_line(exc))
+        outputs = getattr(getattr(self, "reporting", None), "outputs", None)
+        loras, states = outputs.existing_saves() if outputs is not None else ([], [])
+        self.events.emit("end", status="failed", step=self.step, outputs=loras, states=states)
+        self.events.close()
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -199,7 +249,8 @@ class Trainer:
         if shutdown is not None:
             shutdown()  # stop loader workers now; left to garbage collection it takes seconds
 
-    def _train_loop(self, bar, samples_per_step: int) -> None:
+    def _train_loop(self, bar, samples_per_step: int, control: Control | None = None) -> bool:
+        """The steps; True when a stop was asked for before the last one."""
         run, reporting = self.parts, self.reporting
         while self.step < run.total_steps:
             step = self.step
@@ -219,6 +270,27 @@ class Trainer:
                     listener(report, values)
             bar.update(1)
             reporting.outputs.after_step(step)
+            if control is not None and self._obey(control.due()):
+                return self.step < run.total_steps
+        return False
+
+    def _obey(self, commands: list) -> bool:
+        """Act on the commands due after this step (every process alike); True for a stop."""
+        outputs, stop = self.reporting.outputs, False
+        for command in commands:
+            if command.command == "save":
+                outputs.save_now()
+            elif command.command == "sample":
+                if outputs.handles.sample is None:
+                    log.warning("sample command %s: this run has no sample_prompts; nothing to render",
+                                command.id)
+                else:
+                    outputs.sample(self.step)
+            elif command.command == "stop":
+                stop = True
+            self.events.emit("command", command=command.command, id=command.id, step=self.step,
+                             source=command.source)
+        return stop
 
     def config_summary(self) -> dict:
         return {f"{table}.{k}": v for table, values in table_fields(self.cfg).items() for k, v in values.items()}

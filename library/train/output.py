@@ -18,6 +18,7 @@ from library.lora.kohya_file import write_lora
 from library.lora.metadata import TrainingFacts, build_metadata
 from library.train import checkpoint
 from library.train.batches import StepPlan
+from library.train.events import EventLog
 from library.train.method import TrainingMethod, method_metadata
 from library.train.tracking import Tracker
 
@@ -33,6 +34,7 @@ class RunHandles:
     loss_table: Callable[[], str]                          # the loss-by-timestep table
     sample: Callable[[int], list] | None = None            # sample images at a step
     validate: Callable[[], dict[str, float]] | None = None  # validation losses
+    sample_records: Callable[[int], list[dict]] | None = None  # what a sample round writes: path, prompt, seed
 
 
 class Outputs:
@@ -52,6 +54,9 @@ class Outputs:
         self.last_sampled = -1
         self.last_validated = -1
         self.validation_history: list[tuple[int, float]] = []
+        self.events = EventLog(None)     # the trainer gives the main process its event log
+        self.saved: list[tuple[Path, Path | None]] = []  # (LoRA, state folder) saved by this process
+        self.last_saved_state = -1       # the step of the newest step save with a state
 
     # --- lifecycle ----------------------------------------------------------------------------
     def begin(self, step: int, started: float) -> None:
@@ -100,20 +105,53 @@ class Outputs:
         self.tracker.close()
         return path
 
+    def stop(self) -> Path:
+        """A stop before the last step: the LoRA and a resumable state as a step save (what a resume
+        with resume = "latest" continues from); no final save, no end-of-run sample or validation."""
+        path = self.save_now()
+        self.tracker.close()
+        return path
+
+    def save_now(self) -> Path:
+        """The LoRA and a state at the current step (a step save), unless one was just written."""
+        name = checkpoint.save_name(self.cfg.saving.output_name, "step", self.step)
+        if self.last_saved_state == self.step:
+            return self.out_dir / f"{name}.safetensors"
+        return self.save("step", self.step, state=True)
+
+    def existing_saves(self) -> tuple[list[Path], list[Path]]:
+        """The LoRA files and state folders this process saved that are still there (not pruned)."""
+        loras, states = [], []
+        for lora, state in self.saved:
+            if lora.is_file() and lora not in loras:
+                loras.append(lora)
+            if state is not None and state.is_dir() and state not in states:
+                states.append(state)
+        return loras, states
+
     # --- saving -------------------------------------------------------------------------------
-    def save(self, kind: str, number: int) -> Path:
+    def save(self, kind: str, number: int, state: bool | None = None) -> Path:
+        """The LoRA and, with save_state (or `state`), its training state. The LoRA is renamed into place
+        only once its state is written, so a save that fails (a full disk) leaves both as they were."""
         name = checkpoint.save_name(self.cfg.saving.output_name, kind, number)
         path = self.out_dir / f"{name}.safetensors"
+        with_state = self.cfg.saving.save_state if state is None else state
+        folder = self.out_dir / f"{name}-state" if with_state else None
         self.acc.wait_for_everyone()
         if self.main:
-            digest = write_lora(path, self.handles.lora_tensors(), self.metadata())
+            def write_state() -> None:
+                if folder is not None:
+                    self.handles.write_state(folder)
+                    log.info("saved training state %s", folder)
+
+            digest = write_lora(path, self.handles.lora_tensors(), self.metadata(), before_rename=write_state)
             log.info("saved %s (sshs_model_hash %s)", path, digest[:12])
-            if self.cfg.saving.save_state:
-                folder = self.out_dir / f"{name}-state"
-                self.handles.write_state(folder)
-                log.info("saved training state %s", folder)
+            self.saved.append((path, folder))
+            self.events.emit("save", step=self.step, path=path, state=folder, kind=kind)
             self.prune(kind)
             self.method.write_reports(self.out_dir, self.cfg.saving.output_name)
+        if kind == "step" and folder is not None:
+            self.last_saved_state = self.step
         self.acc.wait_for_everyone()
         return path
 
@@ -142,6 +180,9 @@ class Outputs:
             images = self.handles.sample(n)
             self.tracker.images(images, step=n)
             log.info("sample images for step %d in %s", n, self.out_dir / "sample")
+            records = self.handles.sample_records(n) if self.handles.sample_records is not None else []
+            grid = self.out_dir / "sample" / images[-1][0] if images else None
+            self.events.emit("sample", step=n, images=records, grid=grid)
         self.acc.wait_for_everyone()
 
     def validate(self, n: int) -> None:
@@ -153,4 +194,5 @@ class Outputs:
             self.tracker.log(values, step=n)
             log.info("validation loss at step %d: %.5f", n, values["val/loss"])
             self.validation_history.append((n, values["val/loss"]))
+            self.events.emit("validation", step=n, loss=values["val/loss"], losses=values)
         self.acc.wait_for_everyone()

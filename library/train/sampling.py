@@ -132,6 +132,22 @@ class Sampler:
         """output_name_000400 during training; output_name alone for one-off sampling (step None)."""
         return self.output_name if step is None else f"{self.output_name}_{step:06d}"
 
+    def seed_of(self, index: int, prompt: SamplePrompt) -> int:
+        return prompt.seed if prompt.seed is not None else self.seed + index
+
+    def records(self, step: int | None, base: bool = False) -> list[dict]:
+        """What `run` writes for `step`, grid aside: {"path", "prompt", "seed"} per image in the order
+        written ("base": true marks the base model's image of a prompt, with `base`)."""
+        out = []
+        for index, p in enumerate(self.prompts):
+            seed = self.seed_of(index, p)
+            name = self.file_name(step, index, seed)
+            if base:
+                out.append({"path": str(self.folder / name.replace(".png", "_base.png")), "prompt": p.prompt,
+                            "seed": seed, "base": True})
+            out.append({"path": str(self.folder / name), "prompt": p.prompt, "seed": seed})
+        return out
+
     @torch.no_grad()
     def run(self, bundle, unet, device, step: int | None, autocast, set_enabled=None) -> list[tuple[str, Image.Image]]:
         """Make every prompt's image (and, with compare_base, the base model's for the same seed, the
@@ -147,7 +163,7 @@ class Sampler:
                     scheduler = make_scheduler(sampler, bundle.scheduler_config, self.v_prediction,
                                                self.zero_terminal_snr)
                     pipe = build_pipeline(bundle, unet, scheduler)
-                    seed = p.seed if p.seed is not None else self.seed + index
+                    seed = self.seed_of(index, p)
                     width = p.width or self.default_size[0]
                     height = p.height or self.default_size[1]
                     def generate():

@@ -216,6 +216,8 @@ def create_app(workspace: Path, *, token: str | None = None, launcher: str | lis
         pairs: dict[tuple, dict] = {}
         for i, side in enumerate(sides):
             for img in side["samples"]["images"]:
+                if img.get("base"):
+                    continue  # the base model's image is the same in both runs
                 key = (img.get("prompt"), img.get("seed"))
                 pairs.setdefault(key, {"prompt": key[0], "seed": key[1], "images": [None, None]})["images"][i] = img
         return JSONResponse({"sides": sides, "pairs": list(pairs.values())})

@@ -254,7 +254,7 @@ class Workspace:
             raise UserError(f"command {command!r}: expected one of {', '.join(COMMANDS)}")
         rec = self.record(run_id)
         status = self.status(rec)
-        if status not in ACTIVE:
+        if status != "running":  # the trainer reads commands appended after it started, not before
             raise UserError(f"run {run_id} is {status}; commands go to a running run")
         command_id = secrets.token_hex(6)
         path = Path(rec["output_dir"]) / COMMANDS_NAME

@@ -280,7 +280,7 @@ const live = { id: null, source: null, steps: [], loss: [], avg: [], lr: {}, gam
 function chart(name, series, data, opts = {}) {
   const box = $(`#chart-${name}`);
   box.dataset.points = String(data[0].length);
-  const width = Math.max(300, box.clientWidth || 420);
+  const width = Math.max(300, (box.clientWidth || 422) - 2);
   if (live.charts[name] && live.charts[name].series.length === series.length + 1) {
     live.charts[name].setData(data);
     return;
@@ -310,8 +310,9 @@ function redraw() {
   $("#gamma-box").style.display = live.gamma ? "" : "none";
   if (live.gamma) {
     const g = live.gamma.gamma || [];
+    const x = live.gamma.bins && live.gamma.bins.length === g.length ? live.gamma.bins : g.map((_, i) => i);
     chart("gamma", [{ label: "gamma", stroke: "#e8710a", fill: "rgba(232,113,10,.3)", paths: uPlot.paths.bars({ size: [0.8] }), points: { show: false } }],
-      [g.map((_, i) => i), g], { xlabel: "timestep bin", scales: { y: { range: [0, 1] } } });
+      [x, g], { xlabel: live.gamma.bins ? "timestep (bin start)" : "timestep bin", scales: { y: { range: [0, 1] } } });
     $("#gamma-note").textContent = `loss weight ${fmt.num(live.gamma.loss_weight, 3)} at step ${live.gamma.step}`;
   }
 }
@@ -328,7 +329,7 @@ function renderGallery() {
     for (const img of s.images) {
       thumbs.append(el("figure", { class: "thumb" },
         el("img", { src: sampleUrl(img.path), alt: img.prompt || "", class: "sample-image" }),
-        el("figcaption", { text: `${img.prompt || ""}${img.seed !== undefined ? " (seed " + img.seed + ")" : ""}` })));
+        el("figcaption", { text: `${img.base ? "[base model] " : ""}${img.prompt || ""}${img.seed !== undefined ? " (seed " + img.seed + ")" : ""}` })));
     }
     root.append(el("div", { class: "gallery-step" }, el("h4", { text: `step ${s.step}` }), thumbs));
   }

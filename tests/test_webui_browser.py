@@ -3,7 +3,11 @@
 Fills the New-run form for the tiny model (a wrong value first, whose message must appear beside
 its field), starts the run, watches the loss chart grow and a sample image appear, stops the run
 from the Live view, and checks from the browser's own network log that no request left
-127.0.0.1. With APT_WEBUI_SCREENSHOTS=1 the pages are saved to docs/images/ui/ for docs/ui.md.
+127.0.0.1. With APT_WEBUI_SCREENSHOTS=1 the pages are saved to docs/images/ui/ for docs/ui.md;
+with APT_WEBUI_DEMO=1 the form starts from the `demo` preset (the shipped toy model, APT on, a
+shortened run) instead of the tiny model, as docs/ui.md's screenshots were taken:
+
+    APT_WEBUI_SCREENSHOTS=1 APT_WEBUI_DEMO=1 python -m pytest -q -m browser tests/test_webui_browser.py
 
     python -m pytest -q -m browser tests/test_webui_browser.py
 """
@@ -103,9 +107,17 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15
     from selenium.webdriver.support.ui import Select
 
     base, app = server
+    demo = bool(os.environ.get("APT_WEBUI_DEMO"))
+    limit = 900 if demo else 90  # seconds for each wait: the demo model is larger and samples 8 prompts twice
     values, dataset_toml = tiny_run_values(tmp_path, tiny_sd15, steps=400, sample_every=2)
     browser.get(base + "/")
     _wait(browser, lambda: browser.find_element("css selector", "body[data-ready]"), "the page to load")
+    if demo:  # the preset fills the form; only the length, the output folder and the samples change
+        Select(browser.find_element("id", "preset")).select_by_value("demo")
+        browser.find_element("id", "load-preset").click()
+        _wait(browser, lambda: "Loaded preset demo" in browser.find_element("id", "form-message").text, "the preset")
+        values = {"max_train_steps": "400", "sample_every_n_steps": "40", "output_dir": str(tmp_path / "out"),
+                  "log_with": "none", "save_state": True}
 
     # the form: every value typed as a user would; a wrong rank first
     for key, value in values.items():
@@ -122,18 +134,20 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15
             _type(browser, css, str(value))
     browser.execute_script("document.querySelector('#table-network').open = true")
     _type(browser, "#opt-network_dim", "0")
-    _type(browser, "#dataset-toml", dataset_toml)
+    if not demo:
+        _type(browser, "#dataset-toml", dataset_toml)
     browser.find_element("id", "validate").click()
     slot = '[data-error-for="network_dim"]'
     message = _wait(browser, lambda: browser.find_element("css selector", slot).text, "the network_dim message")
     assert "[network] network_dim: expected an integer >= 1, got 0" in message
     assert "invalid" in browser.find_element("id", "row-network_dim").get_attribute("class")
     _shot(browser, "new-run-error")
-    _type(browser, "#opt-network_dim", "4")
+    rank = "8" if demo else "4"
+    _type(browser, "#opt-network_dim", rank)
     browser.find_element("id", "validate").click()
     _wait(browser, lambda: "valid" in browser.find_element("id", "form-message").text, "the form to validate")
     assert browser.find_element("css selector", slot).text == ""
-    assert "network_dim = 4" in browser.find_element("id", "raw-toml").text
+    assert f"network_dim = {rank}" in browser.find_element("id", "raw-toml").text
     browser.execute_script("window.scrollTo(0, 0)")
     _shot(browser, "new-run")
 
@@ -141,13 +155,15 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15
     browser.find_element("id", "start").click()
     _wait(browser, lambda: browser.current_url.endswith("#live"), "the Live view")
     _wait(browser, lambda: int(browser.find_element("id", "chart-loss").get_attribute("data-points")) >= 2,
-          "the loss chart to get points", 90)
+          "the loss chart to get points", limit)
     first = int(browser.find_element("id", "chart-loss").get_attribute("data-points"))
     _wait(browser, lambda: browser.execute_script(
         "return [...document.querySelectorAll('img.sample-image')].some(i => i.complete && i.naturalWidth > 0)"),
-        "a sample image", 90)
+        "a sample image", limit)
+    if demo:
+        assert int(browser.find_element("id", "chart-gamma").get_attribute("data-points")) == 10  # APT's bins
     _wait(browser, lambda: int(browser.find_element("id", "chart-loss").get_attribute("data-points")) > first,
-          "the chart to update", 60)
+          "the chart to update", limit)
     assert browser.find_element("id", "stat-speed").text not in ("", "–")
     assert browser.find_elements("css selector", "#chart-loss canvas"), "uPlot drew no canvas"
     _shot(browser, "live")
@@ -155,7 +171,7 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15
     # stop from the Live view; the trainer acknowledges and ends as stopped
     browser.find_element("css selector", "[data-command=stop]").click()
     _wait(browser, lambda: browser.find_element("id", "live-status").get_attribute("data-status") == "stopped",
-          "the run to stop", 90)
+          "the run to stop", limit)
     _wait(browser, lambda: "acknowledged at step" in browser.find_element("id", "live-command").text,
           "the trainer's acknowledgement")
     browser.get(base + "/#runs")
@@ -165,13 +181,14 @@ def test_browser_form_run_chart_sample_stop(server, browser, tmp_path, tiny_sd15
     browser.get(base + "/#results")
     _wait(browser, lambda: browser.find_element("css selector", f"#results-run option[value='{run_id}']"), "run list")
     browser.find_element("id", "results-load").click()
-    _wait(browser, lambda: browser.find_elements("css selector", "#results-files .lora"), "the LoRA files", 60)
+    _wait(browser, lambda: browser.find_elements("css selector", "#results-files .lora"), "the LoRA files", limit)
     assert "modules" in browser.find_element("id", "results-files").text
     _shot(browser, "results")
     browser.get(base + "/#dataset")
-    _type(browser, "#ds-folder", str(tmp_path / "images"))
+    _type(browser, "#ds-folder", str(ROOT / "demo" / "concept") if demo else str(tmp_path / "images"))
+    _type(browser, "#ds-resolution", "64")
     browser.find_element("id", "ds-scan").click()
-    _wait(browser, lambda: browser.find_elements("css selector", ".ds-item img"), "the image grid", 60)
+    _wait(browser, lambda: browser.find_elements("css selector", ".ds-item img"), "the image grid", limit)
     _shot(browser, "dataset")
 
     # nothing the page loaded or sent went anywhere but this server

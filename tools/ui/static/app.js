@@ -369,6 +369,8 @@ function setStatus(status) {
   node.textContent = status;
   node.className = `status status-${status}`;
   node.dataset.status = status;
+  const option = $(`#live-run option[value="${CSS.escape(live.id || "")}"]`);
+  if (option) option.textContent = option.textContent.replace(/ — \w+ \(/, ` — ${status} (`);
 }
 
 async function openLive(id) {
@@ -441,7 +443,8 @@ async function compareRuns() {
 
 // --- Dataset ------------------------------------------------------------------------------------------
 async function scanDataset() {
-  const report = await api("/api/dataset/scan", { dataset_toml: $("#ds-toml").value, folder: $("#ds-folder").value });
+  const resolution = parseInt($("#ds-resolution").value, 10) || null;
+  const report = await api("/api/dataset/scan", { dataset_toml: $("#ds-toml").value, folder: $("#ds-folder").value, resolution });
   $("#ds-error").textContent = report.error || "";
   const root = $("#ds-report");
   root.textContent = "";

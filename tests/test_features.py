@@ -164,7 +164,7 @@ def test_intermediate_saves_and_pruning(tmp_path, tiny_models, images):
                           max_train_steps=10)
     trainer.run()
     out = tmp_path / "out"
-    names = sorted(p.name for p in out.iterdir() if p.name != "logs")
+    names = sorted(p.name for p in out.iterdir() if p.name not in ("logs", "events.jsonl"))
     # steps 2..8 saved every 2, the last 4 steps kept; epochs 1..4 saved (5 is the final save), 2 kept
     assert names == sorted(["lora-000003.safetensors", "lora-000003-state", "lora-000004.safetensors",
                             "lora-000004-state", "lora-step00000006.safetensors", "lora-step00000006-state",

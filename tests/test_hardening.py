@@ -91,11 +91,12 @@ def corpus(tiny_models, tmp_path_factory) -> dict[str, Path]:
 BAD_LORAS = ["truncated", "random", "empty", "header_only", "not_lora", "sdxl", "partial", "bad_shape"]
 
 
-def assert_one_line_error(code: int, err: str, culprit: str) -> None:
+def assert_one_line_error(code: int, err: str, culprit: str) -> str:
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and culprit in lines[0], err
+    return lines[0]
 
 
 def tool_argvs(tiny_models, lora: Path, out_dir: Path) -> dict[str, tuple[list[str], Path]]:
@@ -405,16 +406,31 @@ def test_resume_latest_intact_skips_a_damaged_newest_state_with_a_warning(run_di
         restore(trainer, out, str(out / "lora-state"))
 
 
+def outputs_of(out: Path) -> tuple[dict[Path, str], str]:
+    """The digest of every file but the event stream, and the event stream's text."""
+    events = out / "events.jsonl"
+    return {p: digest(p) for p in out.rglob("*") if p.is_file() and p != events}, events.read_text()
+
+
+def assert_unchanged_but_told(out: Path, hashes: dict[Path, str], events: str, line: str) -> None:
+    """No output changed; the event stream only grew, by the error and a failed end."""
+    now, text = outputs_of(out)
+    assert now == hashes and text.startswith(events)
+    added = [json.loads(x) for x in text[len(events):].splitlines()]
+    assert [(e["type"], e.get("message", e.get("status"))) for e in added] == [
+        ("error", line.removeprefix("error: ")), ("end", "failed")]
+
+
 def test_resume_latest_with_a_damaged_newest_state_exits_2_and_changes_nothing(run_dir, tmp_path):
     run = fresh_copy(run_dir, tmp_path)
     out = run / "out"
     corrupt(out / "lora-state", "state_json")
-    hashes = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    hashes, events = outputs_of(out)
     code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--max_train_steps", "3",
                              *TRAIN])
-    assert_one_line_error(code, err, "lora-state/state.json")
+    line = assert_one_line_error(code, err, "lora-state/state.json")
     assert "lora-step00000001-state (step 1) is intact" in err and "INFO resumed from" not in err
-    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == hashes
+    assert_unchanged_but_told(out, hashes, events, line)
 
 
 def test_resume_refuses_a_state_of_another_optimizer_or_network(run_dir, trainer):
@@ -473,12 +489,12 @@ def test_resume_with_no_intact_state_is_one_error_and_changes_nothing(run_dir, t
     out = run / "out"
     corrupt(out / "lora-state", "optimizer_bytes")
     corrupt(out / "lora-step00000001-state", "state_json")
-    hashes = {p: digest(p) for p in out.rglob("*") if p.is_file()}
+    hashes, events = outputs_of(out)
     code, _, err = run_main(["--config", str(run / "config.toml"), "--resume", "latest", "--max_train_steps", "3",
                              *TRAIN])
-    assert_one_line_error(code, err, "no intact training state of lora")
+    line = assert_one_line_error(code, err, "no intact training state of lora")
     assert "lora-state/optimizer.pt" in err and "lora-step00000001-state/state.json" in err
-    assert {p: digest(p) for p in out.rglob("*") if p.is_file()} == hashes
+    assert_unchanged_but_told(out, hashes, events, line)
 
 
 def test_a_state_saved_on_a_gpu_loads_on_the_cpu(run_dir, trainer, tmp_path):

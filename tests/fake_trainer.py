@@ -1,5 +1,5 @@
 """A stand-in trainer for the UI tests of the run workspace: reads the same config and command line,
-takes the same output-folder lock, writes events.jsonl in the trainer's schema (docs/events.md)
+takes the same output-folder lock, writes events.jsonl in the trainer's schema (docs/training.md, "Events and commands")
 and obeys commands.jsonl, in a fraction of a second per run and without torch."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading a run's `events.jsonl` while the trainer appends to it (docs/events.md has the schema).
+"""Reading a run's `events.jsonl` while the trainer appends to it (the schema: docs/training.md, "Events and commands").
 
 The trainer flushes one JSON object per line; a reader can meet the last line half written, so
 only complete lines are taken and the byte offset after them is where the next read starts.

@@ -269,6 +269,29 @@ def test_queue_runs_one_after_another(tmp_path, tiny_sd15):
     first_end = _events(client, ids[0])[-1]["time"]
     second_start = _events(client, ids[1])[0]["time"]
     assert second_start > first_end
+    # a queued run can be taken off the queue; it never starts
+    values, dataset = _fake_values(tmp_path, tiny_sd15, steps=5, output="out-c")
+    third = client.post("/api/runs", json={"name": "c", "values": values, "dataset_toml": dataset, "queue": True})
+    third_id = third.json()["run"]["id"]
+    assert client.post(f"/api/runs/{third_id}/cancel", json={}).json()["run"]["status"] == "cancelled"
+    assert ws.tick() is None and not (tmp_path / "out-c").exists()
+
+
+def test_side_by_side_pairs_samples_by_prompt_and_seed(tmp_path, tiny_sd15):
+    client = TestClient(_fake_app(tmp_path))
+    ids = []
+    for name, apt in (("lora", False), ("apt", True)):
+        values, dataset = _fake_values(tmp_path, tiny_sd15, steps=4, output=f"out-{name}")
+        values.update({"sample_every_n_steps": "2", "apt": apt})
+        ids.append(client.post("/api/runs", json={"name": name, "values": values, "dataset_toml": dataset}).json()["run"]["id"])
+    for run_id in ids:
+        _wait(lambda: _status(client, run_id) == "finished", "the runs")
+    data = client.get("/api/compare", params={"a": ids[0], "b": ids[1]}).json()
+    assert [s["run"]["method"] for s in data["sides"]] == ["lora", "apt"]
+    assert [s["samples"]["step"] for s in data["sides"]] == [4, 4]  # the latest samples of each
+    assert len(data["pairs"]) == 1 and (data["pairs"][0]["prompt"], data["pairs"][0]["seed"]) == ("a shape", 1)
+    a, b = data["pairs"][0]["images"]
+    assert Path(a["path"]).parent.parent.name == "out-lora" and Path(b["path"]).parent.parent.name == "out-apt"
 
 
 def test_runs_survive_a_ui_restart_and_reattach(tmp_path, tiny_sd15):

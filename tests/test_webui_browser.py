@@ -45,7 +45,7 @@ def server(tmp_path):
     from tools.ui.app import create_app
 
     port = _free_port()
-    app = create_app(tmp_path / "ws", launcher="python")
+    app = create_app(tmp_path / "ws")  # runs start as users start them: accelerate launch
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)

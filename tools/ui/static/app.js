@@ -331,7 +331,9 @@ function renderGallery() {
         el("img", { src: sampleUrl(img.path), alt: img.prompt || "", class: "sample-image" }),
         el("figcaption", { text: `${img.base ? "[base model] " : ""}${img.prompt || ""}${img.seed !== undefined ? " (seed " + img.seed + ")" : ""}` })));
     }
-    root.append(el("div", { class: "gallery-step" }, el("h4", { text: `step ${s.step}` }), thumbs));
+    const grid = s.grid ? el("details", {}, el("summary", { text: "the whole grid (base model beside the LoRA where sample_compare_base is on)" }),
+      el("img", { src: sampleUrl(s.grid), class: "sample-grid", style: "max-width:100%;image-rendering:pixelated" })) : null;
+    root.append(el("div", { class: "gallery-step" }, el("h4", { text: `step ${s.step}` }), thumbs, grid));
   }
 }
 
@@ -355,7 +357,7 @@ function onTrainerEvent(ev) {
       el("span", {}, "peak memory ", el("b", { id: "stat-memory", text: fmt.bytes(ev.peak_memory_bytes) })));
     schedule();
   } else if (ev.type === "sample") {
-    live.samples.push({ step: ev.step, images: ev.images || [] });
+    live.samples.push({ step: ev.step, images: ev.images || [], grid: ev.grid });
     renderGallery();
   } else if (ev.type === "error") {
     $("#live-error").textContent = "error: " + ev.message;

@@ -418,3 +418,25 @@ def test_cli_refuses_listen_without_token(capsys, monkeypatch):
     monkeypatch.delenv("APT_WEBUI_TOKEN", raising=False)
     assert run_tool(main, ["--listen"]) == 2
     assert "--listen: an access token is required" in capsys.readouterr().err
+
+
+def test_events_are_read_as_the_trainer_appends(tmp_path):
+    from tools.ui.events import read_events
+    from tools.ui.runs import Workspace
+
+    path = tmp_path / "out" / "events.jsonl"
+    path.parent.mkdir()
+    step = json.dumps({"v": 1, "type": "step", "step": 1}) + "\n"
+    path.write_text(json.dumps({"v": 1, "type": "start"}) + "\n" + '{"v": 1, "type": "st\n' + step + '{"v": 1, "ty')
+    events, offset = read_events(path)
+    assert [e["type"] for e in events] == ["start", "step"]  # the torn line skipped, the half line left
+    assert offset == path.stat().st_size - len('{"v": 1, "ty')
+    with open(path, "a") as fh:
+        fh.write('pe": "end", "status": "finished"}\n')
+    more, end = read_events(path, offset)
+    assert more == [{"v": 1, "type": "end", "status": "finished"}] and end == path.stat().st_size
+    # the workspace's cached reader gives the same, from any line's offset
+    ws = Workspace(tmp_path / "ws", launcher=FAKE)
+    rec = {"output_dir": str(path.parent)}
+    assert ws.events(rec)[0] == events + more
+    assert ws.events(rec, offset)[0] == more and ws.events(rec, end) == ([], end)

@@ -15,6 +15,12 @@ SCHEMA_VERSION = 1
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     """The complete events after byte `offset`, and the offset after the last complete line."""
+    located, end = read_located(path, offset)
+    return [event for _, event in located], end
+
+
+def read_located(path: Path, offset: int = 0) -> tuple[list[tuple[int, dict]], int]:
+    """Like read_events, with the byte offset where each event's line starts."""
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
@@ -24,18 +30,20 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     end = data.rfind(b"\n")
     if end < 0:
         return [], offset
-    events = []
+    located = []
+    pos = offset
     for line in data[:end].split(b"\n"):
+        start, pos = pos, pos + len(line) + 1
         line = line.strip()
         if not line:
             continue
         try:
             event = json.loads(line)
         except ValueError:
-            continue  # a line torn by a crash mid-write; the next start event begins clean
+            continue  # a line cut short by a killed process; the trainer ends it before appending
         if isinstance(event, dict) and "type" in event:
-            events.append(event)
-    return events, offset + end + 1
+            located.append((start, event))
+    return located, offset + end + 1
 
 
 def summarise(events: list[dict]) -> dict:

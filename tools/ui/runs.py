@@ -8,6 +8,7 @@ whether its process still lives, so a restarted UI finds every run where it is.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from library.errors import UserError
 from library.utils.atomic import atomic_write_text
 from library.utils.runlock import _start_time, busy_message
-from tools.ui.events import COMMANDS_NAME, EVENTS_NAME, read_events, summarise
+from tools.ui.events import COMMANDS_NAME, EVENTS_NAME, read_located, summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "train_apt_lora.py"
@@ -56,6 +57,7 @@ class Workspace:
         self.launcher = launcher_argv(launcher)
         self._procs: dict[int, subprocess.Popen] = {}  # children of this UI, reaped here
         self._lock = threading.RLock()
+        self._cache: dict[Path, tuple[list[int], list[dict], int]] = {}  # events file -> line starts, events, end
 
     # --- records ------------------------------------------------------------------------------------
     def new_run_folder(self, name: str) -> tuple[str, Path]:
@@ -183,7 +185,26 @@ class Workspace:
         return launch.get("started") in (None, _start_time(pid))
 
     def events(self, rec: dict, offset: int = 0) -> tuple[list[dict], int]:
-        return read_events(Path(rec["output_dir"]) / EVENTS_NAME, offset)
+        """The events from byte `offset` on. Kept per file and read on from where the last call
+        ended, so the status of every run, asked each second, does not parse whole files again."""
+        path = Path(rec["output_dir"]) / EVENTS_NAME
+        with self._lock:
+            starts, events, end = self._cache.get(path, ([], [], 0))
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0
+            if size < end:  # the file was replaced: read it from the start
+                starts, events, end = [], [], 0
+            if size > end:
+                located, end = read_located(path, end)
+                starts = starts + [start for start, _ in located]
+                events = events + [event for _, event in located]
+                self._cache[path] = (starts, events, end)
+        if offset <= 0:
+            return list(events), end
+        first = bisect.bisect_left(starts, offset)
+        return events[first:], max(end, offset)
 
     def status(self, rec: dict) -> str:
         if rec["state"] in ("queued", "cancelled", "refused"):

@@ -400,6 +400,22 @@ def test_token_and_local_only_headers(tmp_path):
     assert local.get("/").status_code == 400  # a page of another site reaching 127.0.0.1 by DNS is refused
 
 
+def test_other_sites_cannot_start_anything(tmp_path, tiny_sd15):
+    client = TestClient(_fake_app(tmp_path))
+    values, dataset = _fake_values(tmp_path, tiny_sd15)
+    body = json.dumps({"name": "x", "values": values, "dataset_toml": dataset})
+    # a form or fetch of another page can send text/plain without asking first: refused
+    plain = client.post("/api/runs", content=body, headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 403 and "JSON body" in plain.text
+    foreign = client.post("/api/runs", content=body, headers={"Content-Type": "application/json",
+                                                              "Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and "evil.example" in foreign.text
+    assert client.get("/api/runs").json()["runs"] == []
+    same = client.post("/api/validate", content=body, headers={"Content-Type": "application/json",
+                                                               "Origin": "http://testserver"})
+    assert same.status_code == 200
+
+
 def test_bundled_assets_reference_nothing_outside(tmp_path):
     static = ROOT / "tools" / "ui" / "static"
     html = (static / "index.html").read_text()

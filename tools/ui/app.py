@@ -314,6 +314,9 @@ class Guard:
                                     "(it ends in ?token=...)", status_code=401, media_type="text/plain")
                 return await response(scope, receive, send)
             from_query = bool(query)
+        refusal = _cross_site(request)
+        if refusal:
+            return await Response(refusal, status_code=403, media_type="text/plain")(scope, receive, send)
         token = self.token
 
         async def send_with_headers(message):
@@ -327,3 +330,22 @@ class Guard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _cross_site(request: Request) -> str | None:
+    """Why a state-changing request is refused: another web page open in the same browser must not
+    start runs or tools here. A JSON body cannot be sent cross-site without a CORS preflight, which
+    this server never grants, and a browser's Origin header must name this server."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return "requests that change something must send a JSON body (Content-Type: application/json)"
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        from urllib.parse import urlparse
+
+        if urlparse(origin).netloc != request.headers.get("host", ""):
+            return f"cross-site request from {origin} refused"
+    elif origin == "null":
+        return "cross-site request from an opaque origin refused"
+    return None

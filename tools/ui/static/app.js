@@ -45,7 +45,9 @@ function show(page) {
     $(`#tab-${p}`).classList.toggle("active", p === page);
   }
   if (page === "runs") refreshRuns();
-  if (page === "live" || page === "results") fillRunSelects();
+  if (page === "live" || page === "results") fillRunSelects().then(() => {
+    if (page === "live" && !live.id && runs.length) { $("#live-run").value = runs[0].id; attach(runs[0].id); }
+  });
 }
 window.addEventListener("hashchange", () => show(location.hash.slice(1).split("/")[0]));
 

@@ -322,6 +322,19 @@ def test_failed_run_shows_its_error_line_and_log(tmp_path, tiny_sd15):
     assert detail["log_tail"] == ["loading...", "error: model.safetensors: truncated file"]
 
 
+def test_stop_while_loading_terminates_the_process_group(tmp_path, tiny_sd15):
+    slow = [sys.executable, "-c", "import time; time.sleep(120)"]  # a trainer still loading a big model
+    app = create_app(tmp_path / "ws", launcher=slow, scheduler=False)
+    client = TestClient(app)
+    values, dataset = _fake_values(tmp_path, tiny_sd15)
+    run_id = client.post("/api/runs", json={"name": "slow", "values": values, "dataset_toml": dataset}).json()["run"]["id"]
+    assert _status(client, run_id) == "starting"
+    assert client.post(f"/api/runs/{run_id}/command", json={"command": "save"}).status_code == 400
+    assert client.post(f"/api/runs/{run_id}/command", json={"command": "stop"}).json()["id"] == "SIGTERM"
+    _wait(lambda: _status(client, run_id) == "stopped", "the process to end", 20)
+    assert app.state.workspace._procs == {} or all(p.poll() is not None for p in app.state.workspace._procs.values())
+
+
 def test_commands_are_only_for_running_runs_and_must_be_known(tmp_path, tiny_sd15):
     client = TestClient(_fake_app(tmp_path))
     values, dataset = _fake_values(tmp_path, tiny_sd15, steps=400)

@@ -164,6 +164,9 @@ def create_app(workspace: Path, *, token: str | None = None, launcher: str | lis
         return JSONResponse({"id": command_id, "command": data.get("command")}, status_code=202)
 
     async def command_state(request: Request):
+        if request.path_params["id"] == "SIGTERM":  # a run stopped while loading: done once it is gone
+            state = ws.status(ws.record(request.path_params["run"]))
+            return JSONResponse({"acknowledged": state not in ACTIVE, "event": {"step": 0}})
         ack = ws.command_ack(request.path_params["run"], request.path_params["id"])
         return JSONResponse({"acknowledged": ack is not None, "event": ack})
 

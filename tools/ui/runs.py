@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -216,6 +217,8 @@ class Workspace:
             return ends[-1].get("status") or "finished"
         if self.alive(launch):
             return "running" if any(e["type"] == "start" for e in current) else "starting"
+        if launch.get("terminated"):
+            return "stopped"
         return "failed"  # the process is gone without an end event: killed, crashed or refused at start
 
     def _offset(self, rec: dict, launch: dict) -> int:
@@ -275,6 +278,8 @@ class Workspace:
             raise UserError(f"command {command!r}: expected one of {', '.join(COMMANDS)}")
         rec = self.record(run_id)
         status = self.status(rec)
+        if status == "starting" and command == "stop":
+            return self._terminate(rec)
         if status != "running":  # the trainer reads commands appended after it started, not before
             raise UserError(f"run {run_id} is {status}; commands go to a running run")
         command_id = secrets.token_hex(6)
@@ -284,6 +289,18 @@ class Workspace:
             fh.write(json.dumps({"command": command, "id": command_id}) + "\n")
             fh.flush()
         return command_id
+
+    def _terminate(self, rec: dict) -> str:
+        """Stop a run that is still loading (it reads no commands yet): SIGTERM to its process
+        group, which the trainer takes as a stop; nothing has been trained to save yet."""
+        launch = rec["launches"][-1]
+        try:
+            os.killpg(launch["pid"], signal.SIGTERM)  # the launcher and the trainer (a session of their own)
+        except (ProcessLookupError, PermissionError, AttributeError):
+            pass
+        launch["terminated"] = True
+        self._save(rec)
+        return "SIGTERM"
 
     def command_ack(self, run_id: str, command_id: str) -> dict | None:
         events, _ = self.events(self.record(run_id))

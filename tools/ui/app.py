@@ -84,18 +84,15 @@ def create_app(workspace: Path, *, token: str | None = None, launcher: str | lis
     async def preset(request: Request):
         return JSONResponse(forms.load_preset(request.path_params["name"]))
 
-    def _validate(folder: Path, data: dict) -> dict:
+    def _validate(folder: Path, data: dict, fresh: bool = False) -> dict:
         values = data.get("values") or {}
         if not isinstance(values, dict):
             raise UserError("values must be an object of option -> value")
-        return forms.validate(folder, values, data.get("dataset_toml"), cwd=folder)
+        return forms.validate(folder, values, data.get("dataset_toml"), cwd=folder, fresh=fresh)
 
     async def validate(request: Request):
         data = await _body(request)
-        folder = scratch / "validate"
-        if folder.exists():
-            shutil.rmtree(folder)
-        result = await asyncio.to_thread(_validate, folder, data)
+        result = await asyncio.to_thread(_validate, scratch / "validate", data, True)
         return JSONResponse(result)
 
     async def create_run(request: Request):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import threading
 import tomllib
 import types
@@ -233,11 +234,19 @@ def field_of(message: str, config_path: Path, options: dict[str, OptionInfo]) ->
     return None
 
 
-def validate(folder: Path, values: dict[str, Any], dataset_toml: str | None, *, cwd: Path | None = None) -> dict:
+def validate(folder: Path, values: dict[str, Any], dataset_toml: str | None, *, cwd: Path | None = None,
+             fresh: bool = False) -> dict:
     """Every mistake the config builder finds, each as {field, message}; `toml` is what would run.
 
     The files are written to `folder` (a run's own folder, or a scratch one), because the builder
     reads files and resolves paths next to them as it does for the CLI."""
+    with _CWD_LOCK:  # one validation at a time: it changes the process's current folder
+        if fresh and folder.exists():
+            shutil.rmtree(folder)  # a scratch folder: no file of an earlier form is left to be found
+        return _validate(folder, values, dataset_toml, cwd)
+
+
+def _validate(folder: Path, values: dict[str, Any], dataset_toml: str | None, cwd: Path | None) -> dict:
     import os
 
     options = all_options()
@@ -248,16 +257,14 @@ def validate(folder: Path, values: dict[str, Any], dataset_toml: str | None, *, 
     for key, message in problems.items():
         errors.append({"field": key, "message": message})
         values.pop(key, None)
-    resolved = None
-    with _CWD_LOCK:
-        old_cwd = Path.cwd()
-        if cwd is not None:
-            os.chdir(cwd)  # relative paths resolve against the folder the trainer will run in
-        try:
-            resolved = _build_all(folder, values, dataset_toml, options, errors)
-        finally:
-            os.chdir(old_cwd)
-            write_run_files(folder, original, dataset_toml)
+    old_cwd = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)  # relative paths resolve against the folder the trainer will run in
+    try:
+        resolved = _build_all(folder, values, dataset_toml, options, errors)
+    finally:
+        os.chdir(old_cwd)
+        write_run_files(folder, original, dataset_toml)
     dataset_text = (folder / DATASET_NAME).read_text() if (folder / DATASET_NAME).exists() else ""
     return {"ok": not errors, "errors": errors, "toml": (folder / CONFIG_NAME).read_text(), "dataset_toml": dataset_text,
             "resolved": resolved}

@@ -292,7 +292,8 @@ function chart(name, series, data, opts = {}) {
   live.charts[name] = new uPlot({
     width, height: 220,
     scales: { x: { time: false }, ...(opts.scales || {}) },
-    axes: [{ label: opts.xlabel || "step" }, { size: 60 }],
+    // three significant digits: uPlot's default rounds small learning rates to equal labels
+    axes: [{ label: opts.xlabel || "step" }, { size: 60, values: (u, vals) => vals.map((v) => (v === null ? "" : String(+v.toPrecision(3)))) }],
     series: [{ label: opts.xlabel || "step" }, ...series],
     ...(opts.extra || {}),
   }, data, box);

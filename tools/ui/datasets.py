@@ -65,7 +65,8 @@ class Datasets:
         for rec in data.records[:MAX_IMAGES]:
             from library.data.records import caption_path
 
-            cap = caption_path(rec.path, rec.subset.caption_extension) or rec.path.with_suffix(rec.subset.caption_extension)
+            ext = rec.subset.caption_extension
+            cap = caption_path(rec.path, ext) or rec.path.with_suffix(ext)  # where a new caption would go
             images.append({"path": str(rec.path), "caption_file": str(cap), "caption": _read(cap),
                            "has_caption_file": cap.exists(), "size": list(rec.size),
                            "backup": (cap.parent / (cap.name + BACKUP_SUFFIX)).exists()})

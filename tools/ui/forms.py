@@ -14,7 +14,6 @@ import shutil
 import threading
 import tomllib
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -266,7 +265,8 @@ def _validate(folder: Path, values: dict[str, Any], dataset_toml: str | None, cw
         os.chdir(old_cwd)
         write_run_files(folder, original, dataset_toml)
     dataset_text = (folder / DATASET_NAME).read_text() if (folder / DATASET_NAME).exists() else ""
-    return {"ok": not errors, "errors": errors, "toml": (folder / CONFIG_NAME).read_text(), "dataset_toml": dataset_text,
+    return {"ok": not errors, "errors": errors, "toml": (folder / CONFIG_NAME).read_text(),
+            "dataset_toml": dataset_text,
             "resolved": resolved}
 
 

@@ -30,12 +30,33 @@ def main() -> None:
         return epoch, micro
 
     trainer.parts.plan.step_batches = spy
+    if len(sys.argv) > 3 and sys.argv[3] == "commands":
+        trainer.listeners.append(commands(trainer))
     trainer.run()
     rank = trainer.parts.accelerator.process_index
     out.mkdir(parents=True, exist_ok=True)
     save_file(trainer.parts.network.kohya_state_dict(), str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.parts.accelerator.num_processes, "seen": seen,
                                                       "steps": trainer.step}))
+
+
+def commands(trainer):
+    """The main process's UI asks for a save after step 1; the second process alone gets SIGTERM
+    during step 2 (as when a scheduler signals one of them): every process must act alike."""
+    import os
+    import signal
+
+    rank = trainer.parts.accelerator.process_index
+    path = Path(trainer.cfg.saving.output_dir) / "commands.jsonl"
+
+    def listener(report, values):
+        if report.step == 1 and rank == 0:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"command": "save", "id": "ui-save"}) + "\n")
+        if report.step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return listener
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, cfg) -> subprocess.CompletedProcess:
+def run_two_processes(tmp_path, cfg, *worker_args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     # `--cpu --num_processes 2` silently starts one process; --multi_gpu with the CPU flag runs real DDP.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_worker.py"), str(cfg),
-           str(tmp_path / "ranks")]
+           str(tmp_path / "ranks"), *worker_args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -66,3 +66,26 @@ def test_two_process_sdxl_with_text_encoders_apt_and_validation(tmp_path, tiny_m
     # Each info line once, not once per process.
     assert proc.stderr.count("APT on:") == 1, proc.stderr[-3000:]
     assert proc.stderr.count("validation loss at step 2") == 1
+
+
+def test_commands_and_signals_act_on_every_process_at_the_same_step(tmp_path, tiny_models):
+    """The main process reads the command file, the second process alone is signalled: both save after
+    step 1 and stop after step 2, with one event stream and a resumable state."""
+    from library.train import checkpoint
+
+    images = make_images(tmp_path / "images", 6)
+    cfg = tiny_config(tmp_path, tiny_models["sd15"], images, max_train_steps=50)
+    proc = run_two_processes(tmp_path, cfg, "commands")
+    assert "SIGTERM received" in proc.stderr
+    info = [json.loads((tmp_path / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["steps"] for i in info] == [2, 2]
+    w0, w1 = (load_file(str(tmp_path / "ranks" / f"rank{r}.safetensors")) for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    out = tmp_path / "out"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["type"] for e in events].count("start") == 1 and events[0]["processes"] == 2
+    acks = [(e["command"], e["id"], e["step"], e["source"]) for e in events if e["type"] == "command"]
+    assert acks == [("save", "ui-save", 1, "file"), ("stop", "SIGTERM", 2, "SIGTERM")]
+    assert events[-1]["status"] == "stopped" and events[-1]["step"] == 2
+    assert checkpoint.read_state(out / "lora-step00000001-state").state.step == 1
+    assert checkpoint.read_state(out / "lora-step00000002-state").state.step == 2

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from library.config import build_config
 from library.train import checkpoint
-from library.train.control import COMMANDS_NAME, CommandFile
-from library.train.events import EVENTS_NAME, EventLog, jsonable
+from library.train.control import COMMANDS_NAME, CommandFile, send_command
+from library.train.events import EVENTS_NAME, EventLog, jsonable, read_events as tail
 from library.train.loop import Trainer
 from tests.helpers import make_images, run_main, tiny_config
 
@@ -30,8 +30,7 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
 
 
 def send(out: Path, command: str, ident: str) -> None:
-    with open(out / COMMANDS_NAME, "a") as fh:
-        fh.write(json.dumps({"command": command, "id": ident}) + "\n")
+    send_command(out, command, ident)
 
 
 def commanding(monkeypatch, at: dict[int, list[tuple[str, str]]]) -> None:
@@ -211,7 +210,17 @@ def test_stop_command_saves_a_resumable_state_and_exits_0_and_the_resume_appends
 def test_save_and_sample_commands_act_at_their_step(tiny_models, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_models["sd15"], make_images(tmp_path / "images", 2), max_train_steps=3)
     out = tmp_path / "out"
-    commanding(monkeypatch, {1: [("save", "s1")], 2: [("sample", "p1")]})
+    import library.train.loop as loop
+
+    real_build = loop.build_run
+
+    def build_run(cfg):  # the save is sent while the model loads: it counts, after the first step
+        run = real_build(cfg)
+        send(out, "save", "s1")
+        return run
+
+    monkeypatch.setattr(loop, "build_run", build_run)
+    commanding(monkeypatch, {2: [("sample", "p1")]})
     code, _, err = run_main(["--config", str(cfg), "--sample_prompts", prompts_file(tmp_path), *TRAIN])
     assert code == 0, err
     # the save: LoRA and state at step 1, though this config saves neither along the way
@@ -296,6 +305,14 @@ def test_events_are_plain_json_lines_and_a_cut_line_is_ended(tmp_path):
     assert event == {"v": 1, "type": "step", "time": event["time"], "run": "r1", "step": 1, "loss": None,
                      "lr": {"unet": None}, "path": str(tmp_path), "shape": [1, 2], "value": 0.5}
     assert jsonable({1: {2, }}) == {"1": [2]}
+    # the reader skips the cut line and waits for a line's newline
+    with open(path, "a") as fh:
+        fh.write('{"v": 1, "type": "end", "st')
+    events, offset = tail(path)
+    assert events == [event] and offset == len(path.read_bytes()) - len('{"v": 1, "type": "end", "st')
+    with open(path, "a") as fh:
+        fh.write('atus": "finished"}\n')
+    assert tail(path, offset) == ([{"v": 1, "type": "end", "status": "finished"}], len(path.read_bytes()))
     EventLog(None).emit("step", step=1)  # another process than the main one: nothing, nowhere
 
 

@@ -6,7 +6,8 @@ A UI (or anyone) appends one JSON object per line to the command file:
 
 The main process reads the lines added since its last look at every step boundary (it keeps the
 byte offset; a line without its newline yet is left for the next look). Lines already in the file
-when the run starts were meant for an earlier run and are skipped. A line that is not such an
+when the process starts were meant for an earlier run and are skipped; one sent while the model
+loads is acted on after the first step. A line that is not such an
 object is skipped with a warning event. Under several processes the main process's commands (and
 a signal any process received) are shared with every process, so all of them act after the same
 step. Each command acted on is acknowledged with a "command" event (library.train.events).
@@ -43,16 +44,21 @@ class Command:
     source: str = "file"      # "file", or the signal's name
 
 
+def command_offset(path: Path) -> int:
+    """Where the commands for a run starting now begin: the end of what is already in the file."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 class CommandFile:
     """New commands in `path` since the last read."""
 
-    def __init__(self, path: Path, warn):
+    def __init__(self, path: Path, warn, offset: int | None = None):
         self.path = path
         self.warn = warn       # a warning event and log line
-        try:
-            self.offset = path.stat().st_size
-        except OSError:
-            self.offset = 0
+        self.offset = command_offset(path) if offset is None else offset
         self._unreadable = False
 
     def read(self) -> list[Command]:
@@ -132,9 +138,11 @@ class StopSignals:
 class Control:
     """The commands due at a step boundary, the same on every process."""
 
-    def __init__(self, output_dir: Path, accelerator, warn):
+    def __init__(self, output_dir: Path, accelerator, warn, offset: int | None = None):
+        """`offset`: where this run's commands begin in the file (command_offset when the process started,
+        so that a command sent while the model loads counts)."""
         self.acc = accelerator
-        self.file = CommandFile(output_dir / COMMANDS_NAME, warn) if accelerator.is_main_process else None
+        self.file = CommandFile(output_dir / COMMANDS_NAME, warn, offset) if accelerator.is_main_process else None
         self.signals = StopSignals()
         self._signal_taken = False
 
@@ -170,3 +178,16 @@ class Control:
                     stop = True
                 merged.append(Command(command, ident, source))
         return merged
+
+
+def send_command(output_dir: str | os.PathLike, command: str, ident: str) -> None:
+    """Append one command for the run writing `output_dir` (one write to a file opened for appending,
+    so lines from several senders never interleave)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; valid: {', '.join(COMMANDS)}")
+    line = (json.dumps({"command": command, "id": ident}) + "\n").encode()
+    fd = os.open(Path(output_dir) / COMMANDS_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)

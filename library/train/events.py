@@ -83,7 +83,7 @@ class EventLog:
         self.run = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         self._fh = None
         self._failed = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pending: list[str] = []   # warnings logged before the start event
         self.started = False
 
@@ -270,3 +270,25 @@ class StepEvents:
             return
         eta = self.eta(report.step, report.seconds)
         self.events.emit("step", step=report.step, **step_fields(values, report.seconds, eta))
+
+
+def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int]:
+    """The complete events after byte `offset` of an events file, and the offset to read on from
+    (for tailing a running run: a line still being written waits for its newline). Lines that do
+    not parse (the cut-off line of a killed process) are skipped."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for raw in data[:end].splitlines():
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and "type" in event:
+            out.append(event)
+    return out, offset + end

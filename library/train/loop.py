@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from library.config import Config
 from library.config.loader import table_fields
 from library.errors import UserError
-from library.train import checkpoint, events, resume
+from library.train import checkpoint, control, events, resume
 from library.train import metrics as step_metrics
 from library.train.batches import MicroBatches, micro_batch_stream
 from library.train.builder import build_reporting, build_run
@@ -43,6 +43,7 @@ class Trainer:
         self._stream_next = -1
         self._fixed_samples: list[list] | None = None
         self.resumed_from: Path | None = None
+        self._commands_from = control.command_offset(Path(cfg.saving.output_dir) / control.COMMANDS_NAME)
         # The event stream (main process): nothing is written unless the run fails here or runs.
         self.events = events.EventLog.for_output(cfg.saving.output_dir)
         with self.events.capture_warnings():
@@ -196,7 +197,8 @@ class Trainer:
         run, outputs = self.parts, self.reporting.outputs
         acc = run.accelerator
         with self.events.capture_warnings(), \
-                Control(Path(self.cfg.saving.output_dir), acc, lambda message: log.warning("%s", message)) as control:
+                Control(Path(self.cfg.saving.output_dir), acc, lambda message: log.warning("%s", message),
+                        self._commands_from) as commands:
             try:
                 self.events.start(**self.start_fields())
                 outputs.begin(self.step, time.time())
@@ -207,7 +209,7 @@ class Trainer:
                 samples_per_step = sum(len(ref.items) for _, ref in run.plan.step_batches(self.step)[1]) * \
                     acc.num_processes
                 try:
-                    stopped = self._train_loop(bar, samples_per_step, control)
+                    stopped = self._train_loop(bar, samples_per_step, commands)
                 finally:
                     bar.close()
                     self._close_stream()

@@ -57,8 +57,9 @@ class Datasets:
         ds_path = self.scratch / "dataset.toml"
         with self._lock:
             ds_path.write_text(text, encoding="utf-8")
+            # the namespace tools/check_dataset.py's own parser makes, with its defaults
             args = argparse.Namespace(config=None, dataset_config=str(ds_path), seed=None, resolution=resolution or (
-                None if model else 512), pretrained_model_name_or_path=model or None)
+                None if model else 512), pretrained_model_name_or_path=model or None, max_token_length=None)
             data = load(args)
             report = build_report(data)
         images = []

@@ -96,7 +96,8 @@ def test_form_has_every_option_with_its_declaration():
                                             "logging", "apt"]
     dim = by_key["network_dim"]
     assert (dim["kind"], dim["default"], dim["ge"], dim["help"]) == ("int", 16, 1, "LoRA rank of the linear layers")
-    assert by_key["optimizer_type"]["kind"] == "choice" and "Prodigy" in by_key["optimizer_type"]["choices"]
+    assert by_key["save_precision"]["kind"] == "choice" and by_key["save_precision"]["choices"] == ["float", "fp16",
+                                                                                                     "bf16"]
     assert by_key["network_type"]["choices"][:1] == ["lora"]  # from the network-kind table
     assert (by_key["apt.bins"]["ge"], by_key["apt.bins"]["le"]) == (2, 100)
     assert by_key["pretrained_model_name_or_path"]["required"]
@@ -108,16 +109,14 @@ def test_form_has_every_option_with_its_declaration():
 def test_each_mistake_beside_its_field_with_the_cli_message(tmp_path, tiny_sd15):
     client = TestClient(create_app(tmp_path / "ws", launcher=FAKE, scheduler=False))
     values, dataset = tiny_run_values(tmp_path, tiny_sd15, steps=3)
-    values.update({"network_dim": "0", "learning_rate": "fast", "apt.bins": "1", "rs_layers": "[", "optimizer_type": "Adam"})
+    values.update({"network_dim": "0", "learning_rate": "fast", "apt.bins": "1", "rs_layers": "[", "save_precision": "fp8"})
     result = client.post("/api/validate", json={"values": values, "dataset_toml": dataset}).json()
     assert not result["ok"] and result["resolved"] is None
     got = {e["field"]: e["message"].split(": ", 1)[1] for e in result["errors"]}
     assert got == {
         "rs_layers": 'unknown option',
         "network_dim": "[network] network_dim: expected an integer >= 1, got 0",
-        "optimizer_type": "[optimizer] optimizer_type: expected one of 'AdamW', 'AdamW8bit', 'PagedAdamW', "
-                          "'PagedAdamW8bit', 'PagedAdamW32bit', 'Lion', 'Lion8bit', 'PagedLion8bit', 'Prodigy', "
-                          "'Adafactor', 'SGD', got 'Adam'",
+        "save_precision": "[saving] save_precision: expected one of 'float', 'fp16', 'bf16', got 'fp8'",
         "learning_rate": "[optimizer] learning_rate: expected a number > 0, got 'fast'",
         "apt.bins": "[apt] bins: expected an integer >= 2 and <= 100, got 1",
     }

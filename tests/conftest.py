@@ -65,3 +65,9 @@ def _fresh_accelerate_state():
         PartialState._reset_state()
     except ImportError:
         pass
+
+
+def pytest_configure(config):
+    # registered here rather than in pytest.ini, which other branches edit too
+    config.addinivalue_line("markers", "browser: drives the web UI in headless Chromium "
+                                       "(tests/test_webui_browser.py); run alone with -m browser")

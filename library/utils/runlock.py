@@ -63,6 +63,28 @@ def _holder_is_running(info: dict) -> bool:
     return started is None or _start_time(pid) in (None, started)
 
 
+def _refusal(path: Path, info: dict, option: str) -> str | None:
+    host = info.get("host")
+    if host not in (None, socket.gethostname()):
+        return (f"{option} {path.parent}: a run on host {host} (pid {info.get('pid')}) is writing there; "
+                f"use another {option}, or delete {path} if that run has ended")
+    if _holder_is_running(info) and info.get("pid") != os.getpid():
+        return (f"{option} {path.parent}: another run (pid {info['pid']}) is writing there; "
+                f"wait for it to finish or choose another {option}")
+    return None
+
+
+def busy_message(folder: str | os.PathLike, option: str = "output_dir") -> str | None:
+    """The message a run starting now in `folder` would stop with, or None when the folder is free
+    (for launchers that check before they start a process; the lock itself stays the authority)."""
+    path = Path(folder) / LOCK_NAME
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return _refusal(path, info, option) if isinstance(info, dict) else None
+
+
 class RunLock:
     """`with RunLock(folder, option):` holds the folder for this process; released on exit."""
 
@@ -100,13 +122,9 @@ class RunLock:
             return  # released meanwhile
         except (OSError, ValueError):
             info = {}
-        host = info.get("host")
-        if host not in (None, socket.gethostname()):
-            raise UserError(f"{self.option} {self.path.parent}: a run on host {host} (pid {info.get('pid')}) is "
-                            f"writing there; use another {self.option}, or delete {self.path} if that run has ended")
-        if _holder_is_running(info) and info.get("pid") != os.getpid():
-            raise UserError(f"{self.option} {self.path.parent}: another run (pid {info['pid']}) is writing there; "
-                            f"wait for it to finish or choose another {self.option}")
+        refusal = _refusal(self.path, info, self.option)
+        if refusal:
+            raise UserError(refusal)
         log.warning("%s: taking over the lock of pid %s, which is no longer running (a killed or crashed run)",
                     self.path, info.get("pid", "unknown"))
         try:

@@ -141,3 +141,31 @@ def test_regularisers_scaled_by_gamma(tmp_path, tiny_models, images):
     terms = sum(constant.stats[f"apt/{k}"] for k in ("l_mu", "l_sigma", "l_attn"))
     assert terms > 0 and constant.stats["apt/l_mu"] == gamma.stats["apt/l_mu"]
     assert torch.allclose(constant.loss - gamma.loss, torch.tensor(0.75 * terms), rtol=1e-3)
+
+
+def test_views_indicator_resumes_exactly(tmp_path, tiny_models, images):
+    """The views' shifts come from the step's generator and the indicator's EMAs are in the state: a run
+    stopped and resumed ends with the weights and indicator of a straight run."""
+    from safetensors.torch import load_file
+
+    from library.config.loader import build_config
+    from library.train.loop import Trainer
+    from tests.helpers import tiny_config
+
+    views = [("apt", "true"), ("apt.indicator", "views"), ("apt.reference_every", "1"),
+             ("save_precision", "float"), ("mixed_precision", "no")]
+    runs = {}
+    for name, steps in (("straight", 4), ("split", 2)):
+        (tmp_path / name).mkdir()
+        runs[name] = tiny_config(tmp_path / name, tiny_models["sd15"], images, max_train_steps=steps)
+    straight = Trainer(build_config(str(runs["straight"]), views))
+    straight.run()
+    Trainer(build_config(str(runs["split"]), [*views, ("save_state", "true")])).run()
+    resumed = Trainer(build_config(str(runs["split"]), [*views, ("resume", "latest"), ("max_train_steps", "4")]))
+    resumed.run()
+    a = load_file(str(tmp_path / "straight" / "out" / "lora.safetensors"))
+    b = load_file(str(tmp_path / "split" / "out" / "lora.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    ia, ib = straight.probe.indicator(), resumed.probe.indicator()
+    assert ia["form"] == ib["form"] == "views" and any(ia["seen"])
+    assert torch.allclose(torch.as_tensor(ia["gamma"]), torch.as_tensor(ib["gamma"]), atol=1e-6)

@@ -210,7 +210,7 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     table = (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text()
     assert "class prompts" not in table  # the crescent has no class prompts
     to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")
-    to_pp, to_apt = to_pp.split("Paired difference to APT with the reference pass on every step")
+    to_pp, to_apt = to_pp.split("Paired difference to APT (relative indicator, reference pass on every step)")
     assert "| metric | LoRA + prior preservation | APT | APT (reference every 4) |" in to_lora
     assert ("| concept fidelity: classifier-feature similarity to the training images | -0.030 +- 0.127 | +0.000 +- 0.127 "
             "| +0.000 +- 0.000 |") in to_lora

@@ -177,7 +177,7 @@ def test_tiny_run_through_the_api_stop_resume_save_sample_finish(tmp_path, tiny_
     """The real trainer, started detached by the API: every command's effect is checked."""
     app = create_app(tmp_path / "ws", launcher="python", scheduler=False)
     client = TestClient(app)
-    values, dataset = tiny_run_values(tmp_path, tiny_sd15, steps=5)
+    values, dataset = tiny_run_values(tmp_path, tiny_sd15, steps=12)  # room for commands after the resume
     created = client.post("/api/runs", json={"name": "tiny", "values": values, "dataset_toml": dataset})
     assert created.status_code == 201, created.json()
     run_id = created.json()["run"]["id"]
@@ -186,7 +186,7 @@ def test_tiny_run_through_the_api_stop_resume_save_sample_finish(tmp_path, tiny_
 
     _wait(lambda: any(e["type"] == "step" for e in _events(client, run_id)), "the first step")
     start = next(e for e in _events(client, run_id) if e["type"] == "start")
-    assert start["v"] == 1 and start["max_steps"] == 5 and start["dataset"]["images"] == 4
+    assert start["v"] == 1 and start["max_steps"] == 12 and start["dataset"]["images"] == 4
     assert _status(client, run_id) == "running"
     # a second run into the same folder is refused with the trainer's message
     second = client.post("/api/runs", json={"name": "again", "values": values, "dataset_toml": dataset})
@@ -200,7 +200,7 @@ def test_tiny_run_through_the_api_stop_resume_save_sample_finish(tmp_path, tiny_
     ack = _ack(client, run_id, stop)
     stopped_at = ack["step"]
     end = [e for e in _events(client, run_id) if e["type"] == "end"][-1]
-    assert end["status"] == "stopped" and end["step"] == stopped_at < 5
+    assert end["status"] == "stopped" and end["step"] == stopped_at < 12
     saves = [e for e in _events(client, run_id) if e["type"] == "save"]
     assert saves[-1]["state"] and Path(saves[-1]["state"]).is_dir()  # the resumable state of the stop
     assert client.post(f"/api/runs/{run_id}/command", json={"command": "save"}).status_code == 400  # not running
@@ -229,7 +229,7 @@ def test_tiny_run_through_the_api_stop_resume_save_sample_finish(tmp_path, tiny_
     assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert client.get(f"/api/runs/{run_id}/file", params={"path": str(ROOT / "pyproject.toml")}).status_code == 404
     end = events[-1]
-    assert end["type"] == "end" and end["status"] == "finished" and end["step"] == 5
+    assert end["type"] == "end" and end["status"] == "finished" and end["step"] == 12
 
     results = client.get(f"/api/runs/{run_id}/results").json()
     final = next(f for f in results["loras"] if f["name"] == "lora.safetensors")

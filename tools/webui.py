@@ -16,11 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/webui.py` from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from library.errors import UserError  # noqa: E402
-from library.utils.toolmain import command  # noqa: E402
+from library.errors import UserError
+from library.utils.toolmain import command
 
 DEFAULT_PORT = 7870
 

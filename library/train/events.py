@@ -276,6 +276,12 @@ def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], i
     """The complete events after byte `offset` of an events file, and the offset to read on from
     (for tailing a running run: a line still being written waits for its newline). Lines that do
     not parse (the cut-off line of a killed process) are skipped."""
+    located, end = read_located(path, offset)
+    return [event for _, event in located], end
+
+
+def read_located(path: str | os.PathLike, offset: int = 0) -> tuple[list[tuple[int, dict]], int]:
+    """Like read_events, with the byte offset where each event's line starts (the web UI pages by it)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(offset)
@@ -283,12 +289,13 @@ def read_events(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], i
     except FileNotFoundError:
         return [], offset
     end = data.rfind(b"\n") + 1
-    out = []
-    for raw in data[:end].splitlines():
+    located, pos = [], offset
+    for line in data[:end].split(b"\n")[:-1]:
+        start, pos = pos, pos + len(line) + 1
         try:
-            event = json.loads(raw)
+            event = json.loads(line)
         except ValueError:
-            continue
+            continue  # empty, or cut short by a killed process (the trainer ends it before appending)
         if isinstance(event, dict) and "type" in event:
-            out.append(event)
-    return out, offset + end
+            located.append((start, event))
+    return located, offset + end

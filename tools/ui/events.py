@@ -1,49 +1,12 @@
 """Reading a run's `events.jsonl` while the trainer appends to it (the schema: docs/training.md, "Events and commands").
 
-The trainer flushes one JSON object per line; a reader can meet the last line half written, so
-only complete lines are taken and the byte offset after them is where the next read starts.
+Reading is library.train.events.read_events / read_located (complete lines only, the byte offset
+after them is where the next read starts); this module folds events into what the pages show.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-EVENTS_NAME = "events.jsonl"
-COMMANDS_NAME = "commands.jsonl"
-SCHEMA_VERSION = 1
-
-
-def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
-    """The complete events after byte `offset`, and the offset after the last complete line."""
-    located, end = read_located(path, offset)
-    return [event for _, event in located], end
-
-
-def read_located(path: Path, offset: int = 0) -> tuple[list[tuple[int, dict]], int]:
-    """Like read_events, with the byte offset where each event's line starts."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n")
-    if end < 0:
-        return [], offset
-    located = []
-    pos = offset
-    for line in data[:end].split(b"\n"):
-        start, pos = pos, pos + len(line) + 1
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed process; the trainer ends it before appending
-        if isinstance(event, dict) and "type" in event:
-            located.append((start, event))
-    return located, offset + end + 1
+# The trainer's own reader of the file (library.train.events); this module folds what it reads.
+from library.train.events import read_events, read_located  # noqa: F401 (read_events: the UI's tests)
 
 
 def summarise(events: list[dict]) -> dict:

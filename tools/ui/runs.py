@@ -23,12 +23,13 @@ from pathlib import Path
 from library.errors import UserError
 from library.utils.atomic import atomic_write_text
 from library.utils.runlock import _start_time, busy_message
-from tools.ui.events import COMMANDS_NAME, EVENTS_NAME, read_located, summarise
+from library.train.control import COMMANDS, send_command
+from library.train.events import EVENTS_NAME, read_located
+from tools.ui.events import summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "train_apt_lora.py"
 RUN_FILE = "run.json"
-COMMANDS = ("stop", "save", "sample")
 ACTIVE = ("starting", "running")
 LOG_TAIL_LINES = 40
 
@@ -199,8 +200,8 @@ class Workspace:
                 starts, events, end = [], [], 0
             if size > end:
                 located, end = read_located(path, end)
-                starts = starts + [start for start, _ in located]
-                events = events + [event for _, event in located]
+                starts.extend(start for start, _ in located)  # the cached lists grow in place
+                events.extend(event for _, event in located)
                 self._cache[path] = (starts, events, end)
         if offset <= 0:
             return list(events), end
@@ -283,11 +284,8 @@ class Workspace:
         if status != "running":  # the trainer reads commands appended after it started, not before
             raise UserError(f"run {run_id} is {status}; commands go to a running run")
         command_id = secrets.token_hex(6)
-        path = Path(rec["output_dir"]) / COMMANDS_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:  # one short line per write: appends do not interleave
-            fh.write(json.dumps({"command": command, "id": command_id}) + "\n")
-            fh.flush()
+        Path(rec["output_dir"]).mkdir(parents=True, exist_ok=True)
+        send_command(rec["output_dir"], command, command_id)
         return command_id
 
     def _terminate(self, rec: dict) -> str:

@@ -52,6 +52,17 @@ def random_lora(model: Path, spec, seed: int = 0, scale: float = 0.2):
     return bundle, network
 
 
+def random_lora_file(model: Path, path: Path, spec, seed: int = 0):
+    """(bundle, path): random_lora's network written to `path` as a kohya fp32 file, as a tool reads it."""
+    import torch
+
+    from library.lora.kohya_file import write_lora
+
+    bundle, network = random_lora(model, spec, seed)
+    write_lora(path, network.kohya_state_dict(torch.float32), {"ss_base_model_version": bundle.base_model_version})
+    return bundle, path
+
+
 def run_main(argv: list[str]) -> tuple[int, str, str]:
     """Run train_apt_lora.main in-process; returns (exit code, stdout, stderr)."""
     import train_apt_lora

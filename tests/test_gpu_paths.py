@@ -14,7 +14,7 @@ from library.errors import UserError
 from library.train.optimizers import OPTIMIZERS, build_optimizer
 from library.train.setup import resolve_precision, vae_dtype
 from library.train.tracking import PeakMemory
-from tests.helpers import tiny_config
+from tests.helpers import random_lora_file, tiny_config
 
 
 def fake_gpu(monkeypatch, native_bf16: bool) -> None:
@@ -154,25 +154,10 @@ def test_decode_matches_the_pipeline_in_fp32(arch):
 def test_sample_lora_moves_each_model_once_in_its_dtype(tmp_path, tiny_models, monkeypatch):
     """Merged on the CPU in fp32, then UNet and text encoders moved once in bf16 and the VAE in fp32;
     a bf16 UNet beside an fp32 VAE (no autocast) must decode."""
-    import sys
-    from pathlib import Path
+    from library.lora.network import NetworkSpec
+    from tools import sample_lora
 
-    from library.config.options import ModelOptions
-    from library.lora.kohya_file import write_lora
-    from library.lora.network import ADAPTER, LoraNetwork, NetworkSpec
-    from library.models.loader import load_models
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import sample_lora
-
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models["sdxl"])))
-    torch.manual_seed(0)
-    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, NetworkSpec(dim=2, alpha=2.0))
-    with torch.no_grad():
-        for _, layer in network.layers.values():
-            layer.lora_B[ADAPTER].weight.normal_(0, 0.1)
-    lora = tmp_path / "l.safetensors"
-    write_lora(lora, network.kohya_state_dict(torch.float32), {"ss_base_model_version": bundle.base_model_version})
+    bundle, lora = random_lora_file(tiny_models["sdxl"], tmp_path / "l.safetensors", NetworkSpec(dim=2, alpha=2.0))
 
     moves = []
     original = torch.nn.Module.to

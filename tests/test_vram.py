@@ -8,7 +8,7 @@ import torch
 from library.lora.network import ADAPTER
 from library.train.diffusion import step_generator
 from library.utils.memory import SavedTensors, graph_saved_bytes
-from tests.helpers import first_batch, tiny_trainer
+from tests.helpers import first_batch, random_lora_file, tiny_trainer
 
 
 def apt_trainer(tmp_path, tiny_models, images, *overrides, model="sdxl", **training):
@@ -185,26 +185,11 @@ def tensor_bytes(obj, skip: set[int], seen: set[int] | None = None) -> int:
 @pytest.mark.parametrize("compare_base", [False, True])
 def test_sample_lora_holds_at_most_one_run_dtype_copy_of_the_changed_weights(tmp_path, tiny_models, monkeypatch,
                                                                               compare_base):
-    import sys
-    from pathlib import Path
-
-    from library.config.options import ModelOptions
     from library.lora import apply
-    from library.lora.kohya_file import write_lora
-    from library.lora.network import LoraNetwork, NetworkSpec
-    from library.models.loader import load_models
+    from library.lora.network import NetworkSpec
+    from tools import sample_lora
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import sample_lora
-
-    bundle = load_models(ModelOptions(pretrained_model_name_or_path=str(tiny_models["sd15"])))
-    torch.manual_seed(0)
-    network = LoraNetwork(bundle.unet, bundle.text_encoders, bundle.arch, NetworkSpec(dim=2, alpha=2.0))
-    with torch.no_grad():
-        for _, layer in network.layers.values():
-            layer.lora_B[ADAPTER].weight.normal_(0, 0.1)
-    lora = tmp_path / "l.safetensors"
-    write_lora(lora, network.kohya_state_dict(torch.float32), {"ss_base_model_version": bundle.base_model_version})
+    bundle, lora = random_lora_file(tiny_models["sd15"], tmp_path / "l.safetensors", NetworkSpec(dim=2, alpha=2.0))
     made = []
     original = apply.MergedLoras.__init__
 

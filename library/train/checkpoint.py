@@ -220,16 +220,7 @@ def read_state(folder: Path) -> LoadedState:
                                                         (state.step, state.consumed, state.epoch, state.position)):
         raise DamagedState(meta_path, f"not a state of version {STATE_VERSION} with whole step counts")
     rng = _rng_from(meta, meta_path, folder / "rng.pt")
-    lora_path = folder / "lora.safetensors"
-    try:
-        lora = load_file(str(lora_path))
-    except FileNotFoundError:
-        raise DamagedState(lora_path, "missing") from None
-    except Exception as exc:  # safetensors' own error type
-        raise DamagedState(lora_path, f"unreadable ({describe_error(exc)})") from None
-    bad = non_finite(lora)
-    if bad:
-        raise DamagedState(lora_path, f"{len(bad)} tensors hold NaN or infinite values (e.g. {bad[0]})")
+    lora = _tensor_file(folder / "lora.safetensors")
     for group in meta.get("tensor_files") or []:
         state.tensors[group] = _tensor_file(folder / f"{group}.safetensors")
     optimizer = _torch_file(folder / "optimizer.pt")

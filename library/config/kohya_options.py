@@ -175,8 +175,6 @@ KEYS: tuple[KohyaKey, ...] = (
              "(or full_bf16 = true with bf16)"),
     KohyaKey("fp16_master_weights_and_gradients", REFUSED, "fp16 master weights are not supported; the LoRA trains "
              "in fp32 (or bf16 with full_bf16)"),
-    KohyaKey("fp8_base", REFUSED, "fp8 base weights are not supported"),
-    KohyaKey("fp8_base_unet", REFUSED, "fp8 base weights are not supported"),
     KohyaKey("fused_backward_pass", REFUSED, "a full fine-tuning memory trick of kohya's; not used for LoRA here"),
     KohyaKey("cpu_offload_checkpointing", REFUSED, _FAMILY),
     KohyaKey("deepspeed", REFUSED, _DEEPSPEED),

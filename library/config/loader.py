@@ -313,6 +313,10 @@ def _cross_checks(values: dict, source: str) -> None:
     if net.network_dropout and not kind.dropout:
         raise UserError(f"{source}: [network] network_dropout: {kind.name} has no dropout on its input (peft's "
                         f"{kind.peft_config.removesuffix('Config')} layers); set it to 0")
+    fp8 = "fp8_base" if train.fp8_base else "fp8_base_unet" if train.fp8_base_unet else None
+    if fp8 and kind.dora == kind.name:
+        raise UserError(f"{source}: [training] {fp8}: {kind.name} scales the base weight itself (peft reads it "
+                        "unquantised); use another network_type or set it to false")
     if train.min_timestep >= train.max_timestep:
         raise UserError(f"{source}: [training] min_timestep ({train.min_timestep}) must be below max_timestep "
                         f"({train.max_timestep})")

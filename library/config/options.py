@@ -228,6 +228,10 @@ class TrainingOptions:
                               "stabilisation, attention alignment); its settings are the [apt] table", kohya=False)
     full_bf16: bool = option(False, "keep the LoRA weights and optimizer state in bf16 too (needs mixed_precision "
                                     "bf16; saves memory, slightly less precise)")
+    fp8_base: bool = option(False, "store the frozen UNet's and text encoders' Linear/Conv weights in float8 "
+                                   "(one byte per weight, dequantised per layer for its matmul): about half the "
+                                   "base weights' memory, slightly less precise")
+    fp8_base_unet: bool = option(False, "as fp8_base, for the UNet only (the text encoders stay in the run's dtype)")
     no_half_vae: Optional[bool] = option(
         None, "keep the VAE in fp32; unset = fp32 for the SDXL VAE under fp16 (it overflows), else the training "
               "precision")

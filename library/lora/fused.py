@@ -19,6 +19,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from library.models.fp8 import base_weight
+
 
 def _autocast_on(device_type: str) -> bool:
     try:
@@ -40,7 +42,7 @@ class _WholeDeltaLayer(torch.autograd.Function):
         base = layer.get_base_layer()
         with torch.autocast(x.device.type, enabled=False):
             with torch.no_grad():
-                weight = (base.weight.float() + _delta(layer)).to(dtype)
+                weight = (base_weight(base, torch.float32) + _delta(layer)).to(dtype)
             xc = x.to(dtype)
             bias = None if base.bias is None else base.bias.to(dtype)
             out = _apply(base, xc, weight, bias)
@@ -56,7 +58,7 @@ class _WholeDeltaLayer(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             with torch.enable_grad():
                 delta = _delta(layer)
-            weight = (base.weight.float() + delta.detach()).to(dtype)
+            weight = (base_weight(base, torch.float32) + delta.detach()).to(dtype)
             grad = grad.to(dtype)
             grad_x = None
             if isinstance(base, torch.nn.Conv2d):

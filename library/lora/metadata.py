@@ -98,6 +98,8 @@ def build_metadata(cfg: Config, facts: TrainingFacts, finished_at: float | None 
         "ss_zero_terminal_snr": str(cfg.training.zero_terminal_snr),
         "ss_prior_loss_weight": _num(cfg.training.prior_loss_weight),
         "ss_full_bf16": str(cfg.training.full_bf16),
+        "ss_fp8_base": str(cfg.training.fp8_base),
+        "ss_fp8_base_unet": str(cfg.training.fp8_base_unet),
         "ss_cache_latents": str(cfg.data.cache_latents or cfg.data.cache_latents_to_disk),
         "ss_steps": str(facts.steps),
         "ss_epoch": str(facts.epochs),

@@ -33,6 +33,7 @@ from library.lora.compat import network_target, read_checked
 from library.lora.kohya_file import SAVE_DTYPES
 from library.lora.metadata import TrainingFacts
 from library.lora.network import LoraNetwork, NetworkSpec
+from library.models.fp8 import store_in_fp8
 from library.models.loader import ModelBundle, load_models, plan_model
 import library.train.apt_method  # noqa: F401  registers APT as a training method
 from library.train import metrics as step_metrics
@@ -113,7 +114,8 @@ def build_run(cfg: Config) -> TrainingRun:
 
     def load_and_place() -> ModelBundle:
         loaded = load_models(cfg.model, model_plan, dtype=weights if vae == weights else torch.float32)
-        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents)
+        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents,
+                     fp8=fp8_models(training.fp8_base, training.fp8_base_unet))
         return loaded
 
     bundle = in_turns(acc, load_and_place)
@@ -243,16 +245,25 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
                             spec.bucket_reso_steps, multiple, bundle.family.label)
 
 
+def fp8_models(fp8_base: bool, fp8_base_unet: bool) -> frozenset[str]:
+    """Which models keep their frozen weights in float8: kohya's fp8_base means the UNet and the
+    text encoders, fp8_base_unet the UNet alone."""
+    return frozenset(({"unet", "text_encoders"} if fp8_base else set()) | ({"unet"} if fp8_base_unet else set()))
+
+
 def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype,
-                 vae_only: bool = False) -> None:
+                 vae_only: bool = False, fp8: frozenset[str] = frozenset()) -> None:
     """Every model in its dtype; on the device, or only the VAE there (`vae_only`: the others
-    follow with `move_models` after latent caching)."""
+    follow with `move_models` after latent caching). Models named in `fp8` are converted on the
+    host first, so that their full-precision weights never reach the device."""
     bundle.vae.to(device, vae)
-    for model in [bundle.unet, *bundle.text_encoders]:
-        if vae_only:
-            model.to(dtype)
-        else:
-            model.to(device, dtype)
+    for name, model in [("unet", bundle.unet), *(("text_encoders", te) for te in bundle.text_encoders)]:
+        model.to(dtype)
+        if name in fp8:
+            stored = store_in_fp8(model)
+            log.info("%s: %.1fM frozen weights stored in float8", name.replace("_", " ").rstrip("s"), stored / 1e6)
+        if not vae_only:
+            model.to(device)
 
 
 def move_models(bundle: ModelBundle, device: torch.device) -> None:

@@ -13,6 +13,7 @@ launch`, a TOML config per run), one subprocess per run:
   sd15-{plain,apt}-{bf16,fp16}   512 px, batch 4, rank 16, AdamW, SDPA, cached latents
   sdxl-{plain,apt}-bf16          1024 px, batch 1, rank 16, AdamW8bit, gradient checkpointing,
                                  cached latents and text-encoder outputs
+  sdxl-{plain,apt}-bf16-fp8      the same with fp8_base (presets/sdxl_8gb.toml's UNet in float8)
   sdxl-{plain,apt}-bf16-xformers the same with attention = "xformers" (only when xformers imports)
   sample-sdxl                    one image from the trained SDXL LoRA with tools/sample_lora.py
   reread-sdxl                    that LoRA read by the project's reader and by diffusers'
@@ -62,6 +63,7 @@ class Run:
     apt: bool = False
     precision: str = "bf16"
     attention: str = "sdpa"
+    fp8: bool = False         # fp8_base: the frozen UNet (and text encoders) stored in float8
 
 
 # Most important first; the check runs them in this order.
@@ -70,6 +72,8 @@ MATRIX = [
     Run("sdxl-apt-bf16", "train", "sdxl", apt=True),
     Run("sd15-apt-bf16", "train", "sd15", apt=True),
     Run("sd15-plain-bf16", "train", "sd15"),
+    Run("sdxl-apt-bf16-fp8", "train", "sdxl", apt=True, fp8=True),
+    Run("sdxl-plain-bf16-fp8", "train", "sdxl", fp8=True),
     Run("sample-sdxl", "sample", "sdxl"),
     Run("sd15-apt-fp16", "train", "sd15", apt=True, precision="fp16"),
     Run("sd15-plain-fp16", "train", "sd15", precision="fp16"),
@@ -159,7 +163,8 @@ def write_train_config(run: Run, folder: Path, model: Path, images: Path, tiny: 
         "optimizer": {"optimizer_type": a["optimizer"], "learning_rate": 1e-4},
         "training": {"max_train_steps": steps, "train_batch_size": a["batch"],
                      "mixed_precision": "no" if tiny else run.precision, "attention": run.attention,
-                     "gradient_checkpointing": a["checkpointing"], "apt": run.apt, "seed": 42},
+                     "gradient_checkpointing": a["checkpointing"], "apt": run.apt, "fp8_base": run.fp8,
+                     "seed": 42},
         "data": {"cache_latents": True, "cache_text_encoder_outputs": a["cache_text"]},
         "saving": {"output_dir": folder / "output", "output_name": run.name, "save_precision": "fp16"},
         "logging": {"log_with": "tensorboard", "logging_dir": folder / "logs"},
@@ -462,6 +467,11 @@ def environment(tiny: bool) -> dict:
 
 
 APT_GAP_TARGET_GIB = 1.0  # issue 21: SDXL APT within 1 GiB of plain LoRA
+# Reserved memory over the whole run (caching and sampling included) that each SDXL row must stay
+# under: the lowvram settings on a 12 GB card with room to spare (issue 21), the fp8 rows on an 8 GB
+# card that also drives a display (bench/memory_estimate.py expects about 3.5 GiB allocated).
+RESERVED_TARGETS_GIB = {"sdxl-plain-bf16": 8.0, "sdxl-apt-bf16": 9.0,
+                        "sdxl-plain-bf16-fp8": 6.5, "sdxl-apt-bf16-fp8": 6.5}
 
 
 def comparisons(results: dict[str, Result]) -> list[str]:
@@ -498,11 +508,18 @@ def memory_notes(results: dict[str, Result]) -> list[str]:
         if None not in reserved:
             lines.append(f"{arch} {precision}: reserved over the whole run (caching and sampling included): plain "
                          f"{reserved[0]:.2f} GiB, APT {reserved[1]:.2f} GiB")
-    plain, apt = ok("sdxl-plain-bf16"), ok("sdxl-apt-bf16")
-    if plain and apt and plain.peak_gib is not None and apt.peak_gib is not None:
-        gap = apt.peak_gib - plain.peak_gib
-        lines.append(f"target APT - plain <= {APT_GAP_TARGET_GIB:.0f} GiB (sdxl bf16): {gap:+.2f} GiB, "
-                     + ("met" if gap <= APT_GAP_TARGET_GIB else "NOT met"))
+    for suffix in ("", "-fp8"):
+        plain, apt = ok(f"sdxl-plain-bf16{suffix}"), ok(f"sdxl-apt-bf16{suffix}")
+        if plain and apt and plain.peak_gib is not None and apt.peak_gib is not None:
+            gap = apt.peak_gib - plain.peak_gib
+            lines.append(f"target APT - plain <= {APT_GAP_TARGET_GIB:.0f} GiB (sdxl bf16{suffix}): {gap:+.2f} GiB, "
+                         + ("met" if gap <= APT_GAP_TARGET_GIB else "NOT met"))
+    for name, target in RESERVED_TARGETS_GIB.items():
+        r = ok(name)
+        reserved = r.extra.get("whole_run_reserved_gib") if r else None
+        if reserved is not None:
+            lines.append(f"target {name} reserved <= {target:.1f} GiB: {reserved:.2f} GiB, "
+                         + ("met" if reserved <= target else "NOT met"))
     return lines
 
 

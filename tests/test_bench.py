@@ -19,3 +19,16 @@ def test_apt_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     assert results["plain LoRA"]["time_ratio"] == 1.0
     assert all(r["s_per_step"] > 0 and r["peak_bytes"] > 0 for r in results.values())
     assert "APT: full" in capsys.readouterr().out
+
+
+def test_the_memory_ladder_is_read_from_the_presets():
+    import memory_estimate
+
+    settings = {(preset, tuple(o)): memory_estimate.preset_settings(preset, tree, o)
+                for preset, tree, _, _, o in memory_estimate.LADDER}
+    eight = settings[("sdxl_8gb.toml", ())]
+    assert eight["fp8_unet"] and eight["fp8_text"] and not eight["text_on_device"] and eight["checkpointing"]
+    assert eight["optimizer"] == "AdamW8bit"
+    assert not settings[("sdxl_lowvram.toml", ())]["fp8_unet"]
+    assert settings[("sdxl.toml", (("gradient_checkpointing", "false"),))]["checkpointing"] is False
+    assert settings[("sdxl.toml", ())]["rank"] == 32

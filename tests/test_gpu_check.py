@@ -168,12 +168,18 @@ def test_step_time_counts_the_reference_pass_every_4th_step_at_its_share():
 
 def test_memory_notes_report_reserved_and_the_apt_target():
     results = {r.name: gpu_check.Result(r.name, status="dropped") for r in MATRIX}
-    for name, peak, reserved in (("sdxl-plain-bf16", 7.0, 8.5), ("sdxl-apt-bf16", 7.6, 9.2)):
+    for name, peak, reserved in (("sdxl-plain-bf16", 7.0, 8.5), ("sdxl-apt-bf16", 7.6, 9.2),
+                                 ("sdxl-plain-bf16-fp8", 3.4, 5.0), ("sdxl-apt-bf16-fp8", 3.5, 5.1)):
         results[name] = gpu_check.Result(name, "ok", 1.0, peak, True, 0.1, 13, 60.0,
                                          extra={"whole_run_reserved_gib": reserved})
     assert gpu_check.memory_notes(results) == [
         "sdxl bf16: reserved over the whole run (caching and sampling included): plain 8.50 GiB, APT 9.20 GiB",
-        "target APT - plain <= 1 GiB (sdxl bf16): +0.60 GiB, met"]
+        "target APT - plain <= 1 GiB (sdxl bf16): +0.60 GiB, met",
+        "target APT - plain <= 1 GiB (sdxl bf16-fp8): +0.10 GiB, met",
+        "target sdxl-plain-bf16 reserved <= 8.0 GiB: 8.50 GiB, NOT met",
+        "target sdxl-apt-bf16 reserved <= 9.0 GiB: 9.20 GiB, NOT met",
+        "target sdxl-plain-bf16-fp8 reserved <= 6.5 GiB: 5.00 GiB, met",
+        "target sdxl-apt-bf16-fp8 reserved <= 6.5 GiB: 5.10 GiB, met"]
     metrics = gpu_check.train_metrics({"loss": [(1, 0.1)], "peak_reserved_whole_run_gib": [(1, 3.0), (2, 4.0)]}, 0, 1)
     assert metrics["extra"] == {"whole_run_reserved_gib": 4.0}
 

@@ -27,7 +27,8 @@ def test_every_option_and_dataset_key_is_documented():
     assert documented - expected == set(), "documented but not an option"
 
 
-@pytest.mark.parametrize("preset,model", [("sd15", "sd15_single"), ("sdxl", "sdxl"), ("sdxl_lowvram", "sdxl_single")])
+@pytest.mark.parametrize("preset,model", [("sd15", "sd15_single"), ("sdxl", "sdxl"), ("sdxl_lowvram", "sdxl_single"),
+                                          ("sdxl_8gb", "sdxl_single")])
 def test_presets_run_once_model_and_dataset_are_given(tmp_path, tiny_models, images, preset, model):
     ds = write_config(tmp_path / "ds.toml", {}, [{"resolution": 64, "subsets": [{"image_dir": str(images)}]}])
     code, _, err = run_main(["--config", str(REPO / "presets" / f"{preset}.toml"),

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from library.lora.network import ADAPTER
+from library.models.fp8 import store_in_fp8
 from library.train.diffusion import step_generator
 from library.utils.memory import SavedTensors, graph_saved_bytes
 from tests.helpers import first_batch, random_lora_file, tiny_trainer
@@ -529,8 +530,8 @@ def test_tf32_is_used_by_fp32_gpu_runs_only():
 
 # --- bench/memory_estimate.py: counting on the meta device equals counting a real forward ------
 
-@pytest.mark.parametrize("apt", [False, True])
-def test_meta_device_count_equals_a_real_cpu_forward(apt):
+@pytest.mark.parametrize("apt,fp8", [(False, False), (True, False), (True, True)])
+def test_meta_device_count_equals_a_real_cpu_forward(apt, fp8):
     from diffusers import UNet2DConditionModel
 
     from library.apt.controller import AptController
@@ -549,6 +550,8 @@ def test_meta_device_count_equals_a_real_cpu_forward(apt):
         else:
             torch.manual_seed(0)
             unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+        if fp8:  # fp8_base: stored in float8 on the meta device as on the CPU
+            store_in_fp8(unet)
         network = LoraNetwork(unet, [], family, NetworkSpec(dim=4, alpha=2.0))
         recorder = None
         if apt:
@@ -559,9 +562,10 @@ def test_meta_device_count_equals_a_real_cpu_forward(apt):
         with me.flash_like_attention():
             full = me.activations(family, unet, inputs, False, recorder, network.set_enabled)
             ckpt = me.activations(family, unet, inputs, True, recorder, network.set_enabled)
-        counts.append((full, ckpt, sum(p.numel() for p in network.parameters())))
+        counts.append((full, ckpt, sum(p.numel() for p in network.parameters()),
+                       sum(p.numel() * p.element_size() for p in unet.parameters())))
     assert counts[0] == counts[1]
-    (full, ckpt, _), _ = counts
+    (full, ckpt, _, _), _ = counts
     assert 0 < ckpt["saved"] < full["saved"] and 0 < full["largest_block"] < full["saved"]
     assert (full["recorded"] > 0) == apt
 

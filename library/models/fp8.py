@@ -18,6 +18,7 @@ their mantissa bits instead of falling into float8's subnormals.
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -35,6 +36,12 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     except RuntimeError:  # a device type without autocast (meta)
         pass
     return None
+
+
+def _no_autocast(device_type: str):
+    if _autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()  # off already (and the meta device has no autocast to turn off)
+    return torch.autocast(device_type, enabled=False)
 
 
 def is_fp8(module: nn.Module) -> bool:
@@ -60,7 +67,7 @@ class _Fp8Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, bias):
         dtype = _autocast_dtype(x.device.type) or x.dtype
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x.device.type):
             weight = base_weight(module, dtype)
             out = _apply(module, x.to(dtype), weight, None if bias is None else bias.to(dtype))
         ctx.module, ctx.dtype, ctx.x_dtype, ctx.x_shape = module, dtype, x.dtype, x.shape
@@ -71,7 +78,7 @@ class _Fp8Layer(torch.autograd.Function):
     def backward(ctx, grad):
         module, dtype = ctx.module, ctx.dtype
         grad_x = grad_bias = None
-        with torch.autocast(grad.device.type, enabled=False):
+        with _no_autocast(grad.device.type):
             g = grad.to(dtype)
             if ctx.needs_input_grad[0]:
                 weight = base_weight(module, dtype)

@@ -332,6 +332,25 @@ def test_sample_lora_writes_lora_and_base_images_for_the_same_seeds(trained, tmp
     assert np.array_equal(np.asarray(Image.open(zero / "z_00_5.png"), dtype=np.float32), base_img)
 
 
+def test_sample_lora_reads_prompts_past_77_tokens_as_training_does(trained, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    folder, _, _, path = trained["sd15"]
+    head = "a red circle on a white background, " + "small, " * 40  # past one CLIP window
+    images = {}
+    for tail in ("in a blue square", "in a green field"):
+        for length in ("75", "225"):
+            out = tmp_path / f"{length}-{tail[5:]}"
+            assert sample_lora.main(["--model", str(folder), "--lora", str(path), "--prompts",
+                                     f"{head}{tail} --d 5 --s 2", "--out", str(out), "--name", "s", "--sampler",
+                                     "ddim", "--max_token_length", length]) == 0
+            images[length, tail] = np.asarray(Image.open(out / "s_00_5.png"), dtype=np.float32)
+    # Cut at 75 tokens the two prompts are one; read whole, their different endings change the image.
+    assert np.array_equal(images["75", "in a blue square"], images["75", "in a green field"])
+    assert np.abs(images["225", "in a blue square"] - images["225", "in a green field"]).mean() > 0.5
+
+
 def test_sample_lora_errors_are_one_line(trained, tmp_path, capsys):
     from library.utils.toolmain import run_tool
 

@@ -615,3 +615,45 @@ def test_sample_decode_tiles_large_images_only_when_asked(monkeypatch):
     assert np.array_equal(np.asarray(sampling.decode(pipe, small, tiled=True)[0]),
                           np.asarray(sampling.decode(pipe, small)[0]))
     assert len(seen) == 1
+
+
+def test_samples_encode_prompts_with_the_text_encoders_alone_and_decode_with_the_vae_alone(
+        tmp_path, tiny_models, images, monkeypatch):
+    from contextlib import contextmanager
+
+    from library.train import sampling
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --s 2 --d 1\na blue square --s 2 --d 2\n")
+    trainer = tiny_trainer(tmp_path, tiny_models["sdxl"], images, ("sample_prompts", str(prompts)),
+                           ("sample_every_n_steps", "1"), max_train_steps=1)
+    bundle = trainer.parts.bundle
+    names = {id(bundle.vae): "vae", **{id(te): f"te{i}" for i, te in enumerate(bundle.text_encoders)}}
+    active: list[set] = []
+    seen = {"encode": [], "decode": []}
+    real_on_device, real_kwargs, real_decode = sampling.on_device, sampling.Sampler.prompt_kwargs, sampling.decode
+
+    @contextmanager
+    def on_device(modules, device):
+        active.append({names[id(m)] for m in modules})
+        try:
+            with real_on_device(modules, device):
+                yield
+        finally:
+            active.pop()
+
+    def prompt_kwargs(self, p):
+        seen["encode"].append(set().union(*active))
+        return real_kwargs(self, p)
+
+    def decode(pipe, latents, tiled=False):
+        seen["decode"].append(set().union(*active))
+        return real_decode(pipe, latents, tiled)
+
+    monkeypatch.setattr(sampling, "on_device", on_device)
+    monkeypatch.setattr(sampling.Sampler, "prompt_kwargs", prompt_kwargs)
+    monkeypatch.setattr(sampling, "decode", decode)
+    trainer.run()
+    assert seen["encode"] == [{"te0", "te1"}] * 2  # both prompts, before any image
+    assert seen["decode"] == [{"vae"}] * 2
+    assert len(list((tmp_path / "out" / "sample").glob("lora_000001_0*.png"))) == 2

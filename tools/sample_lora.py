@@ -27,9 +27,13 @@ def read_prompts(value: str):
     from library.train.prompts import load_prompts, parse_line
 
     path = Path(value)
-    if path.is_dir():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError:  # a long prompt is no valid file name ("File name too long")
+        is_dir = is_file = False
+    if is_dir:
         raise UserError(f"--prompts {value}: is a folder; give a prompt file (.txt/.toml/.json) or a prompt in quotes")
-    if path.is_file():
+    if is_file:
         return load_prompts(path)
     if path.suffix.lower() in (".txt", ".toml", ".json"):
         raise UserError(f"--prompts {value}: no such file (give a prompt file, or a prompt in quotes)")
@@ -50,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of prompt i without --d is seed + i")
     ap.add_argument("--compare_base", action="store_true", help="also the base model's image for each seed")
     ap.add_argument("--vae", help="a separate VAE file or folder")
+    ap.add_argument("--max_token_length", type=int, choices=[75, 150, 225], default=225,
+                    help="prompt length in tokens, encoded in 75-token chunks as the trainer encodes captions "
+                         "with the same option (default 225; 75 = one CLIP window, what the pipelines read)")
+    ap.add_argument("--clip_skip", type=int, default=1, help="use the text encoder's n-th last layer, as in "
+                    "training with clip_skip (SD1.x LoRAs trained with clip_skip = 2)")
     ap.add_argument("--v_parameterization", action="store_true", help="the model predicts v (SD2.x 768-v)")
     ap.add_argument("--allow_partial", action="store_true",
                     help="use a LoRA of which only some modules fit the model (the others are reported and left out)")
@@ -108,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     size = bundle.native_resolution
     default_size = (args.size[0], args.size[-1]) if args.size else (size, size)
     name = args.name or parse_lora(args.lora[0])[0].stem
+    text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, args.clip_skip,
+                                         args.max_token_length)
     sampler = Sampler(prompts, args.out, name, default_size, sampler_name, args.seed, bundle.v_parameterization,
-                      False, args.compare_base)
+                      False, args.compare_base, text)
     results = sampler.run(bundle, bundle.unet, device, None, nullcontext,
                           merged.set_enabled if args.compare_base else None)
     print(f"wrote {len(results) - 1} images and {results[-1][0]} to {args.out}")

@@ -378,9 +378,11 @@ def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     if not cfg.sampling.sample_prompts:
         return None
     training = cfg.training
-    # long prompts go through the trainer's chunked encoder (the pipelines cut them at 77 tokens)
+    # Prompts are encoded as captions are in training (clip_skip, max_token_length's chunks; the
+    # pipelines would ignore the first and cut at 77 tokens), and before the images are made, so
+    # that the text encoders and the VAE are never on the device together.
     text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, training.clip_skip,
-                                         training.max_token_length) if training.max_token_length else None
+                                         training.max_token_length)
     # With EMA the samples show the average, and their names say so.
     name = cfg.saving.output_name + ("_ema" if training.ema else "")
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",

@@ -133,7 +133,7 @@ class Sampler:
                  default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool,
                  compare_base: bool = False, text=None, vae_tiling: bool = False):
         self.prompts = prompts
-        self.text = text  # a CaptionEncoder for prompts longer than the pipeline's 77 tokens, or None
+        self.text = text  # a CaptionEncoder (the trainer's encoding of prompts), or None: the pipeline's
         self.folder = folder
         self.output_name = output_name
         self.default_size = default_size
@@ -185,7 +185,21 @@ class Sampler:
         unet.eval()
         results = []
         try:
-            with on_device([bundle.vae, *bundle.text_encoders], device), autocast():
+            # The prompts are encoded first, with only the text encoders moved to the device, and the
+            # images made after they left, with only the VAE there (SDXL's encoders are 1.6 GiB
+            # in bf16: never beside the training state, the VAE and a decode at once).
+            encoded = base_encoded = None
+            if self.text is not None:
+                with on_device(bundle.text_encoders, device), autocast():
+                    encoded = [self.prompt_kwargs(p) for p in self.prompts]
+                    if self.compare_base and set_enabled is not None:  # the base text encoders' own encoding
+                        set_enabled(False)
+                        try:
+                            base_encoded = [self.prompt_kwargs(p) for p in self.prompts]
+                        finally:
+                            set_enabled(True)
+            with on_device([bundle.vae] if encoded is not None else [bundle.vae, *bundle.text_encoders],
+                           device), autocast():
                 for index, p in enumerate(self.prompts):
                     sampler = p.sampler or self.default_sampler
                     scheduler = make_scheduler(sampler, bundle.scheduler_config, self.v_prediction,
@@ -194,9 +208,13 @@ class Sampler:
                     seed = self.seed_of(index, p)
                     width = p.width or self.default_size[0]
                     height = p.height or self.default_size[1]
-                    def generate():
+                    def generate(base: bool = False):
+                        if encoded is None:
+                            kwargs = self.prompt_kwargs(p)
+                        else:
+                            kwargs = (base_encoded if base else encoded)[index]
                         gen = torch.Generator(device="cpu").manual_seed(seed)
-                        latents = pipe(**self.prompt_kwargs(p), width=width,
+                        latents = pipe(**kwargs, width=width,
                                        height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
                                        generator=gen, output_type="latent").images
                         return decode(pipe, latents, self.vae_tiling)[0]
@@ -204,7 +222,7 @@ class Sampler:
                     if self.compare_base and set_enabled is not None:
                         set_enabled(False)
                         try:
-                            base = generate()
+                            base = generate(base=True)
                         finally:
                             set_enabled(True)
                         results.append((self.file_name(step, index, seed).replace(".png", "_base.png"), base))

@@ -125,8 +125,6 @@ KEYS: tuple[KohyaKey, ...] = (
     KohyaKey("lowram", NO_EFFECT, "kohya's loading on machines with little RAM; models load with safetensors' "
              "memory mapping here"),
     KohyaKey("disable_mmap_load_safetensors", NO_EFFECT, "kohya's loader switch"),
-    KohyaKey("dynamo_backend", NO_EFFECT, "the model is not compiled", inactive=(None, "", "no", "NO")),
-    KohyaKey("torch_compile", NO_EFFECT, "the model is not compiled"),
     KohyaKey("ddp_gradient_as_bucket_view", NO_EFFECT, "a DDP tuning switch of kohya's"),
     KohyaKey("ddp_static_graph", NO_EFFECT, "a DDP tuning switch of kohya's"),
     KohyaKey("console_log_level", NO_EFFECT, "console logging is set by the trainer"),

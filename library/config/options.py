@@ -228,6 +228,12 @@ class TrainingOptions:
                               "stabilisation, attention alignment); its settings are the [apt] table", kohya=False)
     full_bf16: bool = option(False, "keep the LoRA weights and optimizer state in bf16 too (needs mixed_precision "
                                     "bf16; saves memory, slightly less precise)")
+    torch_compile: bool = option(False, "compile the UNet with torch.compile (accelerate's dynamo plugin): faster "
+                                        "steps after a first slow one; where compiling fails, that part runs "
+                                        "uncompiled with a warning")
+    dynamo_backend: Literal["inductor", "eager", "aot_eager", "cudagraphs"] = option(
+        "inductor", "torch.compile's backend with torch_compile (inductor generates kernels; eager and aot_eager "
+                    "only trace, for checking)")
     fp8_base: bool = option(False, "store the frozen UNet's and text encoders' Linear/Conv weights in float8 "
                                    "(one byte per weight, dequantised per layer for its matmul): about half the "
                                    "base weights' memory, slightly less precise")

@@ -61,12 +61,28 @@ def make_accelerator(cfg: Config, trackers: list[str], logging_dir: str):
     group = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.training.ddp_timeout))
     project = ProjectConfiguration(project_dir=cfg.saving.output_dir, logging_dir=logging_dir)
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp, group],
-                              log_with=trackers or None, project_config=project)
+                              log_with=trackers or None, project_config=project,
+                              dynamo_plugin=dynamo_plugin(cfg.training.torch_compile, cfg.training.dynamo_backend))
     if cpu:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         set_cpu_threads(cfg.training.cpu_threads, local)
     use_tf32(accelerator.device, precision)
     return accelerator, precision
+
+
+def dynamo_plugin(compile_models: bool, backend: str):
+    """accelerate's torch.compile settings, from the config alone (as kohya: an `accelerate config`
+    with a dynamo backend would otherwise compile models the config never asked to). With
+    compiling on, a part that fails to compile (no C++ compiler, a kernel the GPU lacks) runs
+    uncompiled: dynamo then logs the error and falls back to eager for that part."""
+    from accelerate.utils import TorchDynamoPlugin
+
+    if not compile_models:
+        return TorchDynamoPlugin(backend="no")
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    return TorchDynamoPlugin(backend=backend)
 
 
 def usable_cores() -> int:

@@ -231,9 +231,9 @@ class TrainingOptions:
     torch_compile: bool = option(False, "compile the UNet with torch.compile (accelerate's dynamo plugin): faster "
                                         "steps after a first slow one; where compiling fails, that part runs "
                                         "uncompiled with a warning")
-    dynamo_backend: Literal["inductor", "eager", "aot_eager", "cudagraphs"] = option(
+    dynamo_backend: Literal["inductor", "eager", "aot_eager", "cudagraphs", "no"] = option(
         "inductor", "torch.compile's backend with torch_compile (inductor generates kernels; eager and aot_eager "
-                    "only trace, for checking)")
+                    "only trace, for checking; \"no\", as kohya_ss writes it: not compiled)")
     fp8_base: bool = option(False, "store the frozen UNet's and text encoders' Linear/Conv weights in float8 "
                                    "(one byte per weight, dequantised per layer for its matmul): about half the "
                                    "base weights' memory, slightly less precise")

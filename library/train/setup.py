@@ -77,7 +77,7 @@ def dynamo_plugin(compile_models: bool, backend: str):
     uncompiled: dynamo then logs the error and falls back to eager for that part."""
     from accelerate.utils import TorchDynamoPlugin
 
-    if not compile_models:
+    if not compile_models or backend == "no":
         return TorchDynamoPlugin(backend="no")
     import torch._dynamo
 

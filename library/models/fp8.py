@@ -114,23 +114,28 @@ def _eligible(module: nn.Module) -> bool:
 def store_in_fp8(model: nn.Module) -> int:
     """Every frozen Linear/Conv2d weight of `model` in float8, in place; returns the number of
     weights stored. Call before the network is injected (its adapters stay in the run's dtype)
-    and before the model moves to the device (the full-precision copy never reaches it). The
-    stored weights are also listed for DDP to leave alone: frozen and equal on every process,
-    they need no broadcast (and not every backend can send float8)."""
-    count, names = 0, []
+    and before the model moves to the device (the full-precision copy never reaches it)."""
+    count = 0
     # diffusers and transformers take a model's dtype from its first floating parameter (pipelines
     # make their latents and embeddings in it): that one layer (the UNet's conv_in: 12k weights)
     # stays in the run's dtype, so that `model.dtype` still names the dtype the model computes in.
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not _eligible(module) or module.weight.requires_grad or module.weight is first:
             continue
         w8, scale = quantise(module.weight)
         module.weight = nn.Parameter(w8, requires_grad=False)
         module.register_buffer("fp8_scale", scale, persistent=False)
         module.forward = types.MethodType(_forward, module)
-        names.append(f"{name}.weight" if name else "weight")
         count += w8.numel()
-    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    model._ddp_params_and_buffers_to_ignore = sorted(ignored | set(names))
     return count
+
+
+def leave_to_ddp_alone(model: nn.Module) -> None:
+    """Lists the model's float8 weights for DDP not to broadcast at wrapping: frozen and equal on
+    every process, they need no sync, and not every backend can send float8 (gloo cannot). Called
+    just before wrapping, with the names the injected adapters gave them."""
+    names = {n for n, p in model.named_parameters() if p.dtype == FP8}
+    if names:
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        model._ddp_params_and_buffers_to_ignore = sorted(ignored | names)

@@ -33,7 +33,7 @@ from library.lora.compat import network_target, read_checked
 from library.lora.kohya_file import SAVE_DTYPES
 from library.lora.metadata import TrainingFacts
 from library.lora.network import LoraNetwork, NetworkSpec
-from library.models.fp8 import store_in_fp8
+from library.models.fp8 import leave_to_ddp_alone, store_in_fp8
 from library.models.loader import ModelBundle, load_models, plan_model
 import library.train.apt_method  # noqa: F401  registers APT as a training method
 from library.train import metrics as step_metrics
@@ -200,6 +200,7 @@ def prepare_models(acc, unet, text_encoders: list, optimizer) -> list:
     chosen = None if handler is None else handler.find_unused_parameters
 
     def wrap(model, find_unused: bool):
+        leave_to_ddp_alone(model)
         if handler is not None:
             handler.find_unused_parameters = find_unused and chosen
         return acc.prepare(model)

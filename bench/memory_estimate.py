@@ -105,6 +105,7 @@ def estimate(tree_name: str, resolution: int, apt: bool, checkpointing: bool, op
             "gib": {k: round(v, 3) for k, v in memory.gib().items()}}
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
 # The ladder: the shipped presets, each for the card its header names, read by the trainer's own
 # config reader (so the rows follow the files), at the family's native resolution.
 LADDER = [
@@ -130,11 +131,9 @@ def preset_settings(preset: str, tree_name: str, overrides: list[tuple[str, str]
     t, net, data = cfg.training, cfg.network, cfg.data
     return {"checkpointing": t.gradient_checkpointing, "optimizer": cfg.optimizer.optimizer_type,
             "text_on_device": not data.cache_text_encoder_outputs, "rank": net.network_dim,
-            "alpha": net.network_alpha, "fp8_unet": t.fp8_base or t.fp8_base_unet, "fp8_text": t.fp8_base,
+            "alpha": net.network_alpha, "fp8_unet": t.fp8_unet, "fp8_text": t.fp8_text_encoders,
             "batch": t.train_batch_size}
 
-
-PRESETS = Path(__file__).resolve().parents[1] / "presets"
 
 
 def scaling_check(tree_name: str, small: int, large: int) -> float:

@@ -2,6 +2,8 @@
 dequantised weights compute, keep no full-precision weight copy for backward, and train."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -32,11 +34,8 @@ def with_first(layer: nn.Module) -> nn.Module:
 def frozen_pair(layer: nn.Module):
     """(the layer stored in float8, a plain copy with the dequantised weight by hand)."""
     layer.requires_grad_(False)
-    plain = type(layer).__new__(type(layer))
-    plain.__dict__ = {k: (dict(v) if isinstance(v, dict) else v) for k, v in layer.__dict__.items()}
-    plain._parameters = {"weight": nn.Parameter(by_hand(layer.weight), requires_grad=False),
-                         "bias": None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
-                                                                             requires_grad=False)}
+    plain = copy.deepcopy(layer)
+    plain.weight = nn.Parameter(by_hand(layer.weight), requires_grad=False)
     assert store_in_fp8(with_first(layer)) == layer.weight.numel()
     return layer, plain
 

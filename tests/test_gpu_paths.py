@@ -109,7 +109,9 @@ def sampler_for(prompt: str = "a red circle --d 3 --s 2 --w 64 --h 64"):
     from library.train.prompts import parse_line
     from library.train.sampling import Sampler
 
-    return lambda folder: Sampler([parse_line(prompt, "test")], folder, "s", (64, 64), "ddim", 0, False, False)
+    return lambda folder, bundle: Sampler([parse_line(prompt, "test")], folder, "s", (64, 64), "ddim", 0, False,
+                                          False, text=bundle.family.caption_encoder(bundle.tokenizers,
+                                                                                    bundle.text_encoders))
 
 
 def test_fp32_vae_decodes_in_fp32_outside_bf16_autocast(tmp_path, tiny_models):
@@ -129,7 +131,7 @@ def test_fp32_vae_decodes_in_fp32_outside_bf16_autocast(tmp_path, tiny_models):
     bundle.vae.decoder.register_forward_pre_hook(record("decoder"))
     conv = bundle.vae.decoder.conv_out
     conv.register_forward_hook(lambda m, a, out: seen.setdefault("decoded", []).append(out.dtype))
-    images = sampler_for()(tmp_path).run(bundle, bundle.unet, torch.device("cpu"), None,
+    images = sampler_for()(tmp_path, bundle).run(bundle, bundle.unet, torch.device("cpu"), None,
                                          lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert all(on for on, _ in seen["unet"])
     assert seen["decoder"] == [(False, torch.float32)]

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     text = bundle.family.caption_encoder(bundle.tokenizers, bundle.text_encoders, args.clip_skip,
                                          args.max_token_length)
     sampler = Sampler(prompts, args.out, name, default_size, sampler_name, args.seed, bundle.v_parameterization,
-                      False, args.compare_base, text)
+                      False, text=text, compare_base=args.compare_base)
     results = sampler.run(bundle, bundle.unet, device, None, nullcontext,
                           merged.set_enabled if args.compare_base else None)
     print(f"wrote {len(results) - 1} images and {results[-1][0]} to {args.out}")

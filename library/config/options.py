@@ -258,6 +258,16 @@ class TrainingOptions:
         (100, 300, 500, 700, 900), "timesteps at which the validation loss is measured (fixed noise per image)",
         ge=0, le=999, kohya=False)
 
+    # kohya's meaning of the two fp8 keys: fp8_base stores the UNet and the text encoders in float8,
+    # fp8_base_unet the UNet alone.
+    @property
+    def fp8_unet(self) -> bool:
+        return self.fp8_base or self.fp8_base_unet
+
+    @property
+    def fp8_text_encoders(self) -> bool:
+        return self.fp8_base
+
 
 @dataclass(frozen=True)
 class DataOptions:

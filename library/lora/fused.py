@@ -20,27 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from library.models.fp8 import base_weight
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device without autocast (meta: library.train.memory_estimate)
-        return False
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if _autocast_on(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+from library.utils.precision import autocast_dtype, autocast_off, compute_dtype
 
 
 class _WholeDeltaLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer, dtype, *params):
         base = layer.get_base_layer()
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             with torch.no_grad():
                 weight = (base_weight(base, torch.float32) + _delta(layer)).to(dtype)
             xc = x.to(dtype)
@@ -55,7 +42,7 @@ class _WholeDeltaLayer(torch.autograd.Function):
         xc, *params = ctx.saved_tensors
         layer, dtype = ctx.layer, ctx.dtype
         base = layer.get_base_layer()
-        with torch.autocast(grad.device.type, enabled=False):
+        with autocast_off(grad.device.type):
             with torch.enable_grad():
                 delta = _delta(layer)
             weight = (base_weight(base, torch.float32) + delta.detach()).to(dtype)
@@ -107,7 +94,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or not _fusable(self):
         return type(self).forward(self, x, *args, **kwargs)
     params = [p for name, p in self.named_parameters() if not name.startswith("base_layer") and p.requires_grad]
-    out = _WholeDeltaLayer.apply(x, self, _compute_dtype(x), *params)
+    out = _WholeDeltaLayer.apply(x, self, compute_dtype(x), *params)
     return out.to(x.dtype)
 
 
@@ -124,7 +111,7 @@ def fuse_whole_delta(layer) -> bool:
 
 
 def _cast_outside_autocast(self, x, dtype):
-    if isinstance(x, torch.Tensor) and _autocast_on(x.device.type):
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device.type) is not None:
         return x
     return type(self)._cast_input_dtype(self, x, dtype)
 

@@ -18,30 +18,16 @@ their mantissa bits instead of falling into float8's subnormals.
 """
 from __future__ import annotations
 
-import contextlib
 import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from library.utils.precision import autocast_off, compute_dtype
+
 FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8).max
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type)
-    except RuntimeError:  # a device type without autocast (meta)
-        pass
-    return None
-
-
-def _no_autocast(device_type: str):
-    if _autocast_dtype(device_type) is None:
-        return contextlib.nullcontext()  # off already (and the meta device has no autocast to turn off)
-    return torch.autocast(device_type, enabled=False)
 
 
 def is_fp8(module: nn.Module) -> bool:
@@ -66,8 +52,8 @@ def quantise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _Fp8Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module, bias):
-        dtype = _autocast_dtype(x.device.type) or x.dtype
-        with _no_autocast(x.device.type):
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):
             weight = base_weight(module, dtype)
             out = _apply(module, x.to(dtype), weight, None if bias is None else bias.to(dtype))
         ctx.module, ctx.dtype, ctx.x_dtype, ctx.x_shape = module, dtype, x.dtype, x.shape
@@ -78,7 +64,7 @@ class _Fp8Layer(torch.autograd.Function):
     def backward(ctx, grad):
         module, dtype = ctx.module, ctx.dtype
         grad_x = grad_bias = None
-        with _no_autocast(grad.device.type):
+        with autocast_off(grad.device.type):
             g = grad.to(dtype)
             if ctx.needs_input_grad[0]:
                 weight = base_weight(module, dtype)

@@ -114,8 +114,8 @@ def build_run(cfg: Config) -> TrainingRun:
 
     def load_and_place() -> ModelBundle:
         loaded = load_models(cfg.model, model_plan, dtype=weights if vae == weights else torch.float32)
-        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents,
-                     fp8=fp8_models(training.fp8_base, training.fp8_base_unet))
+        place_models(loaded, acc.device, weights, vae, vae_only=caches_latents, fp8_unet=training.fp8_unet,
+                     fp8_text=training.fp8_text_encoders)
         return loaded
 
     bundle = in_turns(acc, load_and_place)
@@ -246,23 +246,17 @@ def check_buckets(bundle: ModelBundle, data: TrainingData) -> None:
                             spec.bucket_reso_steps, multiple, bundle.family.label)
 
 
-def fp8_models(fp8_base: bool, fp8_base_unet: bool) -> frozenset[str]:
-    """Which models keep their frozen weights in float8: kohya's fp8_base means the UNet and the
-    text encoders, fp8_base_unet the UNet alone."""
-    return frozenset(({"unet", "text_encoders"} if fp8_base else set()) | ({"unet"} if fp8_base_unet else set()))
-
-
 def place_models(bundle: ModelBundle, device: torch.device, dtype: torch.dtype, vae: torch.dtype,
-                 vae_only: bool = False, fp8: frozenset[str] = frozenset()) -> None:
+                 vae_only: bool = False, fp8_unet: bool = False, fp8_text: bool = False) -> None:
     """Every model in its dtype; on the device, or only the VAE there (`vae_only`: the others
-    follow with `move_models` after latent caching). Models named in `fp8` are converted on the
-    host first, so that their full-precision weights never reach the device."""
+    follow with `move_models` after latent caching). Models stored in float8 (`fp8_unet`,
+    `fp8_text`) are converted on the host first, so their full-precision weights never reach the device."""
     bundle.vae.to(device, vae)
-    for name, model in [("unet", bundle.unet), *(("text_encoders", te) for te in bundle.text_encoders)]:
+    for name, model, fp8 in [("UNet", bundle.unet, fp8_unet),
+                             *((f"text encoder {i + 1}", te, fp8_text) for i, te in enumerate(bundle.text_encoders))]:
         model.to(dtype)
-        if name in fp8:
-            stored = store_in_fp8(model)
-            log.info("%s: %.1fM frozen weights stored in float8", name.replace("_", " ").rstrip("s"), stored / 1e6)
+        if fp8:
+            log.info("%s: %.1fM frozen weights stored in float8", name, store_in_fp8(model) / 1e6)
         if not vae_only:
             model.to(device)
 
@@ -388,8 +382,8 @@ def make_sampler(cfg: Config, data, bundle) -> Sampler | None:
     name = cfg.saving.output_name + ("_ema" if training.ema else "")
     return Sampler(load_prompts(cfg.sampling.sample_prompts), Path(cfg.saving.output_dir) / "sample",
                    name, resolution_of(data, bundle), cfg.sampling.sample_sampler, training.seed,
-                   cfg.model.v_parameterization, training.zero_terminal_snr, cfg.sampling.sample_compare_base, text,
-                   cfg.sampling.sample_vae_tiling)
+                   cfg.model.v_parameterization, training.zero_terminal_snr, text=text,
+                   compare_base=cfg.sampling.sample_compare_base, vae_tiling=cfg.sampling.sample_vae_tiling)
 
 
 def training_facts(run: TrainingRun) -> TrainingFacts:

@@ -104,6 +104,16 @@ def on_device(modules: list[torch.nn.Module], device):
             m.to(home)
 
 
+@contextmanager
+def _lora_off(set_enabled):
+    """The LoRA switched off for the base model's image, and on again whatever happens."""
+    set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(True)
+
+
 def grid(images: list[Image.Image], columns: int | None = None, row_labels: list[str] | None = None,
          column_labels: list[str] | None = None) -> Image.Image:
     """Images in rows of `columns` (default: a square layout), with optional text labels."""
@@ -130,10 +140,10 @@ def grid(images: list[Image.Image], columns: int | None = None, row_labels: list
 
 class Sampler:
     def __init__(self, prompts: list[SamplePrompt], folder: Path, output_name: str, default_size: tuple[int, int],
-                 default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool,
-                 compare_base: bool = False, text=None, vae_tiling: bool = False):
+                 default_sampler: str, seed: int, v_prediction: bool, zero_terminal_snr: bool, *, text,
+                 compare_base: bool = False, vae_tiling: bool = False):
         self.prompts = prompts
-        self.text = text  # a CaptionEncoder (the trainer's encoding of prompts), or None: the pipeline's
+        self.text = text  # a CaptionEncoder: prompts are encoded as training encodes captions
         self.folder = folder
         self.output_name = output_name
         self.default_size = default_size
@@ -152,8 +162,6 @@ class Sampler:
         return self.output_name if step is None else f"{self.output_name}_{step:06d}"
 
     def prompt_kwargs(self, p: SamplePrompt) -> dict:
-        if self.text is None:
-            return {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None}
         cond, neg = self.text.encode([p.prompt]), self.text.encode([p.negative_prompt or ""])
         out = {"prompt_embeds": cond.hidden_states, "negative_prompt_embeds": neg.hidden_states}
         if cond.pooled is not None:
@@ -188,18 +196,13 @@ class Sampler:
             # The prompts are encoded first, with only the text encoders moved to the device, and the
             # images made after they left, with only the VAE there (SDXL's encoders are 1.6 GiB
             # in bf16: never beside the training state, the VAE and a decode at once).
-            encoded = base_encoded = None
-            if self.text is not None:
-                with on_device(bundle.text_encoders, device), autocast():
-                    encoded = [self.prompt_kwargs(p) for p in self.prompts]
-                    if self.compare_base and set_enabled is not None:  # the base text encoders' own encoding
-                        set_enabled(False)
-                        try:
-                            base_encoded = [self.prompt_kwargs(p) for p in self.prompts]
-                        finally:
-                            set_enabled(True)
-            with on_device([bundle.vae] if encoded is not None else [bundle.vae, *bundle.text_encoders],
-                           device), autocast():
+            compare = self.compare_base and set_enabled is not None
+            with on_device(bundle.text_encoders, device), autocast():
+                encoded = [self.prompt_kwargs(p) for p in self.prompts]
+                if compare:  # the base text encoders' own encoding
+                    with _lora_off(set_enabled):
+                        base_encoded = [self.prompt_kwargs(p) for p in self.prompts]
+            with on_device([bundle.vae], device), autocast():
                 for index, p in enumerate(self.prompts):
                     sampler = p.sampler or self.default_sampler
                     scheduler = make_scheduler(sampler, bundle.scheduler_config, self.v_prediction,
@@ -208,25 +211,18 @@ class Sampler:
                     seed = self.seed_of(index, p)
                     width = p.width or self.default_size[0]
                     height = p.height or self.default_size[1]
-                    def generate(base: bool = False):
-                        if encoded is None:
-                            kwargs = self.prompt_kwargs(p)
-                        else:
-                            kwargs = (base_encoded if base else encoded)[index]
+                    def generate(kwargs: dict):
                         gen = torch.Generator(device="cpu").manual_seed(seed)
                         latents = pipe(**kwargs, width=width,
                                        height=height, num_inference_steps=p.steps, guidance_scale=p.scale,
                                        generator=gen, output_type="latent").images
                         return decode(pipe, latents, self.vae_tiling)[0]
 
-                    if self.compare_base and set_enabled is not None:
-                        set_enabled(False)
-                        try:
-                            base = generate(base=True)
-                        finally:
-                            set_enabled(True)
+                    if compare:
+                        with _lora_off(set_enabled):
+                            base = generate(base_encoded[index])
                         results.append((self.file_name(step, index, seed).replace(".png", "_base.png"), base))
-                    results.append((self.file_name(step, index, seed), generate()))
+                    results.append((self.file_name(step, index, seed), generate(encoded[index])))
         finally:
             unet.train(was_training)
             set_rng_state(saved)

@@ -549,7 +549,9 @@ def write_report(results: dict[str, list[dict]], args, concept: str, steps: int,
                                          ("LoRA + prior preservation", "LoRA + prior preservation",
                                           lambda n: "APT" in n),
                                          ("APT", "APT (relative indicator, reference pass on every step)",
-                                          lambda n: n.startswith("APT (") and not n.startswith(SHIPPED_NAME[:-1] + ",")),
+                                          # the components (+ATA, +ATA+RS) too: what the rest of APT adds to them
+                                          lambda n: (n.startswith("APT (") or n.startswith("+"))
+                                          and not n.startswith(SHIPPED_NAME[:-1] + ",")),
                                          (SHIPPED_NAME, "APT as shipped (reference pass every 4th step)",
                                           lambda n: n.startswith(SHIPPED_NAME[:-1] + ","))):
         others = [n for n in names if n not in (BASE, WORLD, "LoRA", baseline) and compared(n)]

@@ -52,7 +52,8 @@ Sampling seeds: every training seed s gets its own sampling seeds (100000 + 1000
 base model and the world's renders are scored on each seed's set too, so that the mean +- 95%
 interval over seeds (Student's t) includes the sampling-seed spread, for the base model as well;
 paired differences (same seed) share the sampling seeds. Every finished run is kept in --out/runs/
-and not redone; one run trained to the largest of --steps saves its LoRA at the others (the
+(by default bench/results/efficacy/runs/, committed: the runs behind docs/results.md since
+2026-12-04; delete a run's files to measure it again) and not redone; one run trained to the largest of --steps saves its LoRA at the others (the
 presets' learning rate is constant, so step 400 of a 1200-step run is a 400-step run) and each is
 scored. Writes, per concept and step count, a markdown table, a JSON file and a plot to --out, and
 prints the wall time.
@@ -469,7 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", action="store_true", help="also the component, indicator and reference_every "
                                                              "variants")
     ap.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "efficacy")
+    # In the repository, so that the finished runs behind docs/results.md travel with it and a later
+    # session extends a table instead of redoing it (a run's scores are a few kB; its LoRA is deleted).
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "efficacy",
+                    help="tables, plots and the cache of finished runs (runs/) and class images")
     ap.add_argument("--cpu_threads", type=int, default=0, help="torch threads (0 = the trainer's default: all "
                                                                "cores; 1 when other jobs share the cores)")
     args = ap.parse_args(argv)

@@ -53,9 +53,10 @@ base model and the world's renders are scored on each seed's set too, so that th
 interval over seeds (Student's t) includes the sampling-seed spread, for the base model as well;
 paired differences (same seed) share the sampling seeds. Every finished run is kept in --out/runs/
 (by default bench/results/efficacy/runs/, committed: the runs behind docs/results.md since
-2026-12-04; delete a run's files to measure it again) and not redone; one run trained to the largest of --steps saves its LoRA at the others (the
-presets' learning rate is constant, so step 400 of a 1200-step run is a 400-step run) and each is
-scored. Writes, per concept and step count, a markdown table, a JSON file and a plot to --out, and
+2026-12-04; delete a run's files to measure it again) and not redone; one run trained to the
+largest of --steps saves its LoRA at the others (the presets' learning rate is constant, so step
+400 of a 1200-step run is a 400-step run) and each is scored. With the components, a ladder table
+pairs each variant without a part with the one that has it. Writes, per concept and step count, a markdown table, a JSON file and a plot to --out, and
 prints the wall time.
 """
 from __future__ import annotations
@@ -102,6 +103,9 @@ ABLATIONS = {
     "APT (reference every 4, reflect fill)": [*SHIPPED, ("apt.augment_fill", "reflect")],
     "APT (reference every 4, weight floor 0.5)": [*SHIPPED, ("apt.min_weight", "0.5")],
 }
+# Each step of the component ladder: (with the part, without it, the part).
+LADDER = [("APT", "+ATA+RS", "AA"), ("+ATA+RS", "+ATA", "RS"), ("APT", "APT (weighting off)", "the loss weight")]
+COMPONENTS = {"+ATA", "+ATA+RS"}
 PRIOR_PRESERVATION = {"LoRA + prior preservation", "APT + prior preservation"}
 REGIMES = {"demo": [], "low_lr": [("learning_rate", "3.3e-4")],
            "rank32": [("network_dim", "32"), ("network_alpha", "32")]}
@@ -554,7 +558,7 @@ def write_report(results: dict[str, list[dict]], args, concept: str, steps: int,
                                           lambda n: "APT" in n),
                                          ("APT", "APT (relative indicator, reference pass on every step)",
                                           # the components (+ATA, +ATA+RS) too: what the rest of APT adds to them
-                                          lambda n: (n.startswith("APT (") or n.startswith("+"))
+                                          lambda n: (n.startswith("APT (") or n in COMPONENTS)
                                           and not n.startswith(SHIPPED_NAME[:-1] + ",")),
                                          (SHIPPED_NAME, "APT as shipped (reference pass every 4th step)",
                                           lambda n: n.startswith(SHIPPED_NAME[:-1] + ","))):
@@ -567,6 +571,18 @@ def write_report(results: dict[str, list[dict]], args, concept: str, steps: int,
             cells = []
             for n in others:
                 mean, half = paired(results[n], results[baseline], key)
+                cells.append(f"{mean:+.3f} +- {half:.3f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ladder = [(with_, without, part) for with_, without, part in LADDER if with_ in results and without in results]
+    if ladder and len(args.seeds) > 1:
+        lines += ["", "What each part adds: the variant without it minus the one with it (same seed), "
+                  "mean +- 95% interval:", "",
+                  "| metric | " + " | ".join(f"without {part} ({without} - {with_})" for with_, without, part in ladder)
+                  + " |", "|---|" + "---|" * len(ladder)]
+        for key, label, _ in table:
+            cells = []
+            for with_, without, _ in ladder:
+                mean, half = paired(results[without], results[with_], key)
                 cells.append(f"{mean:+.3f} +- {half:.3f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     others = [n for n in names if n not in (BASE, WORLD, "LoRA")]

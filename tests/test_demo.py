@@ -206,7 +206,7 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
                "LoRA + prior preservation": [run(0, 0.88), run(1, 0.88)], "APT": [run(0, 0.91), run(1, 0.91)],
                "APT (reference every 4)": [run(0, 0.90), run(1, 0.92)],
                "APT (reference every 4, reflect fill)": [run(0, 0.91), run(1, 0.93)],
-               "+ATA": [run(0, 0.93), run(1, 0.92)]}
+               "+ATA": [run(0, 0.93), run(1, 0.92)], "+ATA+RS": [run(0, 0.92), run(1, 0.92)]}
     args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path)
     apt_efficacy.write_report(results, args, "crescent", 7, 60.0)
     table = (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text()
@@ -215,14 +215,19 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     to_pp, to_apt = to_pp.split("Paired difference to APT (relative indicator, reference pass on every step)")
     to_apt, to_shipped = to_apt.split("Paired difference to APT as shipped (reference pass every 4th step)")
     assert ("| metric | LoRA + prior preservation | APT | APT (reference every 4) "
-            "| APT (reference every 4, reflect fill) | +ATA |") in to_lora
+            "| APT (reference every 4, reflect fill) | +ATA | +ATA+RS |") in to_lora
     assert ("| concept fidelity: classifier-feature similarity to the training images | -0.030 +- 0.127 | +0.000 +- 0.127 "
             "| +0.000 +- 0.000 | +0.010 +- 0.000 |") in to_lora
     assert "| metric | APT | APT (reference every 4) | APT (reference every 4, reflect fill) |" in to_pp  # only APT variants against prior preservation
     assert "| concept fidelity: classifier-feature similarity to the training images | +0.030 +- 0.000 | +0.030 +- 0.127 |" in to_pp
     # only the cheaper schedules and the components against every step
-    assert "| metric | APT (reference every 4) | +ATA |" in to_apt
-    assert "| concept fidelity: classifier-feature similarity to the training images | +0.000 +- 0.127 | +0.015 +- 0.064 |" in to_apt
+    assert "| metric | APT (reference every 4) | +ATA | +ATA+RS |" in to_apt
+    assert ("| concept fidelity: classifier-feature similarity to the training images | +0.000 +- 0.127 | +0.015 +- 0.064 "
+            "| +0.010 +- 0.000 |") in to_apt
+    # the ladder: without AA = +ATA+RS - APT (0.01, 0.01); without RS = +ATA - +ATA+RS (0.01, 0.00)
+    ladder = table.split("What each part adds")[1].split("Relative")[0]
+    assert "| metric | without AA (+ATA+RS - APT) | without RS (+ATA - +ATA+RS) |" in ladder
+    assert "| concept fidelity: classifier-feature similarity to the training images | +0.010 +- 0.000 | +0.005 +- 0.064 |" in ladder
     # a candidate for a new default is compared with APT as shipped, and only there
     assert "| metric | APT (reference every 4, reflect fill) |" in to_shipped
     assert ("| concept fidelity: classifier-feature similarity to the training images | +0.010 +- 0.000 |"

@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                    help="only these variants (plain LoRA is always timed: the ratios are to it)")
     args = ap.parse_args(argv)
+    chosen = {name: parts for name, parts in VARIANTS.items()
+              if args.variants is None or name == "plain LoRA" or name in args.variants}
 
     from library.utils.runtime import offline_and_quiet, setup_logging
 
@@ -145,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     probe = trainer.probe
     device = probe.device
     probe.fix_samples(0)  # the same batch every step, no loading cost
-    variants = {name: None if parts is None else replace(cfg.apt, **parts) for name, parts in VARIANTS.items()}
+    variants = {name: None if parts is None else replace(cfg.apt, **parts) for name, parts in chosen.items()}
     base = rss_now()
-    results: dict[str, dict[str, list]] = {name: {"time": [], "peak": []} for name in VARIANTS}
+    results: dict[str, dict[str, list]] = {name: {"time": [], "peak": []} for name in chosen}
     step = 0
     for _ in range(args.rounds):
         for name, opts in variants.items():

@@ -21,6 +21,14 @@ def test_apt_overhead_runs_and_reports_every_variant(tmp_path, capsys):
     assert "APT: full" in capsys.readouterr().out
 
 
+def test_apt_overhead_times_only_the_chosen_variants_beside_plain_lora(tmp_path):
+    import apt_overhead
+
+    out = tmp_path / "r.json"
+    assert apt_overhead.main(["--steps", "1", "--rounds", "1", "--variants", "APT: full", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["results"]) == {"plain LoRA", "APT: full"}
+
+
 def test_the_memory_ladder_is_read_from_the_presets():
     import memory_estimate
 

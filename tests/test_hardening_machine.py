@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,8 +99,14 @@ def signalling(monkeypatch, at_step: int, times: int) -> None:
         def listener(report, values):
             if report.step == at_step:
                 for _ in range(times):
-                    os.kill(os.getpid(), signal.SIGINT)
-                    time.sleep(0.05)  # Python runs the handler between bytecodes of the main thread
+                    # To this thread, and the next one only once the handler has run: two SIGINTs pending
+                    # at once are merged into one by the kernel, and a signal sent to the process may be
+                    # delivered to a thread that a loaded machine does not schedule for a while.
+                    handler = signal.getsignal(signal.SIGINT)
+                    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+                    deadline = time.time() + 30
+                    while signal.getsignal(signal.SIGINT) is handler and time.time() < deadline:
+                        time.sleep(0.01)  # the Python handler runs between bytecodes of the main thread
 
         self.listeners.append(listener)
 

@@ -75,6 +75,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from library.utils.atomic import atomic_path, atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 APT_OFF = [("apt", "false")]
@@ -374,7 +376,7 @@ def preset_with_class_images(preset: Path, folder: Path, out: Path) -> Path:
     text = preset.read_text().replace('"../demo/', f'"{ROOT / "demo"}/')
     text += f'\n  [[datasets.subsets]]\n  image_dir = "{folder}"\n  is_reg = true\n'
     path = out / f"{preset.stem}_prior_preservation.toml"
-    path.write_text(text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -417,8 +419,9 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
         base_file, emb_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
         if not (base_file.is_file() and emb_file.is_file()):
             metrics = evaluate(base_trainer(), refs, classifier, args, seed, None, lora=False)
-            save_file({"prior": metrics["prior_emb"].contiguous()}, str(emb_file))
-            base_file.write_text(json.dumps({**public(metrics), "seed": seed, "train_seconds": 0.0}))
+            with atomic_path(emb_file) as tmp:
+                save_file({"prior": metrics["prior_emb"].contiguous()}, str(tmp))
+            atomic_write_text(base_file, json.dumps({**public(metrics), "seed": seed, "train_seconds": 0.0}))
         base.append(json.loads(base_file.read_text()))
         base_emb[seed] = load_file(str(emb_file))["prior"]
         world_file = runs / f"{concept_name}_world_s{seed}_n{args.images_per_prompt}.json"
@@ -427,7 +430,7 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
                                           args.images_per_prompt))
             metrics.update({"prior_drift": float("nan"), "gen_gap": float("nan"), "fit": float("nan"), "seed": seed,
                             "train_seconds": 0.0})
-            world_file.write_text(json.dumps(metrics))
+            atomic_write_text(world_file, json.dumps(metrics))
         world.append(json.loads(world_file.read_text()))
     built.clear()
     results: dict[int, dict[str, list[dict]]] = {n: {WORLD: world, BASE: base} for n in args.steps}
@@ -448,7 +451,7 @@ def run_concept(concept_name: str, classifier, variants: dict, args, started: fl
                     metrics.update({"seed": seed, "steps": n, "train_seconds": seconds * n / max(missing)})
                     if csv is not None:
                         metrics["indicator_csv"] = indicator_until(csv, n)
-                    files[n].write_text(json.dumps(metrics))
+                    atomic_write_text(files[n], json.dumps(metrics))
                 del trainer
                 shutil.rmtree(folder, ignore_errors=True)
             for n in args.steps:
@@ -605,8 +608,8 @@ def write_report(results: dict[str, list[dict]], args, concept: str, steps: int,
             lines.append(f"| {n} | {cell(list(early))} | {cell(list(end))} |")
     text = "\n".join(lines) + "\n"
     stem = f"apt_efficacy_{concept}_{args.regime}_{steps}"
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(args.out / f"{stem}.md", text)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(results, indent=2))
     print(text)
     import matplotlib
 

@@ -18,13 +18,14 @@ Variants, at equal steps, learning rate, rank and data (the concept's preset):
 - APT: APT with its defaults and the preset's augmentation settings, except that the reference
   pass runs on every step, as in the paper;
 - APT + prior preservation (reference pass on every step too);
-- with --ablations: +ATA, +ATA+RS, APT without the adaptive loss weight, APT with the paper's indicator, APT with the views indicator
-  (the tuned model's loss on shifted views of the training images instead of the base model's), and
-  APT with the reference pass
-  every 2nd and every 4th step (`reference_every = 4` is the trainer's default: APT as shipped); and two
-  candidates for a new default, each APT as shipped with one change, compared with it in their own
-  paired table: reflect fill (`augment_fill = "reflect"`: rotated images keep their scene at the
-  corners instead of black) and a floor of 0.5 under the adaptive loss weight (`min_weight`).
+- with --ablations: +ATA, +ATA+RS, APT without the adaptive loss weight, APT with the paper's
+  indicator, APT with the views indicator (the tuned model's loss on shifted views of the training
+  images instead of the base model's), and APT with the reference pass every 2nd and every 4th step
+  (`reference_every = 4` is the trainer's default: APT as shipped); and three candidates for a new
+  default, each APT as shipped with one change, compared with it in their own paired table:
+  reflect fill (`augment_fill = "reflect"`: rotated images keep their scene at the corners instead
+  of black), a floor of 0.5 under the adaptive loss weight (`min_weight`), and APT without the
+  cross-attention alignment (`aa = false`).
 Regimes: demo (the preset), low_lr (a third of its learning rate), rank32 (network_dim 32).
 
 Every image is read by library/demo/descriptors.py (shape incl. the concepts' and the heart's mark,
@@ -104,6 +105,8 @@ ABLATIONS = {
     # (gamma still drives augmentation and the regularisers).
     "APT (reference every 4, reflect fill)": [*SHIPPED, ("apt.augment_fill", "reflect")],
     "APT (reference every 4, weight floor 0.5)": [*SHIPPED, ("apt.min_weight", "0.5")],
+    # the component ablation's lead: the cross-attention alignment cost compositional prompts
+    "APT (reference every 4, no AA)": [*SHIPPED, ("apt.aa", "false")],
 }
 # Each step of the component ladder: (with the part, without it, the part).
 LADDER = [("APT", "+ATA+RS", "AA"), ("+ATA+RS", "+ATA", "RS"), ("APT", "APT (weighting off)", "the loss weight")]

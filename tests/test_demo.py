@@ -1,6 +1,7 @@
 """The embedded demo: world generator, shipped base model and classifier, training scripts, preset."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import subprocess
@@ -237,3 +238,20 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     pp = [0.88 / 0.90 - 1, 0.88 / 0.92 - 1]
     assert f"| {100 * sum(pp) / 2:+.1f}% +- " in ratios.splitlines()[4]
     assert "| prior prompts: classifier-feature drift from the base model (same seed) | +0.0% +- 0.0% | +0.0% +- 0.0% |" in ratios
+
+
+def test_efficacy_variants_are_valid_configs_and_the_candidates_change_one_setting_of_apt_as_shipped():
+    sys.path.insert(0, str(REPO / "bench"))
+    import apt_efficacy
+    from library.config import build_config
+
+    preset = str(REPO / "presets" / "demo_heart.toml")
+    configs = {name: build_config(preset, overrides)
+               for name, overrides in {**apt_efficacy.VARIANTS, **apt_efficacy.ABLATIONS}.items()}
+    shipped = configs[apt_efficacy.SHIPPED_NAME]
+    assert shipped.training.apt and shipped.apt.reference_every == 4 and shipped.apt.aa and shipped.apt.rs
+    assert not configs["LoRA"].training.apt and configs["APT"].apt.reference_every == 1
+    no_aa = configs["APT (reference every 4, no AA)"]
+    assert not no_aa.apt.aa and no_aa.apt.rs and no_aa.apt.reference_every == 4
+    assert dataclasses.replace(no_aa.apt, aa=True) == shipped.apt
+    assert configs["APT (reference every 4, weight floor 0.5)"].apt.min_weight == 0.5

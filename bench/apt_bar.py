@@ -28,8 +28,8 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from apt_efficacy import PRESETS, REGIMES, ROOT, SHIPPED_NAME, paired, slug  # noqa: E402
+# Run as a script, its own folder is first on sys.path, so the sibling bench imports as a module.
+from apt_efficacy import PRESETS, REGIMES, ROOT, SHIPPED_NAME, paired, slug
 
 PP = "LoRA + prior preservation"
 # label, metric key, baseline variant, per-seed ratio (else difference), bar, good side, bar itself good

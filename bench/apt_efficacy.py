@@ -484,9 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     # session extends a table instead of redoing it (a run's scores are a few kB; its LoRA is deleted).
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "efficacy",
                     help="tables, plots and the cache of finished runs (runs/) and class images")
+    # A table over other seeds or variants (a development step, one worker's runs) must not overwrite
+    # the committed table of the same concept, regime and steps that docs/results.md quotes.
+    ap.add_argument("--tag", default="", help="appended to the tables' file names (apt_efficacy_<concept>_"
+                                              "<regime>_<steps>_<tag>.md)")
     ap.add_argument("--cpu_threads", type=int, default=0, help="torch threads (0 = the trainer's default: all "
                                                                "cores; 1 when other jobs share the cores)")
     args = ap.parse_args(argv)
+    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_' and '-' only (it becomes part of file names)")
     variants = {**VARIANTS, **(ABLATIONS if args.ablations else {})}
     if args.variants:
         unknown = [v for v in args.variants if v not in {**VARIANTS, **ABLATIONS}]
@@ -610,7 +616,7 @@ def write_report(results: dict[str, list[dict]], args, concept: str, steps: int,
             early, end = zip(*(loss_weights(r["indicator_csv"]) for r in results[n]))
             lines.append(f"| {n} | {cell(list(early))} | {cell(list(end))} |")
     text = "\n".join(lines) + "\n"
-    stem = f"apt_efficacy_{concept}_{args.regime}_{steps}"
+    stem = f"apt_efficacy_{concept}_{args.regime}_{steps}" + (f"_{args.tag}" if args.tag else "")
     atomic_write_text(args.out / f"{stem}.md", text)
     atomic_write_text(args.out / f"{stem}.json", json.dumps(results, indent=2))
     print(text)

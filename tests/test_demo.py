@@ -208,9 +208,13 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
                "APT (reference every 4)": [run(0, 0.90), run(1, 0.92)],
                "APT (reference every 4, reflect fill)": [run(0, 0.91), run(1, 0.93)],
                "+ATA": [run(0, 0.93), run(1, 0.92)], "+ATA+RS": [run(0, 0.92), run(1, 0.92)]}
-    args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path)
+    args = SimpleNamespace(regime="demo", seeds=[0, 1], images_per_prompt=1, sample_steps=1, cfg=1.0, out=tmp_path, tag=None)
     apt_efficacy.write_report(results, args, "crescent", 7, 60.0)
     table = (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text()
+    # a tagged run writes its own table beside the committed one, never over it
+    apt_efficacy.write_report(results, SimpleNamespace(**{**vars(args), "tag": "dev"}), "crescent", 7, 60.0)
+    assert (tmp_path / "apt_efficacy_crescent_demo_7_dev.md").read_text() == table
+    assert (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text() == table
     assert "class prompts" not in table  # the crescent has no class prompts
     to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")
     to_pp, to_apt = to_pp.split("Paired difference to APT (relative indicator, reference pass on every step)")

@@ -212,8 +212,10 @@ def test_efficacy_report_pairs_apt_with_prior_preservation_too(tmp_path):
     apt_efficacy.write_report(results, args, "crescent", 7, 60.0)
     table = (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text()
     # a tagged run writes its own table beside the committed one, never over it
-    apt_efficacy.write_report(results, SimpleNamespace(**{**vars(args), "tag": "dev"}), "crescent", 7, 60.0)
-    assert (tmp_path / "apt_efficacy_crescent_demo_7_dev.md").read_text() == table
+    # (a later elapsed time makes the tagged table differ, so an overwrite would show)
+    apt_efficacy.write_report(results, SimpleNamespace(**{**vars(args), "tag": "dev"}), "crescent", 7, 600.0)
+    tagged = (tmp_path / "apt_efficacy_crescent_demo_7_dev.md").read_text()
+    assert "10 minutes so far" in tagged and tagged.replace("10 minutes so far", "1 minutes so far") == table
     assert (tmp_path / "apt_efficacy_crescent_demo_7.md").read_text() == table
     assert "class prompts" not in table  # the crescent has no class prompts
     to_lora, to_pp = table.split("Paired difference to plain LoRA")[1].split("Paired difference to LoRA + prior")

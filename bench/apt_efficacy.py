@@ -107,6 +107,10 @@ ABLATIONS = {
     "APT (reference every 4, weight floor 0.5)": [*SHIPPED, ("apt.min_weight", "0.5")],
     # the component ablation's lead: the cross-attention alignment cost compositional prompts
     "APT (reference every 4, no AA)": [*SHIPPED, ("apt.aa", "false")],
+    # two options that were implemented and tested but never measured: translation as a third kind of
+    # augmentation (layout variety without black fill), and RS/AA that grow with the indicator
+    "APT (reference every 4, translate 0.1)": [*SHIPPED, ("apt.translate_max", "0.1")],
+    "APT (reference every 4, regularisers by gamma)": [*SHIPPED, ("apt.regularisers_scale", "gamma")],
 }
 # Each step of the component ladder: (with the part, without it, the part).
 LADDER = [("APT", "+ATA+RS", "AA"), ("+ATA+RS", "+ATA", "RS"), ("APT", "APT (weighting off)", "the loss weight")]

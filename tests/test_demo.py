@@ -261,3 +261,9 @@ def test_efficacy_variants_are_valid_configs_and_the_candidates_change_one_setti
     assert not no_aa.apt.aa and no_aa.apt.rs and no_aa.apt.reference_every == 4
     assert dataclasses.replace(no_aa.apt, aa=True) == shipped.apt
     assert configs["APT (reference every 4, weight floor 0.5)"].apt.min_weight == 0.5
+    translate = configs["APT (reference every 4, translate 0.1)"]
+    assert translate.apt.translate_max == 0.1
+    assert dataclasses.replace(translate.apt, translate_max=shipped.apt.translate_max) == shipped.apt
+    by_gamma = configs["APT (reference every 4, regularisers by gamma)"]
+    assert by_gamma.apt.regularisers_scale == "gamma"
+    assert dataclasses.replace(by_gamma.apt, regularisers_scale="constant") == shipped.apt

@@ -31,6 +31,8 @@ from pathlib import Path
 # Run as a script, its own folder is first on sys.path, so the sibling bench imports as a module.
 from apt_efficacy import PRESETS, REGIMES, ROOT, SHIPPED_NAME, paired, slug
 
+from library.utils.atomic import atomic_write_text
+
 PP = "LoRA + prior preservation"
 # label, metric key, baseline variant, per-seed ratio (else difference), bar, good side, bar itself good
 BAR = [
@@ -123,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[300, 301, 302, 303, 304])
     ap.add_argument("--images_per_prompt", type=int, default=9)
+    # a table over other seeds (a later held-out set) must not overwrite the one docs/results.md quotes
+    ap.add_argument("--tag", default="", help="appended to the table's file name (apt_bar_<steps>_<tag>.md)")
     args = ap.parse_args(argv)
+    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
+        ap.error(f"--tag {args.tag!r}: use letters, digits, '_' and '-' only (it becomes part of a file name)")
     if not (args.out / "runs").is_dir():
         ap.error(f"--out {args.out}: no runs/ folder of bench/apt_efficacy.py there")
     text = table(args.out / "runs", args.seeds, args.steps, args.images_per_prompt)
     print(text, end="")
-    (args.out / f"apt_bar_{args.steps}.md").write_text(text)
+    atomic_write_text(args.out / f"apt_bar_{args.steps}{'_' + args.tag if args.tag else ''}.md", text)
     return 0
 
 

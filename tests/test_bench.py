@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -93,3 +95,11 @@ def test_apt_bar_reads_the_cache_pairs_by_seed_and_states_each_item(tmp_path, ca
     assert rows["fidelity above prior preservation's"] == "no runs"
     assert apt_bar.main(["--out", str(tmp_path), "--steps", "400"]) == 0
     assert "no concept and regime" in capsys.readouterr().out
+    # a table over other seeds gets its own name and leaves the quoted one alone
+    quoted = (tmp_path / "apt_bar_1200.md").read_text()
+    assert apt_bar.main(["--out", str(tmp_path), "--seeds", "301", "302", "303", "--tag", "later"]) == 0
+    assert "(seeds 301, 302)" in (tmp_path / "apt_bar_1200_later.md").read_text()
+    assert (tmp_path / "apt_bar_1200.md").read_text() == quoted
+    with pytest.raises(SystemExit):
+        apt_bar.main(["--out", str(tmp_path), "--tag", "../x"])
+    assert "--tag '../x'" in capsys.readouterr().err

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 # Run as a script, its own folder is first on sys.path, so the sibling bench imports as a module.
-from apt_efficacy import PRESETS, REGIMES, ROOT, SHIPPED_NAME, paired, slug
+from apt_efficacy import PRESETS, REGIMES, ROOT, SHIPPED_NAME, check_tag, paired, slug
 
 from library.utils.atomic import atomic_write_text
 
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     # a table over other seeds (a later held-out set) must not overwrite the one docs/results.md quotes
     ap.add_argument("--tag", default="", help="appended to the table's file name (apt_bar_<steps>_<tag>.md)")
     args = ap.parse_args(argv)
-    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_' and '-' only (it becomes part of a file name)")
+    check_tag(ap, args.tag)
     if not (args.out / "runs").is_dir():
         ap.error(f"--out {args.out}: no runs/ folder of bench/apt_efficacy.py there")
     text = table(args.out / "runs", args.seeds, args.steps, args.images_per_prompt)

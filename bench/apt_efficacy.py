@@ -495,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu_threads", type=int, default=0, help="torch threads (0 = the trainer's default: all "
                                                                "cores; 1 when other jobs share the cores)")
     args = ap.parse_args(argv)
-    if args.tag and not all(c.isalnum() or c in "_-" for c in args.tag):
-        ap.error(f"--tag {args.tag!r}: use letters, digits, '_' and '-' only (it becomes part of file names)")
+    check_tag(ap, args.tag)
     variants = {**VARIANTS, **(ABLATIONS if args.ablations else {})}
     if args.variants:
         unknown = [v for v in args.variants if v not in {**VARIANTS, **ABLATIONS}]
@@ -518,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         run_concept(concept_name, classifier, variants, args, started)
     print(f"wall time {(time.time() - started) / 60:.1f} min")
     return 0
+
+
+def check_tag(ap: argparse.ArgumentParser, tag: str) -> None:
+    """--tag becomes part of file names (this bench's and bench/apt_bar.py's tables)."""
+    if tag and not all(c.isalnum() or c in "_-" for c in tag):
+        ap.error(f"--tag {tag!r}: use letters, digits, '_' and '-' only (it becomes part of file names)")
 
 
 def interval(values: list[float]) -> tuple[float, float]:
